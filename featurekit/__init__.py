@@ -1,0 +1,37 @@
+"""featurekit: run a ResNet once, compare classifiers on its cached features in seconds.
+
+The package exports lazily: ``import featurekit`` costs nothing, and ``featurekit.open_cache``
+imports h5py only when first used.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "FeaturekitError": "featurekit.errors",
+    "open_cache": "featurekit.cache",
+    "Cache": "featurekit.cache",
+    "extract": "featurekit.extract",
+    "open_source": "featurekit.data",
+    "list_models": "featurekit.models",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'featurekit' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

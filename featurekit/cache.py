@@ -1,0 +1,416 @@
+"""The HDF5 feature cache: format v1, its writer and its reader.
+
+The format is written down in ``docs/cache-format.md``. In short::
+
+    /                          attrs: format, format_version, featurekit_version, created, model,
+                                      weights, weights_sha256, layers (JSON), pool,
+                                      preprocess (JSON), precision, dtype, classes (JSON),
+                                      source (JSON), seed, complete, zero_fraction (JSON), ...
+    /<split>/                  attrs: rows (committed rows), next_index (source items consumed),
+                                      n_source (items of the split in the source)
+    /<split>/labels            int64 (N,)
+    /<split>/paths             UTF-8 strings (N,)
+    /<split>/features/<layer>  float32|float16 (N, D), chunked by rows
+    /<split>/skipped/path      UTF-8 strings
+    /<split>/skipped/reason    UTF-8 strings
+
+Rows are appended in source order and *committed* in blocks: data first, then the split's
+``rows`` attribute, then a flush. A reader trusts ``rows``, never the dataset length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from featurekit.errors import CacheError
+
+FORMAT = "featurekit-cache"
+FORMAT_VERSION = 1
+JSON_ATTRS = ("layers", "preprocess", "classes", "source", "zero_fraction", "stats")
+_STR = None  # h5py string dtype, made on first use
+
+
+def _str_dtype():
+    global _STR
+    if _STR is None:
+        import h5py
+
+        _STR = h5py.string_dtype("utf-8")
+    return _STR
+
+
+def _chunk_rows(dim: int, itemsize: int) -> int:
+    """Rows per HDF5 chunk: about 1 MiB per chunk, so row-block reads touch few chunks."""
+    return max(1, min(4096, (1 << 20) // max(1, dim * itemsize)))
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def _attr(key: str, value: Any) -> Any:
+    """JSON for structured attributes; plain ``str`` for str subclasses (h5py rejects them)."""
+    if key in JSON_ATTRS:
+        return json.dumps(value)
+    return str(value) if isinstance(value, str) else value
+
+
+class CacheWriter:
+    """Appends rows split by split, in order, committing every ``commit_rows`` rows.
+
+    Never holds more than one commit block of features in memory.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        attrs: dict[str, Any],
+        split_sizes: dict[str, int],
+        layer_dims: dict[str, int],
+        dtype: str = "float32",
+        commit_rows: int = 512,
+    ) -> None:
+        import h5py
+
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.layer_dims = dict(layer_dims)
+        self.commit_rows = max(1, commit_rows)
+        self._f = h5py.File(self.path, "w", libver=("v110", "latest"))  # large attrs; HDF5 >= 1.10 reads it
+        try:
+            self._create(attrs, split_sizes)
+        except BaseException:
+            self._f.close()
+            self.path.unlink(missing_ok=True)  # a half-made header is worth nothing
+            raise
+
+    def _create(self, attrs: dict[str, Any], split_sizes: dict[str, int]) -> None:
+        root = self._f.attrs
+        for key, value in attrs.items():
+            root[key] = _attr(key, value)
+        root["format"] = FORMAT
+        root["format_version"] = FORMAT_VERSION
+        root["complete"] = False
+        self._buffers: dict[str, _Buffer] = {}
+        for split, n in split_sizes.items():
+            g = self._f.create_group(split)
+            g.attrs["rows"] = 0
+            g.attrs["next_index"] = 0
+            g.attrs["n_source"] = n
+            cap = max(n, 1)
+            g.create_dataset("labels", shape=(cap,), maxshape=(None,), dtype=np.int64,
+                             chunks=(min(cap, 8192),))
+            g.create_dataset("paths", shape=(cap,), maxshape=(None,), dtype=_str_dtype(),
+                             chunks=(min(cap, 4096),))
+            fg = g.create_group("features")
+            for layer, dim in self.layer_dims.items():
+                fg.create_dataset(layer, shape=(cap, dim), maxshape=(None, dim), dtype=self.dtype,
+                                  chunks=(min(cap, _chunk_rows(dim, self.dtype.itemsize)), dim))
+            sg = g.create_group("skipped")
+            for name in ("path", "reason"):
+                sg.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_str_dtype(), chunks=(256,))
+            self._buffers[split] = _Buffer()
+        self._f.flush()
+
+    def add(self, split: str, labels, paths, features: dict[str, np.ndarray]) -> None:
+        """Queue rows of ``split`` (committed with the next :meth:`advance` past a block)."""
+        b = self._buffers[split]
+        b.labels.append(np.asarray(labels, dtype=np.int64))
+        b.paths.extend(paths)
+        for layer, arr in features.items():
+            b.features.setdefault(layer, []).append(np.asarray(arr))
+
+    def skip(self, split: str, path: str, reason: str) -> None:
+        """Queue a file that could not be decoded."""
+        self._buffers[split].skipped.append((path, reason))
+
+    def advance(self, split: str, index_end: int) -> None:
+        """Every source item before ``index_end`` is now queued (as a row or as skipped).
+
+        Commits once a block of rows is queued. Rows queued but not yet advanced over are never
+        committed, so the committed rows always match ``next_index``.
+        """
+        b = self._buffers[split]
+        b.next_index = index_end
+        if len(b.paths) >= self.commit_rows:
+            self.commit(split)
+
+    def commit(self, split: str) -> None:
+        """Write the queued rows, then advance the split's committed counters, then flush."""
+        b = self._buffers[split]
+        g = self._f[split]
+        start = int(g.attrs["rows"])
+        n = len(b.paths)
+        if n:
+            end = start + n
+            if end > g["labels"].shape[0]:  # more rows than planned: grow
+                for ds in (g["labels"], g["paths"], *g["features"].values()):
+                    ds.resize(end, axis=0)
+            g["labels"][start:end] = np.concatenate(b.labels)
+            g["paths"][start:end] = b.paths
+            for layer in self.layer_dims:
+                g["features"][layer][start:end] = np.concatenate(b.features[layer]).astype(
+                    self.dtype, copy=False
+                )
+        if b.skipped:
+            sg = g["skipped"]
+            k = sg["path"].shape[0]
+            for i, name in enumerate(("path", "reason")):
+                sg[name].resize(k + len(b.skipped), axis=0)
+                sg[name][k:] = [s[i] for s in b.skipped]
+        g.attrs["rows"] = start + n
+        g.attrs["next_index"] = b.next_index
+        self._f.flush()
+        self._buffers[split] = _Buffer(next_index=b.next_index)
+
+    def set_attrs(self, **attrs: Any) -> None:
+        for key, value in attrs.items():
+            self._f.attrs[key] = _attr(key, value)
+
+    def finish(self) -> None:
+        """Commit what is queued, trim every split to its rows, mark the cache complete."""
+        for split in self._buffers:
+            self.commit(split)
+            g = self._f[split]
+            rows = int(g.attrs["rows"])
+            for ds in (g["labels"], g["paths"], *g["features"].values()):
+                ds.resize(rows, axis=0)
+        self._f.attrs["complete"] = True
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class _Buffer:
+    next_index: int = 0
+
+    def __post_init__(self) -> None:
+        self.labels: list[np.ndarray] = []
+        self.paths: list[str] = []
+        self.features: dict[str, list[np.ndarray]] = {}
+        self.skipped: list[tuple[str, str]] = []
+
+
+# --------------------------------------------------------------------------- reader
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class Cache:
+    """A validated, read-only featurekit cache. Use :func:`open_cache`."""
+
+    def __init__(self, path: Path, f: Any, attrs: dict[str, Any]) -> None:
+        self.path = path
+        self._f = f
+        self.attrs = attrs
+
+    # -- metadata
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.attrs["classes"])
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.attrs["layers"])
+
+    @property
+    def splits(self) -> list[str]:
+        from featurekit.data import SPLITS
+
+        return [s for s in SPLITS if s in self._f] + sorted(
+            s for s in self._f if s not in SPLITS
+        )
+
+    def n_rows(self, split: str) -> int:
+        return int(self._group(split).attrs["rows"])
+
+    def dim(self, layer: str) -> int:
+        self._check_layer(layer)
+        return int(self._f[self.splits[0]]["features"][layer].shape[1])
+
+    # -- data
+    def labels(self, split: str) -> np.ndarray:
+        return self._group(split)["labels"][: self.n_rows(split)]
+
+    def paths(self, split: str) -> list[str]:
+        return [_decode(p) for p in self._group(split)["paths"][: self.n_rows(split)]]
+
+    def features(self, split: str, layer: str, block_rows: int = 8192) -> np.ndarray:
+        """All committed rows of one split and layer as float32, read in row blocks."""
+        self._check_layer(layer)
+        n = self.n_rows(split)
+        ds = self._group(split)["features"][layer]
+        out = np.empty((n, ds.shape[1]), dtype=np.float32)
+        for start, block in self.iter_features(split, layer, block_rows):
+            out[start : start + len(block)] = block
+        return out
+
+    def iter_features(self, split: str, layer: str, block_rows: int = 8192) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first_row, block)`` of float32 rows, never reading more than a block."""
+        self._check_layer(layer)
+        n = self.n_rows(split)
+        ds = self._group(split)["features"][layer]
+        for start in range(0, n, block_rows):
+            yield start, ds[start : min(n, start + block_rows)].astype(np.float32, copy=False)
+
+    def skipped(self, split: str) -> list[tuple[str, str]]:
+        sg = self._group(split)["skipped"]
+        return [(_decode(p), _decode(r)) for p, r in zip(sg["path"][:], sg["reason"][:])]
+
+    def summary(self) -> dict[str, Any]:
+        """Everything ``featurekit info`` shows, JSON-able."""
+        a = self.attrs
+        return {
+            "path": str(self.path),
+            "format_version": a.get("format_version"),
+            "featurekit_version": a.get("featurekit_version"),
+            "created": a.get("created"),
+            "complete": self.complete,
+            "model": a.get("model"),
+            "weights": a.get("weights"),
+            "weights_sha256": a.get("weights_sha256"),
+            "pool": a.get("pool"),
+            "precision": a.get("precision"),
+            "dtype": a.get("dtype"),
+            "seed": a.get("seed"),
+            "preprocess": a.get("preprocess"),
+            "source": a.get("source"),
+            "classes": self.classes,
+            "layers": {layer: self.dim(layer) for layer in self.layers},
+            "zero_fraction": a.get("zero_fraction"),
+            "splits": {
+                s: {
+                    "rows": self.n_rows(s),
+                    "n_source": int(self._group(s).attrs.get("n_source", self.n_rows(s))),
+                    "skipped": [{"path": p, "reason": r} for p, r in self.skipped(s)],
+                }
+                for s in self.splits
+            },
+            "stats": a.get("stats"),
+        }
+
+    # -- internals
+    def _group(self, split: str):
+        if split not in self._f:
+            raise CacheError(
+                f"{self.path} has no split {split!r}; splits: {', '.join(self.splits)}"
+            )
+        return self._f[split]
+
+    def _check_layer(self, layer: str) -> None:
+        if layer not in self.layers:
+            raise CacheError(
+                f"{self.path} has no layer {layer!r}; layers: {', '.join(self.layers)}"
+            )
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_cache(path: str | os.PathLike[str], allow_incomplete: bool = False) -> Cache:
+    """Open and validate a cache; any problem is one-line :class:`CacheError`."""
+    import h5py
+
+    p = Path(path)
+    if not p.exists():
+        raise CacheError(f"cache not found: {p}")
+    try:
+        f = h5py.File(p, "r")
+    except OSError as exc:
+        raise CacheError(f"{p} is not a readable HDF5 file (truncated or corrupt?): {exc}") from None
+    try:
+        attrs = _validate(p, f, allow_incomplete)
+    except CacheError:
+        f.close()
+        raise
+    except Exception as exc:  # h5py raises many types on damaged files
+        f.close()
+        raise CacheError(f"{p} is damaged: {type(exc).__name__}: {exc}") from None
+    return Cache(p, f, attrs)
+
+
+def _validate(p: Path, f: Any, allow_incomplete: bool) -> dict[str, Any]:
+    import h5py
+
+    attrs = {k: _decode(v) for k, v in f.attrs.items()}
+    if attrs.get("format") != FORMAT:
+        raise CacheError(f"{p} is not a featurekit cache (no format={FORMAT!r} attribute)")
+    version = attrs.get("format_version")
+    if not isinstance(version, int):
+        raise CacheError(f"{p} has no valid format_version")
+    if version > FORMAT_VERSION:
+        raise CacheError(
+            f"{p} has cache format {version}, newer than this featurekit reads "
+            f"({FORMAT_VERSION}); upgrade featurekit"
+        )
+    for key in JSON_ATTRS:
+        if key in attrs and isinstance(attrs[key], str):
+            try:
+                attrs[key] = json.loads(attrs[key])
+            except json.JSONDecodeError:
+                raise CacheError(f"{p}: attribute {key!r} is not valid JSON") from None
+    for key in ("classes", "layers", "model"):
+        if key not in attrs:
+            raise CacheError(f"{p} lacks the {key!r} attribute")
+    if not bool(attrs.get("complete")) and not allow_incomplete:
+        raise CacheError(
+            f"{p} is incomplete (extraction was interrupted); rerun extract with --resume, "
+            "or pass --allow-incomplete to read the committed rows"
+        )
+    splits = [k for k in f.keys()]
+    if not splits:
+        raise CacheError(f"{p} holds no split groups")
+    for s in splits:
+        g = f[s]
+        if not isinstance(g, h5py.Group):
+            raise CacheError(f"{p}: /{s} is not a split group")
+        for name in ("labels", "paths", "features", "skipped"):
+            if name not in g:
+                raise CacheError(f"{p}: split {s!r} lacks /{s}/{name}")
+        rows = g.attrs.get("rows")
+        if rows is None:
+            raise CacheError(f"{p}: split {s!r} lacks its 'rows' attribute")
+        rows = int(rows)
+        sizes = [g["labels"].shape[0], g["paths"].shape[0]]
+        for layer in attrs["layers"]:
+            if layer not in g["features"]:
+                raise CacheError(f"{p}: split {s!r} lacks features for layer {layer!r}")
+            sizes.append(g["features"][layer].shape[0])
+        if any(n < rows for n in sizes) or (bool(attrs.get("complete")) and any(n != rows for n in sizes)):
+            raise CacheError(
+                f"{p}: split {s!r} has mismatched row counts (rows={rows}, datasets {sizes})"
+            )
+        if g["skipped"]["path"].shape != g["skipped"]["reason"].shape:
+            raise CacheError(f"{p}: split {s!r} has mismatched skipped path/reason lists")
+    return attrs

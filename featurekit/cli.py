@@ -1,0 +1,215 @@
+"""The ``featurekit`` command line: each command parses, calls one library function, renders.
+
+User errors (:class:`~featurekit.errors.FeaturekitError`) become one line on stderr and exit
+code 2. ``--json`` puts exactly one JSON object on stdout; progress and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from featurekit.errors import FeaturekitError
+
+app = typer.Typer(
+    help="Run a ResNet once, compare classifiers on its cached features in seconds.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+    _err(f"warning: {message}")
+
+
+def _handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one line and exit code 2; Ctrl-C into exit code 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        warnings.showwarning = _showwarning
+        try:
+            return fn(*args, **kwargs)
+        except FeaturekitError as exc:
+            _err(f"error: {exc}")
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            _err("interrupted: committed rows are kept; the output is marked incomplete")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# --------------------------------------------------------------------------- extract
+
+_SOURCE_HELP = "A folder ROOT/<class>/<img> or ROOT/<split>/<class>/<img>, a CSV path,label[,split], or 'digits'."
+
+
+@app.command()
+@_handles_errors
+def extract(
+    source: str = typer.Argument(..., help=_SOURCE_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="The HDF5 cache to write."),
+    model: Optional[str] = typer.Option(
+        None, help="torchvision ResNet-family model [default: resnet50, or the checkpoint's]."
+    ),
+    weights: str = typer.Option("imagenet", help="imagenet | none (seeded random init) | PATH to a state dict or checkpoint."),
+    layers: str = typer.Option("penultimate", help="Comma list of penultimate, layer1..layer4."),
+    pool: str = typer.Option("avg", help="Pooling of spatial maps: avg | max."),
+    image_size: Optional[int] = typer.Option(None, help="Resize shorter side to N and centre-crop N x N [default: the weights' own preprocessing]."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader decoding workers [default: 1 on CPU, one per core (max 16) on CUDA]."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16."),
+    dtype: str = typer.Option("float32", help="Storage type of features: float32 | float16."),
+    seed: int = typer.Option(0, help="Seed of the split and of random init."),
+    val_fraction: float = typer.Option(0.15, help="Share of each class for val, for sources without split folders (0: none)."),
+    test_fraction: float = typer.Option(0.15, help="Share of each class for test, for sources without split folders (0: none)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
+    progress: bool = typer.Option(True, help="Show a progress bar on stderr."),
+) -> None:
+    """Run a ResNet over SOURCE once and write its activations to an HDF5 cache.
+
+    Example: featurekit extract ./birds --model resnet50 --layers penultimate,layer3 --out birds.h5
+    """
+    from featurekit.extract import extract as run
+
+    summary = run(
+        source, out, model=model, weights=weights, layers=layers, pool=pool,
+        image_size=image_size, batch_size=batch_size, workers=workers, device=device,
+        precision=precision, dtype=dtype, seed=seed, val_fraction=val_fraction,
+        test_fraction=test_fraction, overwrite=overwrite, progress=progress,
+    )
+    if json_out:
+        _print_json(summary.to_dict())
+        return
+    dims = ", ".join(f"{k} {v}-d" for k, v in summary.layers.items())
+    _err(
+        f"extracted {summary.rows} images ({summary.skipped} skipped) with {summary.model} "
+        f"[{summary.weights}, {summary.device}, {summary.precision}] in {summary.seconds:.1f} s "
+        f"({summary.images_per_second:.1f} img/s): {dims} -> {summary.out}"
+    )
+    for split, s in summary.splits.items():
+        if s["skipped"]:
+            _err(f"  {split}: {s['skipped']} file(s) skipped; `featurekit info {summary.out}` lists them")
+
+
+# --------------------------------------------------------------------------- info
+
+
+@app.command()
+@_handles_errors
+def info(
+    cache: Path = typer.Argument(..., help="A featurekit HDF5 cache."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Describe a cache: splits, rows, layers, classes, model, weights, skipped files.
+
+    An interrupted cache is described too, clearly marked incomplete.
+
+    Example: featurekit info birds.h5 --json
+    """
+    from featurekit.cache import open_cache
+
+    with open_cache(cache, allow_incomplete=True) as c:
+        summary = c.summary()
+    if json_out:
+        _print_json(summary)
+        return
+    _render_info(summary)
+
+
+def _render_info(s: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    state = "complete" if s["complete"] else "[bold red]INCOMPLETE[/] (interrupted; extract --resume)"
+    console.print(f"[bold]{s['path']}[/]  featurekit cache v{s['format_version']}, {state}")
+    console.print(
+        f"model {s['model']}  weights {s['weights']}"
+        + (f" (sha256 {s['weights_sha256'][:12]}…)" if s["weights_sha256"] else "")
+        + f"  pool {s['pool']}  precision {s['precision']}  dtype {s['dtype']}"
+    )
+    pre = s.get("preprocess") or {}
+    console.print(
+        f"preprocess: resize {pre.get('resize_size')} crop {pre.get('crop_size')} "
+        f"{pre.get('interpolation')}  source: {(s.get('source') or {}).get('spec')}"
+        f" (splits {(s.get('source') or {}).get('split_origin')}, seed {s['seed']})"
+    )
+    classes = s["classes"]
+    shown = ", ".join(classes[:20]) + (f", … ({len(classes)} in all)" if len(classes) > 20 else "")
+    console.print(f"classes ({len(classes)}): {shown}")
+    t = Table(title=None)
+    t.add_column("split")
+    t.add_column("rows", justify="right")
+    t.add_column("skipped", justify="right")
+    for split, d in s["splits"].items():
+        t.add_row(split, str(d["rows"]), str(len(d["skipped"])))
+    console.print(t)
+    lt = Table()
+    lt.add_column("layer")
+    lt.add_column("dim", justify="right")
+    lt.add_column("zero fraction", justify="right")
+    zf = s.get("zero_fraction") or {}
+    for layer, dim in s["layers"].items():
+        z = zf.get(layer)
+        lt.add_row(layer, str(dim), "" if z is None else f"{z:.4f}")
+    console.print(lt)
+    for split, d in s["splits"].items():
+        for item in d["skipped"][:20]:
+            console.print(f"skipped [{split}] {item['path']}: {item['reason']}", markup=False)
+        if len(d["skipped"]) > 20:
+            console.print(f"… and {len(d['skipped']) - 20} more in {split} (see --json)")
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@app.command()
+@_handles_errors
+def demo(
+    out: Optional[Path] = typer.Option(None, help="Folder for the demo's files [default: a new temporary folder]."),
+) -> None:
+    """Offline end-to-end run on scikit-learn's bundled digits with an untrained resnet18.
+
+    Example: featurekit demo --out demo/
+    """
+    from featurekit.demo import run_demo
+
+    result = run_demo(out)
+    _render_info(result["info"])
+    _err(f"demo files are in {result['out']}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,418 @@
+"""Image sources, splits, decoding and fingerprints.
+
+A *source* is what the user points featurekit at: a class-folder tree (with or without
+train/val/test split folders), a CSV of ``path,label[,split]``, or ``digits`` (scikit-learn's
+bundled 8x8 digits, the offline default). :func:`open_source` turns it into a :class:`Source`:
+sorted classes, and per split an ordered list of :class:`Item` — the order rows are written in.
+
+This module imports neither torch nor scikit-learn at import time (digits needs scikit-learn
+only when asked for).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurekit.errors import SourceError
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+DIGITS = "digits"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a split: its path relative to the source root, and its class index."""
+
+    path: str
+    label: int
+
+
+@dataclass
+class Source:
+    """A resolved image source: classes, and the ordered items of each split."""
+
+    kind: str  # "folder" | "csv" | "digits"
+    spec: str  # as the user gave it
+    root: Path | None
+    classes: list[str]
+    splits: dict[str, list[Item]]
+    split_origin: str  # "given" (folders / CSV column) or "seeded"
+    seed: int
+    val_fraction: float
+    test_fraction: float
+    fingerprint: str
+    _digits: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def n_items(self) -> int:
+        return sum(len(v) for v in self.splits.values())
+
+    def describe(self) -> dict[str, Any]:
+        """The JSON-able record of this source kept in a cache's ``source`` attribute."""
+        return {
+            "kind": self.kind,
+            "spec": self.spec,
+            "root": str(self.root) if self.root is not None else None,
+            "split_origin": self.split_origin,
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
+            "n_items": self.n_items,
+            "split_sizes": {k: len(v) for k, v in self.splits.items()},
+            "fingerprint": self.fingerprint,
+        }
+
+    def load(self, item: Item):
+        """Decode one item to an RGB PIL image (raises :class:`DecodeError` if it cannot)."""
+        if self.kind == DIGITS:
+            from PIL import Image
+
+            index = int(item.path.rsplit("/", 1)[1])
+            assert self._digits is not None
+            return Image.fromarray(self._digits[index]).convert("RGB")
+        assert self.root is not None
+        return load_image(self.root / item.path)
+
+
+class DecodeError(Exception):
+    """An image that cannot be decoded; the message is the reason recorded in the cache."""
+
+
+def load_image(path: str | os.PathLike[str]):
+    """Decode a file to an RGB PIL image.
+
+    Orientation rule: the EXIF orientation tag is applied, so the image is upright as a viewer
+    shows it. Alpha is dropped (the colour under a transparent pixel is kept), greyscale is
+    replicated to three channels, 16-bit images are scaled to 8 bits. Anything PIL cannot read,
+    including files over PIL's decompression-bomb limit, raises :class:`DecodeError`.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except FileNotFoundError:
+        raise DecodeError("file not found") from None
+    except UnidentifiedImageError:
+        raise DecodeError("not an image PIL can identify") from None
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"image too large ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # PIL reports truncated and corrupt data as OSError/SyntaxError/ValueError.
+        raise DecodeError(f"cannot decode: {exc}") from None
+
+
+def _to_rgb(im):
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = ((a - lo) / (hi - lo) * 255.0 + 0.5 if hi > lo else np.zeros_like(a)).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode == "RGB":
+        return im.copy()
+    return im.convert("RGB")
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def open_source(
+    spec: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+) -> Source:
+    """Resolve SOURCE (folder, CSV or ``digits``) into classes and ordered splits."""
+    _check_fractions(val_fraction, test_fraction)
+    spec_s = os.fspath(spec)
+    if spec_s == DIGITS:
+        return _digits_source(seed, val_fraction, test_fraction)
+    path = Path(spec_s)
+    if not path.exists():
+        raise SourceError(f"source not found: {spec_s} (give a folder, a CSV file or 'digits')")
+    if path.is_dir():
+        return _folder_source(spec_s, path, seed, val_fraction, test_fraction)
+    if path.suffix.lower() == ".csv":
+        return _csv_source(spec_s, path, seed, val_fraction, test_fraction)
+    raise SourceError(
+        f"source {spec_s} is a file but not a .csv; give a folder ROOT/<class>/<image>, "
+        "a CSV with columns path,label[,split], or 'digits'"
+    )
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for name, f in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if not 0.0 <= f < 1.0:
+            raise SourceError(f"{name} must be in [0, 1), got {f}")
+    if val_fraction + test_fraction >= 1.0:
+        raise SourceError(
+            f"--val-fraction + --test-fraction must leave room for train (got "
+            f"{val_fraction} + {test_fraction})"
+        )
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def _is_image_name(name: str) -> bool:
+    return _visible(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _image_files(folder: Path, root: Path) -> list[str]:
+    """Image files under ``folder`` (recursively, following symlinks once), relative to root."""
+    found: list[str] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+        for name in filenames:
+            if _is_image_name(name):
+                found.append(Path(dirpath, name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+
+
+def _folder_source(
+    spec: str, root: Path, seed: int, val_fraction: float, test_fraction: float
+) -> Source:
+    try:
+        top = _class_dirs(root)
+    except PermissionError:
+        raise SourceError(f"cannot read source folder {spec}: permission denied") from None
+    if not top:
+        raise SourceError(
+            f"source folder {spec} has no class folders (expected ROOT/<class>/<image> or "
+            "ROOT/<split>/<class>/<image>)"
+        )
+    split_layout = set(top) <= set(SPLITS)
+    per_split: dict[str, list[tuple[str, str]]] = {}  # split -> [(relpath, class name)]
+    if split_layout:
+        classes_set: set[str] = set()
+        for split in SPLITS:
+            if split not in top:
+                continue
+            entries = []
+            for cls in _class_dirs(root / split):
+                classes_set.add(cls)
+                entries += [(p, cls) for p in _image_files(root / split / cls, root)]
+            per_split[split] = entries
+        classes = sorted(classes_set)
+    else:
+        classes = top
+        per_split["train"] = [
+            (p, cls) for cls in classes for p in _image_files(root / cls, root)
+        ]
+    counts = {c: 0 for c in classes}
+    for entries in per_split.values():
+        for _, cls in entries:
+            counts[cls] += 1
+    if sum(counts.values()) == 0:
+        raise SourceError(
+            f"no images found under {spec} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        warnings.warn(
+            f"class folders with no images (kept in classes): {', '.join(empty)}", stacklevel=2
+        )
+    return _build(
+        "folder", spec, root, classes, per_split, split_layout, seed, val_fraction, test_fraction
+    )
+
+
+def _csv_source(spec: str, path: Path, seed: int, val_fraction: float, test_fraction: float) -> Source:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"cannot read CSV source {spec}: {exc}") from None
+    reader = csv.DictReader(io.StringIO(text))
+    fields = [f.strip() for f in (reader.fieldnames or [])]
+    if "path" not in fields or "label" not in fields:
+        raise SourceError(
+            f"CSV source {spec} needs a header with columns path,label[,split]; found "
+            f"{','.join(fields) or 'no header'}"
+        )
+    reader.fieldnames = fields
+    has_split = "split" in fields
+    per_split: dict[str, list[tuple[str, str]]] = {}
+    root = path.parent
+    for lineno, row in enumerate(reader, start=2):
+        p, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+        if not p or not label:
+            raise SourceError(f"CSV source {spec}, line {lineno}: empty path or label")
+        split = (row.get("split") or "").strip() if has_split else "train"
+        if split not in SPLITS:
+            raise SourceError(
+                f"CSV source {spec}, line {lineno}: split {split!r} is not one of "
+                f"{', '.join(SPLITS)}"
+            )
+        rel = Path(p)
+        if rel.is_absolute():
+            rel_s = os.path.relpath(rel, root)
+        else:
+            rel_s = rel.as_posix()
+        per_split.setdefault(split, []).append((Path(rel_s).as_posix(), label))
+    if not per_split:
+        raise SourceError(f"CSV source {spec} lists no images")
+    for entries in per_split.values():
+        entries.sort()
+    classes = sorted({cls for entries in per_split.values() for _, cls in entries})
+    return _build(
+        "csv", spec, root, classes, per_split, has_split, seed, val_fraction, test_fraction
+    )
+
+
+def _digits_source(seed: int, val_fraction: float, test_fraction: float) -> Source:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # 0..16 intensities -> 0..255 uint8 greyscale; load() turns them into RGB.
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    classes = [str(c) for c in bunch.target_names]
+    entries = [(f"digits/{i:05d}", classes[int(t)]) for i, t in enumerate(bunch.target)]
+    source = _build(
+        DIGITS, DIGITS, None, classes, {"train": entries}, False, seed, val_fraction,
+        test_fraction, fingerprint=hashlib.sha256(images.tobytes() + bunch.target.tobytes()).hexdigest(),
+    )
+    source._digits = images
+    return source
+
+
+def _build(
+    kind: str,
+    spec: str,
+    root: Path | None,
+    classes: list[str],
+    per_split: dict[str, list[tuple[str, str]]],
+    splits_given: bool,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    fingerprint: str | None = None,
+) -> Source:
+    index = {c: i for i, c in enumerate(classes)}
+    if splits_given:
+        splits = {
+            s: [Item(p, index[c]) for p, c in per_split[s]] for s in SPLITS if per_split.get(s)
+        }
+        origin = "given"
+    else:
+        items = [Item(p, index[c]) for p, c in per_split["train"]]
+        splits = split_items(items, len(classes), val_fraction, test_fraction, seed)
+        origin = "seeded"
+    if fingerprint is None:
+        fingerprint = fingerprint_files(root, splits)
+    return Source(
+        kind=kind, spec=spec, root=root, classes=classes, splits=splits, split_origin=origin,
+        seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+        fingerprint=fingerprint,
+    )
+
+
+def split_items(
+    items: list[Item], n_classes: int, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[Item]]:
+    """Stratified, seeded split of one list of items into train/val/test.
+
+    Each class gives ``round(n_c * fraction)`` items to val and test. Where that rounds to zero
+    for a class that has items to spare (at least one must stay in train), the class gives one
+    item instead, with a warning, so small splits still see every class. Items keep source order
+    inside each split.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.array([it.label for it in items], dtype=np.int64)
+    assignment = np.zeros(len(items), dtype=np.int8)  # 0 train, 1 val, 2 test
+    bumped: dict[str, int] = {"val": 0, "test": 0}
+    absent: dict[str, list[int]] = {"val": [], "test": []}
+    for c in range(n_classes):
+        idx = np.flatnonzero(labels == c)
+        if idx.size == 0:
+            continue
+        perm = rng.permutation(idx)
+        n_test, n_val = _round_half_up(idx.size * test_fraction), _round_half_up(idx.size * val_fraction)
+        spare = idx.size - 1
+        wanted = []
+        for name, frac, n in (("test", test_fraction, n_test), ("val", val_fraction, n_val)):
+            if frac > 0 and n == 0:
+                if spare >= 1:
+                    n = 1
+                    bumped[name] += 1
+                else:
+                    absent[name].append(c)
+            n = min(n, spare)
+            spare -= n
+            wanted.append(n)
+        n_test, n_val = wanted
+        assignment[perm[:n_test]] = 2
+        assignment[perm[n_test : n_test + n_val]] = 1
+    for name in ("val", "test"):
+        if bumped[name]:
+            warnings.warn(
+                f"the {name} split is too small for every class to appear by rounding; "
+                f"{bumped[name]} class(es) give it one image each",
+                stacklevel=3,
+            )
+        if absent[name]:
+            warnings.warn(
+                f"{len(absent[name])} class(es) have too few images to appear in {name}",
+                stacklevel=3,
+            )
+    out: dict[str, list[Item]] = {}
+    for code, name in enumerate(SPLITS):
+        chosen = [it for it, a in zip(items, assignment) if a == code]
+        if chosen:
+            out[name] = chosen
+    return out
+
+
+def _round_half_up(x: float) -> int:
+    return int(np.floor(x + 0.5))
+
+
+def fingerprint_files(root: Path | None, splits: dict[str, list[Item]]) -> str:
+    """sha256 over (split, path, label, size, mtime) of every listed file.
+
+    Cheap (one stat per file) and changes when a file is added, removed, relabelled, resized or
+    touched. A missing file is fingerprinted with size -1.
+    """
+    h = hashlib.sha256()
+    for split, items in splits.items():
+        for it in items:
+            try:
+                st = os.stat(root / it.path) if root is not None else None
+                size, mtime = (st.st_size, st.st_mtime_ns) if st else (0, 0)
+            except OSError:
+                size, mtime = -1, 0
+            h.update(f"{split}\t{it.path}\t{it.label}\t{size}\t{mtime}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,356 @@
+"""Backbones, weights, layer nodes and preprocessing.
+
+Any torchvision ResNet-family classifier by name; weights ``imagenet`` (torchvision's DEFAULT
+weights), ``none`` (seeded random init) or a path (a plain state dict or a featurekit
+fine-tune checkpoint). Layers are named strings mapped to torchvision graph nodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from featurekit.errors import ModelError
+
+LAYERS = ("penultimate", "layer1", "layer2", "layer3", "layer4")
+# featurekit layer name -> torchvision FX node of a ResNet
+LAYER_NODES = {
+    "penultimate": "flatten",
+    "layer1": "layer1",
+    "layer2": "layer2",
+    "layer3": "layer3",
+    "layer4": "layer4",
+}
+POOLS = ("avg", "max")
+DEFAULT_MODEL = "resnet50"
+_FAMILY = ("resnet", "resnext", "wide_resnet")
+CHECKPOINT_FORMAT = "featurekit-checkpoint"
+
+
+def list_models() -> list[str]:
+    """Names of the torchvision ResNet-family classifiers featurekit can use."""
+    from torchvision import models
+
+    return sorted(m for m in models.list_models(module=models) if m.startswith(_FAMILY))
+
+
+def check_model(name: str) -> str:
+    valid = list_models()
+    if name not in valid:
+        raise ModelError(f"unknown model {name!r}; valid models: {', '.join(valid)}")
+    return name
+
+
+def parse_layers(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Validate a comma list (or sequence) of layer names; keeps order, drops repeats."""
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    names = [n for n in names if n]
+    if not names:
+        raise ModelError(f"no layers given; valid layers: {', '.join(LAYERS)}")
+    bad = [n for n in names if n not in LAYERS]
+    if bad:
+        raise ModelError(f"unknown layer {bad[0]!r}; valid layers: {', '.join(LAYERS)}")
+    return list(dict.fromkeys(names))
+
+
+def check_pool(pool: str) -> str:
+    if pool not in POOLS:
+        raise ModelError(f"unknown pool {pool!r}; valid: {', '.join(POOLS)}")
+    return pool
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The image preprocessing of a backbone, as plain data (recorded in caches/checkpoints).
+
+    Same steps as torchvision's ``ImageClassification`` preset: resize the shorter side to
+    ``resize_size``, centre-crop ``crop_size``, scale to [0, 1], normalise.
+    """
+
+    resize_size: int
+    crop_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    antialias: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        try:
+            return cls(
+                resize_size=int(d["resize_size"]),
+                crop_size=int(d["crop_size"]),
+                mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
+                std=tuple(float(x) for x in d["std"]),  # type: ignore[arg-type]
+                interpolation=str(d.get("interpolation", "bilinear")),
+                antialias=bool(d.get("antialias", True)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"malformed preprocessing record: {exc}") from None
+
+    def with_image_size(self, size: int | None) -> Preprocess:
+        """``--image-size N``: resize the shorter side to N and centre-crop N x N (no margin)."""
+        if size is None:
+            return self
+        if size < 16:
+            raise ModelError(f"--image-size must be at least 16, got {size}")
+        return Preprocess(size, size, self.mean, self.std, self.interpolation, self.antialias)
+
+    def transform(self):
+        """A callable PIL image -> float32 CHW tensor."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
+        interpolation = InterpolationMode(self.interpolation)
+        mean, std = list(self.mean), list(self.std)
+        resize, crop, antialias = [self.resize_size], [self.crop_size], self.antialias
+
+        def apply(img):
+            import torch
+
+            img = F.resize(img, resize, interpolation=interpolation, antialias=antialias)
+            img = F.center_crop(img, crop)
+            x = F.pil_to_tensor(img)
+            x = F.to_dtype(x, torch.float32, scale=True)
+            return F.normalize(x, mean, std)
+
+        return apply
+
+
+def default_preprocess(model_name: str) -> Preprocess:
+    """The preprocessing of the model's DEFAULT torchvision weights (needs no download)."""
+    from torchvision import models
+
+    t = models.get_model_weights(model_name).DEFAULT.transforms()
+    return Preprocess(
+        resize_size=int(t.resize_size[0]),
+        crop_size=int(t.crop_size[0]),
+        mean=tuple(float(x) for x in t.mean),  # type: ignore[arg-type]
+        std=tuple(float(x) for x in t.std),  # type: ignore[arg-type]
+        interpolation=t.interpolation.value,
+        antialias=bool(t.antialias) if t.antialias is not None else True,
+    )
+
+
+# --------------------------------------------------------------------------- weights
+
+
+@dataclass
+class WeightsSpec:
+    """``--weights`` resolved without building anything: what kind, and the checkpoint if any."""
+
+    given: str
+    kind: str  # "imagenet" | "none" | "file"
+    path: Path | None = None
+    checkpoint: dict[str, Any] | None = None  # a loaded featurekit checkpoint
+    state_dict: dict[str, Any] | None = None
+    sha256: str = ""
+
+    @property
+    def model_name(self) -> str | None:
+        return self.checkpoint.get("model") if self.checkpoint else None
+
+    @property
+    def classes(self) -> list[str] | None:
+        return list(self.checkpoint["classes"]) if self.checkpoint and "classes" in self.checkpoint else None
+
+    @property
+    def preprocess(self) -> Preprocess | None:
+        if self.checkpoint and self.checkpoint.get("preprocess"):
+            return Preprocess.from_dict(self.checkpoint["preprocess"])
+        return None
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_weights(weights: str) -> WeightsSpec:
+    """Check ``--weights`` early: a file must exist and load safely (``weights_only=True``)."""
+    if weights in ("imagenet", "none"):
+        return WeightsSpec(given=weights, kind=weights)
+    path = Path(weights)
+    if not path.is_file():
+        raise ModelError(
+            f"weights file not found: {weights} (use 'imagenet', 'none' or a state dict file)"
+        )
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load weights file {weights}: {first}") from None
+    checkpoint = None
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        checkpoint = obj
+        state = obj.get("state_dict")
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        state = obj["state_dict"]
+    else:
+        state = obj
+    if not isinstance(state, dict) or not state or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise ModelError(f"weights file {weights} holds no state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return WeightsSpec(
+        given=weights, kind="file", path=path, checkpoint=checkpoint, state_dict=state,
+        sha256=sha256_file(path),
+    )
+
+
+@dataclass
+class Backbone:
+    """A built model with its provenance."""
+
+    name: str
+    model: Any  # torch.nn.Module
+    weights: str
+    weights_sha256: str
+    preprocess: Preprocess
+
+
+def build_backbone(
+    name: str | None, spec: WeightsSpec, *, seed: int = 0, image_size: int | None = None
+) -> Backbone:
+    """Build the ResNet ``name`` with the resolved weights, in eval mode on the CPU."""
+    import torch
+    from torchvision import models
+
+    name = name or spec.model_name or DEFAULT_MODEL
+    check_model(name)
+    if spec.model_name and spec.model_name != name:
+        raise ModelError(
+            f"weights {spec.given} are a {spec.model_name} checkpoint, not {name}; "
+            f"use --model {spec.model_name}"
+        )
+    preprocess = (spec.preprocess or default_preprocess(name)).with_image_size(image_size)
+    sha = spec.sha256
+    torch.manual_seed(seed)
+    if spec.kind == "imagenet":
+        w = models.get_model_weights(name).DEFAULT
+        model = models.get_model(name, weights=None)
+        try:
+            state = w.get_state_dict(progress=False, check_hash=True)
+        except Exception as exc:  # any failure to fetch: offline, proxy, hash mismatch
+            raise ModelError(
+                f"could not download the imagenet weights for {name} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); offline? use "
+                "--weights none (seeded random init) or --weights PATH (a state dict file)"
+            ) from None
+        model.load_state_dict(state)
+        sha = _hub_file_sha256(w.url)
+    elif spec.kind == "none":
+        model = models.get_model(name, weights=None)
+    else:
+        assert spec.state_dict is not None
+        model = models.get_model(name, weights=None)
+        _load_backbone_state(model, spec.state_dict, spec.given, name)
+    model.eval()
+    return Backbone(name=name, model=model, weights=spec.given, weights_sha256=sha, preprocess=preprocess)
+
+
+def _load_backbone_state(model, state: dict[str, Any], given: str, name: str) -> None:
+    """Load every non-``fc`` tensor strictly; ``fc`` may have another class count or shape."""
+    own = model.state_dict()
+    body = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing = [k for k in own if not k.startswith("fc.") and k not in body]
+    unexpected = [k for k in body if k not in own]
+    wrong = [k for k in body if k in own and tuple(own[k].shape) != tuple(body[k].shape)]
+    if missing or unexpected or wrong:
+        detail = (
+            f"{len(missing)} missing (e.g. {missing[0]})" if missing
+            else f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected
+            else f"{len(wrong)} of another shape (e.g. {wrong[0]})"
+        )
+        raise ModelError(f"weights {given} do not fit {name}: {detail} tensors")
+    model.load_state_dict(body, strict=False)
+    fc = {k.removeprefix("fc."): v for k, v in state.items() if k.startswith("fc.")}
+    if set(fc) == {"weight", "bias"} and fc["weight"].ndim == 2:
+        import torch
+
+        model.fc = torch.nn.Linear(fc["weight"].shape[1], fc["weight"].shape[0])
+        model.fc.load_state_dict(fc)
+
+
+def _hub_file_sha256(url: str) -> str:
+    import torch
+    from urllib.parse import urlparse
+
+    path = Path(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    return sha256_file(path) if path.is_file() else ""
+
+
+# --------------------------------------------------------------------------- feature nodes
+
+
+class FeatureNet:
+    """A ResNet truncated to the requested nodes; returns one (N, D) tensor per layer.
+
+    ``penultimate`` is the flattened global-pool output; spatial maps are pooled over H x W
+    with ``pool``. Also counts exact zeros of each raw (unpooled) layer output on the device,
+    so an extraction records the dead-activation share for free.
+    """
+
+    def __init__(self, model, layers: list[str], pool: str = "avg") -> None:
+        import torch
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        self.layers = list(layers)
+        self.pool = pool
+        self.body = create_feature_extractor(
+            model, return_nodes={LAYER_NODES[name]: name for name in self.layers}
+        ).eval()
+        self.zeros = {name: 0 for name in self.layers}
+        self.total = {name: 0 for name in self.layers}
+        self._torch = torch
+
+    def to(self, *args, **kwargs) -> FeatureNet:
+        self.body = self.body.to(*args, **kwargs)
+        return self
+
+    def __call__(self, x, count_zeros: bool = True):
+        out = self.body(x)
+        result = {}
+        for name in self.layers:
+            t = out[name]
+            if count_zeros:
+                # stays on the device: no sync per batch, read once at the end
+                self.zeros[name] = self.zeros[name] + (t == 0).sum()
+                self.total[name] += t.numel()
+            if t.ndim == 4:
+                t = t.mean(dim=(2, 3)) if self.pool == "avg" else t.amax(dim=(2, 3))
+            result[name] = t
+        return result
+
+    def zero_fraction(self) -> dict[str, float]:
+        return {
+            k: (int(self.zeros[k]) / self.total[k] if self.total[k] else float("nan"))
+            for k in self.layers
+        }
+
+    def dims(self) -> dict[str, int]:
+        """Feature width of each layer, from a tiny dry run."""
+        torch = self._torch
+        param = next(self.body.parameters())
+        with torch.inference_mode():
+            out = self(torch.zeros(1, 3, 32, 32, device=param.device, dtype=param.dtype), count_zeros=False)
+        return {k: int(v.shape[1]) for k, v in out.items()}

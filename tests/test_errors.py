@@ -1,0 +1,221 @@
+"""Bad input: one line on stderr, exit code 2, no traceback, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import h5py
+import pytest
+
+from featurekit.cache import open_cache
+from featurekit.errors import CacheError
+from featurekit.extract import extract
+from tests.conftest import TINY, invoke
+
+
+def assert_user_error(r, *needles: str) -> None:
+    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in r.stderr + r.stdout
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_missing_source(tmp_path, runner):
+    r = invoke(runner, "extract", tmp_path / "nope", "--out", tmp_path / "x.h5", *TINY)
+    assert_user_error(r, "source not found")
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_missing_source_as_a_real_process(tmp_path):
+    """The installed console path too: one line, exit 2."""
+    r = subprocess.run(
+        [sys.executable, "-m", "featurekit", "extract", str(tmp_path / "nope"), "--out",
+         str(tmp_path / "x.h5")], capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+
+
+def test_empty_folder_and_folder_without_images(tmp_path, runner):
+    (tmp_path / "empty").mkdir()
+    r = invoke(runner, "extract", tmp_path / "empty", "--out", tmp_path / "x.h5", *TINY)
+    assert_user_error(r, "no class folders")
+    (tmp_path / "noimg" / "cls").mkdir(parents=True)
+    (tmp_path / "noimg" / "cls" / "readme.txt").write_text("hi")
+    r = invoke(runner, "extract", tmp_path / "noimg", "--out", tmp_path / "x.h5", *TINY)
+    assert_user_error(r, "no images found")
+
+
+def test_unknown_model_lists_valid_ones(tmp_path, image_folder, runner):
+    r = invoke(runner, "extract", image_folder, "--out", tmp_path / "x.h5", "--model", "resnet19",
+               "--weights", "none")
+    assert_user_error(r, "unknown model 'resnet19'", "resnet18", "resnet50", "wide_resnet50_2")
+
+
+def test_unknown_layer(tmp_path, image_folder, runner):
+    r = invoke(runner, "extract", image_folder, "--out", tmp_path / "x.h5", *TINY, "--layers",
+               "penultimate,layer5")
+    assert_user_error(r, "unknown layer 'layer5'", "layer4")
+
+
+def test_unreadable_and_mismatched_weights(tmp_path, image_folder, runner):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage" * 10)
+    args = ["--model", "resnet18", "--image-size", "32", "--device", "cpu", "--no-progress"]
+    r = invoke(runner, "extract", image_folder, "--out", tmp_path / "x.h5", "--weights", bad, *args)
+    assert_user_error(r, "cannot load weights file")
+    r = invoke(runner, "extract", image_folder, "--out", tmp_path / "x.h5", "--weights",
+               tmp_path / "missing.pt", *args)
+    assert_user_error(r, "weights file not found")
+    import torch
+    from torchvision.models import resnet34
+
+    other = tmp_path / "r34.pt"
+    torch.save(resnet34().state_dict(), other)
+    r = invoke(runner, "extract", image_folder, "--out", tmp_path / "x.h5", "--weights", other, *args)
+    assert_user_error(r, "do not fit resnet18")
+    # a pickle that needs code execution is refused by weights_only=True
+    evil = tmp_path / "evil.pt"
+    torch.save({"fn": Path("x")}, evil)
+    r = invoke(runner, "extract", image_folder, "--out", tmp_path / "x.h5", "--weights", evil, *args)
+    assert_user_error(r, "cannot load weights file")
+
+
+def test_offline_imagenet_download_says_what_to_do(tmp_path, image_folder, runner, monkeypatch):
+    from torchvision.models._api import WeightsEnum
+
+    def offline(self, *a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    r = invoke(runner, "extract", image_folder, "--out", tmp_path / "x.h5", "--model", "resnet18",
+               "--device", "cpu", "--no-progress")
+    assert_user_error(r, "could not download the imagenet weights", "--weights none")
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_existing_output_is_kept(tmp_path, image_folder, runner):
+    out = tmp_path / "x.h5"
+    out.write_bytes(b"precious")
+    r = invoke(runner, "extract", image_folder, "--out", out, *TINY)
+    assert_user_error(r, "exists", "--overwrite")
+    assert out.read_bytes() == b"precious"
+    # --overwrite with a failing run (bad layer) still keeps the old file
+    r = invoke(runner, "extract", image_folder, "--out", out, *TINY, "--overwrite", "--layers", "x")
+    assert r.exit_code == 2 and out.read_bytes() == b"precious"
+    r = invoke(runner, "extract", image_folder, "--out", out, *TINY, "--overwrite")
+    assert r.exit_code == 0
+    with open_cache(out) as c:
+        assert c.complete
+
+
+def test_output_folder_problems(tmp_path, image_folder, runner):
+    r = invoke(runner, "extract", image_folder, "--out", tmp_path / "no" / "x.h5", *TINY)
+    assert_user_error(r, "does not exist")
+    r = invoke(runner, "extract", image_folder, "--out", tmp_path, *TINY)
+    assert_user_error(r, "is a folder")
+
+
+def test_bad_options(tmp_path, image_folder, runner):
+    for extra, needle in (
+        (["--pool", "median"], "unknown pool"),
+        (["--dtype", "int8"], "unknown --dtype"),
+        (["--precision", "fp8"], "unknown precision"),
+        (["--device", "tpu"], "unknown device"),
+        (["--val-fraction", "0.6", "--test-fraction", "0.5"], "leave room for train"),
+        (["--batch-size", "0"], "--batch-size"),
+    ):
+        r = invoke(runner, "extract", image_folder, "--out", tmp_path / "x.h5", *TINY, *extra)
+        assert_user_error(r, needle)
+
+
+def test_cuda_requested_without_cuda(tmp_path, image_folder, runner):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    args = [a for a in TINY if a not in ("--device", "cpu")]
+    r = invoke(runner, "extract", image_folder, "--out", tmp_path / "x.h5", *args, "--device", "cuda")
+    assert_user_error(r, "no CUDA device")
+
+
+def test_bad_csv_sources(tmp_path, runner):
+    csv = tmp_path / "a.csv"
+    csv.write_text("file,class\nx.jpg,a\n")
+    r = invoke(runner, "extract", csv, "--out", tmp_path / "x.h5", *TINY)
+    assert_user_error(r, "path,label")
+    csv.write_text("path,label,split\nx.jpg,a,holdout\n")
+    r = invoke(runner, "extract", csv, "--out", tmp_path / "x.h5", *TINY)
+    assert_user_error(r, "holdout")
+    (tmp_path / "a.txt").write_text("x")
+    r = invoke(runner, "extract", tmp_path / "a.txt", "--out", tmp_path / "x.h5", *TINY)
+    assert_user_error(r, "not a .csv")
+
+
+def test_csv_listing_missing_files_records_them(tmp_path, image_folder):
+    csv = image_folder / "l.csv"
+    csv.write_text("path,label\ncat/cat_1.jpg,cat\ncat/gone.jpg,cat\ndog/dog_1.jpg,dog\n")
+    out = tmp_path / "m.h5"
+    extract(csv, out, model="resnet18", weights="none", image_size=32, device="cpu", workers=0,
+            progress=False, val_fraction=0, test_fraction=0)
+    with open_cache(out) as c:
+        assert dict(c.skipped("train")) == {"cat/gone.jpg": "file not found"}
+        assert c.n_rows("train") == 2
+
+
+def _cache(tmp_path, image_folder) -> Path:
+    out = tmp_path / "c.h5"
+    extract(image_folder, out, model="resnet18", weights="none", image_size=32, device="cpu",
+            workers=0, progress=False)
+    return out
+
+
+def test_cache_validation(tmp_path, image_folder, runner):
+    out = _cache(tmp_path, image_folder)
+    with h5py.File(out, "a") as f:
+        f.attrs["format_version"] = 99
+    with pytest.raises(CacheError, match="newer than this featurekit reads"):
+        open_cache(out)
+    r = invoke(runner, "info", out)
+    assert_user_error(r, "upgrade featurekit")
+
+    with h5py.File(out, "a") as f:
+        f.attrs["format_version"] = 1
+        f.attrs["complete"] = False
+    with pytest.raises(CacheError, match="incomplete"):
+        open_cache(out)
+    with open_cache(out, allow_incomplete=True) as c:
+        assert not c.complete
+    r = invoke(runner, "info", out, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["complete"] is False
+
+    with h5py.File(out, "a") as f:
+        f.attrs["complete"] = True
+        del f["train"]["paths"]
+    with pytest.raises(CacheError, match="lacks /train/paths"):
+        open_cache(out)
+
+
+def test_cache_row_mismatch_and_garbage(tmp_path, image_folder, runner):
+    out = _cache(tmp_path, image_folder)
+    with h5py.File(out, "a") as f:
+        f["train"]["labels"].resize(3, axis=0)
+    r = invoke(runner, "info", out)
+    assert_user_error(r, "mismatched row counts")
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(out.read_bytes()[:2000])
+    r = invoke(runner, "info", junk)
+    assert_user_error(r, "not a readable HDF5 file")
+    r = invoke(runner, "info", tmp_path / "none.h5")
+    assert_user_error(r, "cache not found")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = [1, 2]
+    r = invoke(runner, "info", tmp_path / "other.h5")
+    assert_user_error(r, "not a featurekit cache")

@@ -95,10 +95,12 @@ def default_workers(device: str) -> int:
 
 
 class _ImageDataset:
-    """Map-style dataset: position -> (position, tensor or None, reason)."""
+    """Map-style dataset over every split's items: global position -> (position, tensor or None,
+    reason). One DataLoader over all splits keeps the workers busy across split boundaries."""
 
-    def __init__(self, source, items, transform) -> None:
-        self.source, self.items, self.transform = source, items, transform
+    def __init__(self, source, transform) -> None:
+        self.source, self.transform = source, transform
+        self.items = [it for items in source.splits.values() for it in items]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -112,6 +114,15 @@ class _ImageDataset:
             return i, None, str(exc)
         except Exception as exc:  # one bad file must never stop the run; record why
             return i, None, f"{type(exc).__name__}: {exc}"
+
+
+def _split_batches(split_sizes: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of global positions that never straddle two splits."""
+    batches, offset = [], 0
+    for n in split_sizes:
+        batches += [list(range(offset + s, offset + min(s + batch_size, n))) for s in range(0, n, batch_size)]
+        offset += n
+    return batches
 
 
 def _collate(batch):
@@ -172,8 +183,9 @@ def extract(
     backbone = models.build_backbone(model, spec, seed=seed, image_size=image_size)
     net = models.FeatureNet(backbone.model, layer_list, pool)
     on_cuda = dev.startswith("cuda")
-    if on_cuda:
-        net.to(dev, memory_format=torch.channels_last)
+    # channels_last: cuDNN's fast layout on GPUs, and oneDNN's on CPUs (about 1.8x faster for
+    # resnet50 at 224 on 2 cores than the default layout; benchmarks/RESULTS.md)
+    net.to(dev, memory_format=torch.channels_last)
     dims = net.dims()
     workers = default_workers(dev) if workers is None else workers
     transform = backbone.preprocess.transform()
@@ -214,41 +226,42 @@ def extract(
     started = time.perf_counter()
     try:
         with writer, progress_bar(enabled=progress) as bar:
-            for split, items in src.splits.items():
-                task = bar.add_task(f"extract {split}", total=len(items))
-                loader = torch.utils.data.DataLoader(
-                    _ImageDataset(src, items, transform),
-                    batch_size=batch_size,
-                    shuffle=False,
-                    num_workers=workers,
-                    collate_fn=_collate,
-                    pin_memory=on_cuda,
-                    prefetch_factor=4 if workers else None,
-                )
-                rows = skipped = 0
-                for positions, good, x, failures in loader:
-                    for i, reason in failures:
-                        writer.skip(split, items[i].path, reason)
-                    skipped += len(failures)
-                    if x is not None:
-                        x = x.to(dev, non_blocking=True)
-                        if on_cuda:
-                            x = x.contiguous(memory_format=torch.channels_last)
-                        with torch.inference_mode(), torch.autocast(
-                            dev.split(":")[0], dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None,
-                        ):
-                            feats = net(x)
-                        writer.add(
-                            split,
-                            [items[i].label for i in good],
-                            [items[i].path for i in good],
-                            {k: v.float().cpu().numpy() for k, v in feats.items()},
-                        )
-                        rows += len(good)
-                    writer.advance(split, positions[-1] + 1)
-                    bar.advance(task, len(positions))
-                summary.splits[split] = {"rows": rows, "skipped": skipped}
+            dataset = _ImageDataset(src, transform)
+            names = list(src.splits)
+            sizes = [len(src.splits[n]) for n in names]
+            starts = [sum(sizes[:k]) for k in range(len(sizes))]
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_sampler=_split_batches(sizes, batch_size),
+                num_workers=workers,
+                collate_fn=_collate,
+                pin_memory=on_cuda,
+                prefetch_factor=4 if workers else None,
+            )
+            summary.splits = {n: {"rows": 0, "skipped": 0} for n in names}
+            task = bar.add_task("extract", total=len(dataset))
+            for positions, good, x, failures in loader:
+                k = next(k for k in reversed(range(len(names))) if positions[0] >= starts[k])
+                split, start, counts = names[k], starts[k], summary.splits[names[k]]
+                for i, reason in failures:
+                    writer.skip(split, dataset.items[i].path, reason)
+                counts["skipped"] += len(failures)
+                if x is not None:
+                    x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                    with torch.inference_mode(), torch.autocast(
+                        dev.split(":")[0], dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None,
+                    ):
+                        feats = net(x)
+                    writer.add(
+                        split,
+                        [dataset.items[i].label for i in good],
+                        [dataset.items[i].path for i in good],
+                        {layer: t.float().cpu().numpy() for layer, t in feats.items()},
+                    )
+                    counts["rows"] += len(good)
+                writer.advance(split, positions[-1] + 1 - start)
+                bar.update(task, advance=len(positions), description=f"extract {split}")
             summary.zero_fraction = net.zero_fraction()
             writer.set_attrs(zero_fraction=summary.zero_fraction)
             writer.finish()

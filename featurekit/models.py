@@ -16,14 +16,6 @@ from typing import Any
 from featurekit.errors import ModelError
 
 LAYERS = ("penultimate", "layer1", "layer2", "layer3", "layer4")
-# featurekit layer name -> torchvision FX node of a ResNet
-LAYER_NODES = {
-    "penultimate": "flatten",
-    "layer1": "layer1",
-    "layer2": "layer2",
-    "layer3": "layer3",
-    "layer4": "layer4",
-}
 POOLS = ("avg", "max")
 DEFAULT_MODEL = "resnet50"
 _FAMILY = ("resnet", "resnext", "wide_resnet")
@@ -303,32 +295,52 @@ def _hub_file_sha256(url: str) -> str:
 
 
 class FeatureNet:
-    """A ResNet truncated to the requested nodes; returns one (N, D) tensor per layer.
+    """A ResNet run up to the deepest requested layer; returns one (N, D) tensor per layer.
 
     ``penultimate`` is the flattened global-pool output; spatial maps are pooled over H x W
     with ``pool``. Also counts exact zeros of each raw (unpooled) layer output on the device,
     so an extraction records the dead-activation share for free.
+
+    Written by hand (torchvision's ``ResNet._forward_impl`` without ``fc``) rather than with
+    ``create_feature_extractor``: its FX graph turns the blocks' in-place residual adds into
+    out-of-place ones, which made resnet50 at 224 12% slower on a 2-core CPU (measured; see
+    benchmarks/RESULTS.md). Every torchvision ResNet-family model shares this structure.
     """
 
     def __init__(self, model, layers: list[str], pool: str = "avg") -> None:
         import torch
-        from torchvision.models.feature_extraction import create_feature_extractor
 
+        self.model = model.eval()
         self.layers = list(layers)
         self.pool = pool
-        self.body = create_feature_extractor(
-            model, return_nodes={LAYER_NODES[name]: name for name in self.layers}
-        ).eval()
+        stages = [LAYERS.index(name) for name in self.layers]  # penultimate is 0 -> deepest
+        self._last_stage = 4 if 0 in stages else max(stages)
         self.zeros = {name: 0 for name in self.layers}
         self.total = {name: 0 for name in self.layers}
         self._torch = torch
 
     def to(self, *args, **kwargs) -> FeatureNet:
-        self.body = self.body.to(*args, **kwargs)
+        self.model = self.model.to(*args, **kwargs)
         return self
 
+    def parameters(self):
+        return self.model.parameters()
+
+    def raw(self, x) -> dict[str, Any]:
+        """Unpooled outputs of the requested layers (penultimate is already a vector)."""
+        m, torch = self.model, self._torch
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        out = {}
+        for stage in range(1, self._last_stage + 1):
+            x = getattr(m, f"layer{stage}")(x)
+            if f"layer{stage}" in self.zeros:
+                out[f"layer{stage}"] = x
+        if "penultimate" in self.zeros:
+            out["penultimate"] = torch.flatten(m.avgpool(x), 1)
+        return out
+
     def __call__(self, x, count_zeros: bool = True):
-        out = self.body(x)
+        out = self.raw(x)
         result = {}
         for name in self.layers:
             t = out[name]
@@ -350,7 +362,7 @@ class FeatureNet:
     def dims(self) -> dict[str, int]:
         """Feature width of each layer, from a tiny dry run."""
         torch = self._torch
-        param = next(self.body.parameters())
+        param = next(self.model.parameters())
         with torch.inference_mode():
             out = self(torch.zeros(1, 3, 32, 32, device=param.device, dtype=param.dtype), count_zeros=False)
         return {k: int(v.shape[1]) for k, v in out.items()}

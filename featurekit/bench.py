@@ -1,0 +1,151 @@
+"""head x backend x layer comparisons on one cache: tables and a plot.
+
+Every combination runs under the selection protocol of :mod:`featurekit.fit`; features are read
+once per (split, layer) and shared by every head.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from featurekit.errors import HeadError
+
+COLUMNS = ["head", "backend", "layer", "status", "params", "accuracy", "balanced_accuracy",
+           "macro_f1", "top5_accuracy", "fit_seconds", "predict_seconds", "selection_seconds",
+           "n_train", "n_eval", "eval_split"]
+
+
+def _comma(value: str | list[str] | None, default: list[str]) -> list[str]:
+    if value is None:
+        return list(default)
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [v.strip() for v in items if v.strip()]
+
+
+def run_bench(
+    cache_path: str | Path,
+    *,
+    heads: str | list[str] | None = None,
+    backends: str | list[str] | None = None,
+    layers: str | list[str] | None = None,
+    out: str | Path | None = None,
+    train_split: str = "train",
+    eval_split: str | None = None,
+    allow_incomplete: bool = False,
+) -> dict[str, Any]:
+    """Fit every head x backend x layer; write results.{csv,json,md} and results.png in ``out``."""
+    from featurekit.cache import open_cache
+    from featurekit.fit import choose_splits, fit_on_arrays
+    from featurekit.heads import BACKENDS, HEADS, list_backends
+
+    head_list = _comma(heads, list(HEADS))
+    for h in head_list:
+        if h not in HEADS:
+            raise HeadError(f"unknown head {h!r}; valid heads: {', '.join(HEADS)}")
+    backend_list = _comma(backends, ["sklearn"])
+    for b in backend_list:
+        if b not in BACKENDS and b != "auto":
+            raise HeadError(f"unknown backend {b!r}; valid: {', '.join(BACKENDS)}")
+    available = list_backends()
+    if "auto" in backend_list:
+        from featurekit.heads import resolve_backend
+
+        backend_list = [resolve_backend("auto") if b == "auto" else b for b in backend_list]
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    rows: list[dict[str, Any]] = []
+    with open_cache(cache_path, allow_incomplete=allow_incomplete) as cache:
+        layer_list = _comma(layers, ["penultimate"] if "penultimate" in cache.layers else cache.layers[:1])
+        for layer in layer_list:
+            cache.dim(layer)  # validates the name
+        train, evaluate, select = choose_splits(cache, train_split, eval_split)
+        n_classes = len(cache.classes)
+        seed = int(cache.attrs.get("seed", 0))
+        for layer in layer_list:
+            X, y = cache.features(train, layer), cache.labels(train)
+            Xe, ye = cache.features(evaluate, layer), cache.labels(evaluate)
+            Xs, ys = (cache.features(select, layer), cache.labels(select)) if select else (None, None)
+            for head in head_list:
+                for backend in backend_list:
+                    base = {"head": head, "backend": backend, "layer": layer, "eval_split": evaluate}
+                    if backend not in available:
+                        rows.append({**base, "status": f"skipped: {backend} is not importable here"})
+                        continue
+                    _, report = fit_on_arrays(head, backend, X, y, Xe, ye, n_classes, X_sel=Xs,
+                                              y_sel=ys, seed=seed)
+                    report.pop("confusion_matrix", None)
+                    rows.append({**base, **report, "status": "ok",
+                                 "selection_seconds": report["selection"]["seconds"]})
+    result = {"cache": str(cache_path), "train_split": train, "eval_split": evaluate,
+              "selection": f"val split" if select else "k-fold cv on train", "results": rows}
+    if out_dir is not None:
+        result["files"] = write_outputs(result, out_dir)
+    return result
+
+
+def _cell(row: dict[str, Any], col: str) -> str:
+    v = row.get(col, "")
+    if col == "params" and isinstance(v, dict):
+        return " ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}" for k, val in v.items())
+    return "" if v is None else str(v)
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    rows = result["results"]
+    files = {name: out_dir / name for name in ("results.csv", "results.json", "results.md", "results.png")}
+    with open(files["results.csv"], "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for r in rows:
+            w.writerow([_cell(r, c) for c in COLUMNS])
+    files["results.json"].write_text(json.dumps(result, indent=2, default=str) + "\n")
+    files["results.md"].write_text(markdown_table(result) + "\n")
+    plot(rows, files["results.png"], title=Path(result["cache"]).name)
+    return {k: str(v) for k, v in files.items()}
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"Cache `{result['cache']}`: trained on `{result['train_split']}`, reported on "
+        f"`{result['eval_split']}`, C/gamma chosen by {result['selection']}.",
+        "",
+        "| head | backend | layer | params | accuracy | balanced acc. | macro F1 | fit s | predict s | status |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in result["results"]:
+        num = lambda k: f"{r[k]:.4f}" if isinstance(r.get(k), float) else ""  # noqa: E731
+        lines.append(
+            f"| {r['head']} | {r['backend']} | {r['layer']} | {_cell(r, 'params')} | {num('accuracy')} "
+            f"| {num('balanced_accuracy')} | {num('macro_f1')} | {num('fit_seconds')} "
+            f"| {num('predict_seconds')} | {r['status']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Accuracy against fit time, one labelled point per combination that ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for r in ok:
+        ax.scatter(r["fit_seconds"], r["accuracy"], s=40)
+        ax.annotate(f"{r['head']}/{r['backend']}/{r['layer']}", (r["fit_seconds"], r["accuracy"]),
+                    textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if ok and max(r["fit_seconds"] for r in ok) / max(min(r["fit_seconds"] for r in ok), 1e-9) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("fit time (s)")
+    ax.set_ylabel(f"accuracy on {ok[0]['eval_split'] if ok else 'eval'} split")
+    ax.set_title(f"featurekit bench {title}".strip())
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,309 @@
+"""Fitting heads on a cache: honest selection of C (and gamma), evaluation, persistence.
+
+Selection protocol (the same for ``fit`` and ``bench``):
+
+* the grid is :data:`GRIDS` (log-spaced C; for ``svm`` also gamma = g / n_features, the
+  ``'scale'`` value of standardised features times g) unless ``C``/``gamma`` are given;
+* when the cache has a ``val`` split that is neither the training nor the reported split, each
+  grid point is fitted on the training split and scored (accuracy) on ``val``; the best point
+  wins (ties go to the smaller C, the stronger regularisation); the reported model is that fit,
+  trained on the training split only;
+* otherwise the grid is searched by stratified k-fold cross-validation on the training split
+  (k = 5, fewer when a class has fewer rows), and the chosen point is refit on the whole
+  training split;
+* the reported split (``test`` by default, else ``val``) never influences the choice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurekit import __version__
+from featurekit.errors import CacheError, HeadError
+
+HEAD_FORMAT = "featurekit-head"
+HEAD_FORMAT_VERSION = 1
+GRIDS: dict[str, dict[str, list[float]]] = {
+    "logistic": {"C": [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]},
+    "linearsvc": {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]},
+    "svm": {"C": [0.1, 1.0, 10.0, 100.0], "gamma_scale": [0.25, 1.0, 4.0]},
+}
+# provenance keys that must match between a saved head and the cache it predicts on
+PROVENANCE_KEYS = ("model", "weights_sha256", "layer", "pool", "preprocess", "classes")
+
+
+@dataclass
+class FitResult:
+    head: Any
+    report: dict[str, Any]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def provenance_of(cache, layer: str) -> dict[str, Any]:
+    a = cache.attrs
+    return {
+        "model": a.get("model"),
+        "weights": a.get("weights"),
+        "weights_sha256": a.get("weights_sha256") or f"{a.get('weights')}:seed={a.get('seed')}",
+        "layer": layer,
+        "pool": a.get("pool") if layer != "penultimate" else None,
+        "preprocess": a.get("preprocess"),
+        "classes": list(cache.classes),
+        "cache": str(cache.path),
+        "featurekit_version": __version__,
+    }
+
+
+def choose_splits(cache, train_split: str, eval_split: str | None) -> tuple[str, str, str | None]:
+    """(train, eval, selection split or None for CV); refuses to report on the training split."""
+    splits = cache.splits
+    if train_split not in splits:
+        raise CacheError(f"{cache.path} has no split {train_split!r}; splits: {', '.join(splits)}")
+    if eval_split is None:
+        held = [s for s in ("test", "val") if s in splits and s != train_split]
+        if not held:
+            raise HeadError(
+                f"{cache.path} has no held-out split (only {', '.join(splits)}); re-extract with "
+                "--test-fraction > 0, or name one with --eval-split"
+            )
+        eval_split = held[0]
+    elif eval_split not in splits:
+        raise CacheError(f"{cache.path} has no split {eval_split!r}; splits: {', '.join(splits)}")
+    if eval_split == train_split:
+        raise HeadError(f"--eval-split {eval_split} is the training split; pick another")
+    select = "val" if "val" in splits and "val" not in (train_split, eval_split) else None
+    return train_split, eval_split, select
+
+
+def _grid(head: str, n_features: int, C: float | None, gamma: float | None) -> list[dict[str, Any]]:
+    grid = GRIDS[head]
+    Cs = [C] if C is not None else grid["C"]
+    if head != "svm":
+        return [{"C": c} for c in Cs]
+    gammas = [gamma] if gamma is not None else [g / n_features for g in grid["gamma_scale"]]
+    return [{"C": c, "gamma": g} for c, g in itertools.product(Cs, gammas)]
+
+
+def select_params(
+    head: str, backend: str, grid: list[dict[str, Any]], X, y, X_sel=None, y_sel=None, seed: int = 0
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Choose a grid point; returns (params, details). Never sees the reported split."""
+    from featurekit.heads import create_head
+
+    if len(grid) == 1:
+        return grid[0], {"method": "given"}
+    if X_sel is not None:
+        scores = []
+        for params in grid:
+            est = create_head(head, backend, **params).fit(X, y)
+            scores.append(float(np.mean(est.predict(X_sel) == y_sel)))
+        best = int(np.argmax(scores))  # first maximum: grids ascend in C
+        return grid[best], {"method": "val", "scores": scores}
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    k = int(min(5, np.bincount(y)[np.bincount(y) > 0].min()))
+    if k < 2:
+        raise HeadError(
+            "cannot choose C: no val split and a class has a single training row; give --C "
+            "(and --gamma), or re-extract with --val-fraction > 0"
+        )
+    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    scores = [
+        float(np.mean(cross_val_score(create_head(head, backend, **params), X, y, cv=cv)))
+        for params in grid
+    ]
+    best = int(np.argmax(scores))
+    return grid[best], {"method": f"{k}-fold cv", "scores": scores}
+
+
+def metrics(y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray | None, n_classes: int,
+            head_classes: np.ndarray | None = None) -> dict[str, Any]:
+    """Unrounded fractions; ``scores`` columns follow ``head_classes`` (indices into classes)."""
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+        top_k_accuracy_score,
+    )
+
+    labels = np.arange(n_classes)
+    out: dict[str, Any] = {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+    }
+    if n_classes > 5 and scores is not None and scores.ndim == 2:
+        full = np.full((len(y_true), n_classes), -np.inf)
+        cols = head_classes if head_classes is not None else labels
+        full[:, np.asarray(cols, dtype=int)] = scores
+        full[np.isneginf(full)] = np.finfo(np.float64).min / 2  # classes unseen in training
+        out["top5_accuracy"] = float(top_k_accuracy_score(y_true, full, k=5, labels=labels))
+    out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    return out
+
+
+def fit_on_arrays(
+    head: str, backend: str, X, y, X_eval, y_eval, n_classes: int, *, X_sel=None, y_sel=None,
+    C: float | None = None, gamma: float | None = None, seed: int = 0,
+) -> tuple[Any, dict[str, Any]]:
+    """Select, fit, evaluate one head on arrays; the common core of ``fit`` and ``bench``."""
+    from featurekit.heads import create_head
+
+    if gamma is not None and head != "svm":
+        raise HeadError(f"--gamma applies to the svm head only, not {head!r}")
+    grid = _grid(head, X.shape[1], C, gamma)
+    t0 = time.perf_counter()
+    params, selection = select_params(head, backend, grid, X, y, X_sel, y_sel, seed)
+    selection_seconds = time.perf_counter() - t0
+    est = create_head(head, backend, **params)
+    t0 = time.perf_counter()
+    est.fit(X, y)
+    fit_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pred = est.predict(X_eval)
+    predict_seconds = time.perf_counter() - t0
+    scores = est.decision_function(X_eval)
+    report = {
+        "head": head,
+        "backend": backend,
+        "params": params,
+        "selection": {**selection, "grid": grid, "seconds": selection_seconds},
+        **metrics(y_eval, pred, scores, n_classes, est.classes_),
+        "fit_seconds": fit_seconds,
+        "predict_seconds": predict_seconds,
+        "n_train": int(len(y)),
+        "n_eval": int(len(y_eval)),
+    }
+    return est, report
+
+
+def fit_head(
+    cache_path: str | Path,
+    head: str,
+    *,
+    backend: str = "sklearn",
+    layer: str | None = None,
+    C: float | None = None,
+    gamma: float | None = None,
+    train_split: str = "train",
+    eval_split: str | None = None,
+    allow_incomplete: bool = False,
+) -> FitResult:
+    """Fit one head on a cache layer with the selection protocol above."""
+    from featurekit.cache import open_cache
+    from featurekit.heads import HEADS, resolve_backend
+
+    if head not in HEADS:
+        raise HeadError(f"unknown head {head!r}; valid heads: {', '.join(HEADS)}")
+    backend = resolve_backend(backend)
+    with open_cache(cache_path, allow_incomplete=allow_incomplete) as cache:
+        layer = layer or ("penultimate" if "penultimate" in cache.layers else cache.layers[0])
+        train, evaluate, select = choose_splits(cache, train_split, eval_split)
+        X, y = cache.features(train, layer), cache.labels(train)
+        X_eval, y_eval = cache.features(evaluate, layer), cache.labels(evaluate)
+        X_sel = y_sel = None
+        if select and (C is None or (head == "svm" and gamma is None)):
+            X_sel, y_sel = cache.features(select, layer), cache.labels(select)
+        provenance = provenance_of(cache, layer)
+        n_classes = len(cache.classes)
+        seed = int(cache.attrs.get("seed", 0))
+    if len(np.unique(y)) < 2:
+        raise HeadError(f"the {train} split has a single class; a classifier needs two or more")
+    est, report = fit_on_arrays(head, backend, X, y, X_eval, y_eval, n_classes, X_sel=X_sel,
+                                y_sel=y_sel, C=C, gamma=gamma, seed=seed)
+    report = {"head": head, "backend": backend, "layer": layer, "eval_split": evaluate,
+              "train_split": train, **report}
+    return FitResult(est, report, provenance)
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+def save_head(result: FitResult, path: str | Path) -> Path:
+    """A joblib file (a pickle: load only your own) with the head and its provenance."""
+    import joblib
+
+    p = Path(path)
+    if not p.parent.is_dir():
+        from featurekit.errors import OutputError
+
+        raise OutputError(f"output folder {p.parent} does not exist")
+    joblib.dump(
+        {"format": HEAD_FORMAT, "format_version": HEAD_FORMAT_VERSION, "head": result.head,
+         "provenance": result.provenance, "report": result.report},
+        p,
+    )
+    return p
+
+
+def load_head(path: str | Path) -> dict[str, Any]:
+    import joblib
+
+    p = Path(path)
+    if not p.is_file():
+        raise HeadError(f"head file not found: {p}")
+    try:
+        obj = joblib.load(p)
+    except Exception as exc:  # unpickling can fail in many ways
+        raise HeadError(f"cannot load head file {p}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, dict) or obj.get("format") != HEAD_FORMAT:
+        raise HeadError(f"{p} is not a featurekit head file")
+    if int(obj.get("format_version", 0)) > HEAD_FORMAT_VERSION:
+        raise HeadError(f"{p} was written by a newer featurekit; upgrade featurekit")
+    return obj
+
+
+def check_provenance(saved: dict[str, Any], cache, layer: str) -> list[str]:
+    """Keys whose values differ between a saved head and this cache's layer."""
+    here = provenance_of(cache, layer)
+    return [k for k in PROVENANCE_KEYS if saved.get(k) != here.get(k)]
+
+
+def predict_to_csv(
+    head_path: str | Path, cache_path: str | Path, out: str | Path, *, split: str | None = None,
+    force: bool = False, allow_incomplete: bool = False,
+) -> dict[str, Any]:
+    """Predict one split; write ``path,label,prediction,score`` (class names; score is the
+    decision value of the predicted class)."""
+    import csv
+
+    from featurekit.cache import open_cache
+
+    saved = load_head(head_path)
+    est, prov = saved["head"], saved["provenance"]
+    layer = prov["layer"]
+    with open_cache(cache_path, allow_incomplete=allow_incomplete) as cache:
+        if layer not in cache.layers:
+            raise HeadError(f"the head was fitted on layer {layer!r}, which {cache_path} lacks")
+        differ = check_provenance(prov, cache, layer)
+        if differ and not force:
+            raise HeadError(
+                f"{head_path} was fitted on other features than {cache_path} "
+                f"(different {', '.join(differ)}); pass --force to predict anyway"
+            )
+        split = split or saved["report"].get("eval_split") or cache.splits[-1]
+        X, y = cache.features(split, layer), cache.labels(split)
+        paths, classes = cache.paths(split), cache.classes
+    pred = est.predict(X)
+    scores = est.decision_function(X)
+    if scores.ndim == 1:  # binary: positive score means classes_[1]
+        chosen = np.where(pred == est.classes_[1], scores, -scores)
+    else:
+        col = np.searchsorted(est.classes_, pred)
+        chosen = scores[np.arange(len(pred)), col]
+    names = prov["classes"]
+    out_p = Path(out)
+    with open(out_p, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "prediction", "score"])
+        for p, t, q, s in zip(paths, y, pred, chosen):
+            w.writerow([p, classes[int(t)], names[int(q)], repr(float(s))])
+    return {"split": split, "rows": int(len(y)), "accuracy": float(np.mean(pred == y)),
+            "out": str(out_p), "forced": bool(differ)}

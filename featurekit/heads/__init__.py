@@ -1,0 +1,114 @@
+"""Heads: classifiers on cached features, a registry keyed by (head, backend).
+
+Every head is a scikit-learn estimator that standardises its input inside (``fit`` /
+``predict`` / ``decision_function``, fitted state ending in ``_``). Backends register their
+heads with :func:`register`; ``cuml`` registers only when ``import cuml`` works, so a CPU
+install never breaks::
+
+    head = featurekit.create_head("svm", backend="sklearn", C=10.0)
+    featurekit.list_heads()      # ['linearsvc', 'logistic', 'svm']
+    featurekit.heads.list_backends()   # ['sklearn'] or ['cuml', 'sklearn']
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from featurekit.errors import HeadError
+
+HEADS = ("logistic", "linearsvc", "svm")
+BACKENDS = ("sklearn", "cuml")  # every backend featurekit knows; list_backends() says which work
+_REGISTRY: dict[tuple[str, str], Callable[..., Any]] = {}
+_LOADED: dict[str, bool] = {}
+_BACKEND_MODULES = {"sklearn": "featurekit.heads._sklearn", "cuml": "featurekit.heads._cuml"}
+
+
+def register(head: str, backend: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Class decorator: make ``cls`` the (head, backend) entry of the registry."""
+
+    def deco(cls: Callable[..., Any]) -> Callable[..., Any]:
+        _REGISTRY[(head, backend)] = cls
+        return cls
+
+    return deco
+
+
+def _load(backend: str) -> bool:
+    """Import a backend's module once; False when its library is not importable."""
+    if backend not in _LOADED:
+        try:
+            importlib.import_module(_BACKEND_MODULES[backend])
+            _LOADED[backend] = True
+        except ImportError:
+            _LOADED[backend] = False
+    return _LOADED[backend]
+
+
+def list_backends() -> list[str]:
+    """Backends whose library imports on this machine."""
+    return [b for b in BACKENDS if _load(b)]
+
+
+def list_heads(backend: str | None = None) -> list[str]:
+    """Head names, for one backend or any available one."""
+    backends = [backend] if backend else list_backends()
+    for b in backends:
+        _load(b)
+    return sorted({h for (h, b) in _REGISTRY if b in backends})
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken CUDA install must not break the CPU path
+        return False
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto``: cuML when it imports and a CUDA device is present, else scikit-learn."""
+    if backend == "auto":
+        return "cuml" if _load("cuml") and cuda_available() else "sklearn"
+    if backend not in BACKENDS:
+        raise HeadError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+    if not _load(backend):
+        raise HeadError(
+            f"backend {backend!r} is not available here (import {backend} failed); "
+            f"available: {', '.join(list_backends())}"
+        )
+    return backend
+
+
+def create_head(name: str, backend: str = "sklearn", **params: Any) -> Any:
+    """A new, unfitted head; an unknown head or backend is an error listing valid ones."""
+    if name not in HEADS:
+        raise HeadError(f"unknown head {name!r}; valid heads: {', '.join(HEADS)}")
+    backend = resolve_backend(backend)
+    cls = _REGISTRY.get((name, backend))
+    if cls is None:
+        raise HeadError(
+            f"head {name!r} has no {backend!r} backend; it has: "
+            f"{', '.join(b for (h, b) in _REGISTRY if h == name)}"
+        )
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise HeadError(f"bad parameters for head {name!r}: {exc}") from None
+
+
+def expected_failed_checks(head: Any) -> dict[str, str]:
+    """The scikit-learn conformance checks a head may fail: exactly those scikit-learn itself
+    declares as expected failures for the estimator the head wraps.
+
+    Takes a head instance or name; the dict fits ``check_estimator(...,
+    expected_failed_checks=...)`` and ``parametrize_with_checks``.
+    """
+    if isinstance(head, str):
+        head = create_head(head)
+    wrapped = head._wrapped_estimator()
+    # scikit-learn's own list of expected failures (used by its own test suite)
+    from sklearn.utils._test_common.instance_generator import _get_expected_failed_checks
+
+    return dict(_get_expected_failed_checks(wrapped))

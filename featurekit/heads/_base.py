@@ -1,0 +1,47 @@
+"""The shared shape of every head: validate, standardise, classify."""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.pipeline import Pipeline
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+
+class Head(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
+    """A scikit-learn classifier that standardises inside: ``pipeline_`` = scaler + classifier.
+
+    Subclasses store their parameters in ``__init__`` and say which scaler and which
+    classifier they wrap; validation happens in ``fit`` (the estimator contract).
+    """
+
+    backend = "sklearn"
+
+    @abstractmethod
+    def _wrapped_estimator(self) -> Any:
+        """A new, unfitted classifier built from this head's parameters."""
+
+    @abstractmethod
+    def _scaler(self) -> Any:
+        """A new, unfitted standardiser of the backend."""
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        check_classification_targets(y)
+        self.pipeline_ = Pipeline([("scale", self._scaler()), ("clf", self._wrapped_estimator())]).fit(X, y)
+        self.classes_ = np.asarray(self.pipeline_.classes_)
+        return self
+
+    def _checked(self, X):
+        check_is_fitted(self)
+        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+
+    def predict(self, X):
+        return np.asarray(self.pipeline_.predict(self._checked(X)))
+
+    def decision_function(self, X):
+        return np.asarray(self.pipeline_.decision_function(self._checked(X)))

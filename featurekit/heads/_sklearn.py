@@ -1,0 +1,63 @@
+"""scikit-learn heads: standardise, then logistic regression, LinearSVC or RBF SVC."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC, LinearSVC
+
+from featurekit.heads import register
+from featurekit.heads._base import Head
+
+
+class _SklearnHead(Head):
+    backend = "sklearn"
+
+    def _scaler(self) -> StandardScaler:
+        return StandardScaler()
+
+
+@register("logistic", "sklearn")
+class LogisticHead(_SklearnHead):
+    """Multinomial logistic regression (L-BFGS) on standardised features."""
+
+    def __init__(self, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4) -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+
+    def _wrapped_estimator(self) -> LogisticRegression:
+        return LogisticRegression(C=self.C, solver="lbfgs", max_iter=self.max_iter, tol=self.tol)
+
+    def predict_proba(self, X):
+        return np.asarray(self.pipeline_.predict_proba(self._checked(X)))
+
+
+@register("linearsvc", "sklearn")
+class LinearSVCHead(_SklearnHead):
+    """Linear SVM (one-vs-rest, squared hinge) on standardised features."""
+
+    def __init__(self, C: float = 1.0, max_iter: int = 5000, tol: float = 1e-4, random_state: int = 0) -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+
+    def _wrapped_estimator(self) -> LinearSVC:
+        return LinearSVC(C=self.C, max_iter=self.max_iter, tol=self.tol, random_state=self.random_state)
+
+
+@register("svm", "sklearn")
+class SVMHead(_SklearnHead):
+    """RBF-kernel SVC on standardised features (``gamma='scale'`` is 1/n_features there)."""
+
+    def __init__(self, C: float = 1.0, gamma: float | str = "scale", tol: float = 1e-3,
+                 cache_size: float = 500.0) -> None:
+        self.C = C
+        self.gamma = gamma
+        self.tol = tol
+        self.cache_size = cache_size
+
+    def _wrapped_estimator(self) -> SVC:
+        return SVC(C=self.C, kernel="rbf", gamma=self.gamma, tol=self.tol, cache_size=self.cache_size)

@@ -19,6 +19,10 @@ _EXPORTS = {
     "extract": "featurekit.extract",
     "open_source": "featurekit.data",
     "list_models": "featurekit.models",
+    "create_head": "featurekit.heads",
+    "list_heads": "featurekit.heads",
+    "fit_head": "featurekit.fit",
+    "run_bench": "featurekit.bench",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -82,7 +82,7 @@ def run_bench(
                     rows.append({**base, **report, "status": "ok",
                                  "selection_seconds": report["selection"]["seconds"]})
     result = {"cache": str(cache_path), "train_split": train, "eval_split": evaluate,
-              "selection": f"val split" if select else "k-fold cv on train", "results": rows}
+              "selection": "val split" if select else "k-fold cv on train", "results": rows}
     if out_dir is not None:
         result["files"] = write_outputs(result, out_dir)
     return result
@@ -142,6 +142,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
                     textcoords="offset points", xytext=(5, 4), fontsize=8)
     if ok and max(r["fit_seconds"] for r in ok) / max(min(r["fit_seconds"] for r in ok), 1e-9) > 20:
         ax.set_xscale("log")
+    ax.margins(x=0.3, y=0.15)  # room for the labels
     ax.set_xlabel("fit time (s)")
     ax.set_ylabel(f"accuracy on {ok[0]['eval_split'] if ok else 'eval'} split")
     ax.set_title(f"featurekit bench {title}".strip())

@@ -25,6 +25,13 @@ app = typer.Typer(
 )
 
 
+def _console():
+    """Rich console on stdout; wide enough for tables when stdout is a file or pipe."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
 def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -149,10 +156,9 @@ def info(
 
 
 def _render_info(s: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     state = "complete" if s["complete"] else "[bold red]INCOMPLETE[/] (interrupted; extract --resume)"
     console.print(f"[bold]{s['path']}[/]  featurekit cache v{s['format_version']}, {state}")
     console.print(
@@ -192,6 +198,126 @@ def _render_info(s: dict[str, Any]) -> None:
             console.print(f"… and {len(d['skipped']) - 20} more in {split} (see --json)")
 
 
+# --------------------------------------------------------------------------- heads
+
+
+@app.command()
+@_handles_errors
+def fit(
+    cache: Path = typer.Argument(..., help="A featurekit HDF5 cache."),
+    head: str = typer.Option(..., help="logistic | linearsvc | svm (RBF SVC)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The joblib file to write (a pickle: share with care)."),
+    backend: str = typer.Option("sklearn", help="sklearn | cuml | auto (cuML when importable with a CUDA device)."),
+    layer: Optional[str] = typer.Option(None, help="Cached layer to fit on [default: penultimate]."),
+    c: Optional[float] = typer.Option(None, "--C", help="Fix C instead of choosing it on the grid."),
+    gamma: Optional[float] = typer.Option(None, help="Fix the RBF gamma (svm) instead of choosing it."),
+    train_split: str = typer.Option("train", help="Split to train on."),
+    eval_split: Optional[str] = typer.Option(None, help="Split to report [default: test, else val]."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output."),
+    allow_incomplete: bool = typer.Option(False, help="Use the committed rows of an interrupted cache."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
+) -> None:
+    """Fit a head on cached features; C (and gamma) are chosen without touching the reported split.
+
+    Example: featurekit fit birds.h5 --head svm --out birds-svm.joblib --json
+    """
+    from featurekit.extract import check_output
+    from featurekit.fit import fit_head, save_head
+
+    check_output(out, overwrite)
+    result = fit_head(cache, head, backend=backend, layer=layer, C=c, gamma=gamma,
+                      train_split=train_split, eval_split=eval_split, allow_incomplete=allow_incomplete)
+    save_head(result, out)
+    r = result.report
+    if json_out:
+        _print_json(r)
+        return
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+    print(f"{r['head']} ({r['backend']}) on {r['layer']}: {params} chosen by {r['selection']['method']}")
+    line = (f"{r['eval_split']}: accuracy {r['accuracy']:.4f}, balanced accuracy "
+            f"{r['balanced_accuracy']:.4f}, macro F1 {r['macro_f1']:.4f}")
+    if "top5_accuracy" in r:
+        line += f", top-5 {r['top5_accuracy']:.4f}"
+    print(line)
+    print(f"trained on {r['n_train']} rows in {r['fit_seconds']:.3f} s; predicted {r['n_eval']} "
+          f"rows in {r['predict_seconds']:.3f} s -> {out}")
+
+
+@app.command()
+@_handles_errors
+def predict(
+    head_file: Path = typer.Argument(..., metavar="HEAD", help="A head saved by featurekit fit."),
+    cache: Path = typer.Argument(..., help="A featurekit cache with the same backbone and layer."),
+    out: Path = typer.Option(..., "--out", "-o", help="CSV to write: path,label,prediction,score."),
+    split: Optional[str] = typer.Option(None, help="Split to predict [default: the head's reported split]."),
+    force: bool = typer.Option(False, help="Predict even if the cache's backbone/layer/preprocessing differ."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output."),
+    allow_incomplete: bool = typer.Option(False, help="Use the committed rows of an interrupted cache."),
+    json_out: bool = typer.Option(False, "--json", help="Print a summary as one JSON object on stdout."),
+) -> None:
+    """Predict a cache split with a saved head; writes one CSV row per sample.
+
+    Example: featurekit predict birds-svm.joblib birds.h5 --split test --out preds.csv
+    """
+    from featurekit.extract import check_output
+    from featurekit.fit import predict_to_csv
+
+    check_output(out, overwrite)
+    summary = predict_to_csv(head_file, cache, out, split=split, force=force,
+                             allow_incomplete=allow_incomplete)
+    if json_out:
+        _print_json(summary)
+        return
+    print(f"{summary['rows']} predictions for split {summary['split']} -> {summary['out']} "
+          f"(accuracy {summary['accuracy']:.4f})")
+
+
+@app.command()
+@_handles_errors
+def bench(
+    cache: Path = typer.Argument(..., help="A featurekit HDF5 cache."),
+    heads: str = typer.Option("logistic,linearsvc,svm", help="Comma list of heads."),
+    backends: str = typer.Option("sklearn", help="Comma list of backends (sklearn, cuml, auto)."),
+    layers: Optional[str] = typer.Option(None, help="Comma list of cached layers [default: penultimate]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for results.{csv,json,md,png}."),
+    train_split: str = typer.Option("train", help="Split to train on."),
+    eval_split: Optional[str] = typer.Option(None, help="Split to report [default: test, else val]."),
+    allow_incomplete: bool = typer.Option(False, help="Use the committed rows of an interrupted cache."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout."),
+) -> None:
+    """Compare every head x backend x layer under the same selection protocol.
+
+    Example: featurekit bench birds.h5 --heads logistic,svm --layers penultimate,layer3 --out bench/
+    """
+    from featurekit.bench import run_bench
+
+    result = run_bench(cache, heads=heads, backends=backends, layers=layers, out=out,
+                       train_split=train_split, eval_split=eval_split,
+                       allow_incomplete=allow_incomplete)
+    if json_out:
+        _print_json(result)
+        return
+    _render_bench(result)
+
+
+def _render_bench(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{result['cache']}: reported on {result['eval_split']}, "
+                    f"C chosen by {result['selection']}")
+    for col in ("head", "backend", "layer", "params", "accuracy", "bal. acc.", "macro F1", "fit s", "status"):
+        t.add_column(col, justify="right" if col in ("accuracy", "bal. acc.", "macro F1", "fit s") else "left")
+    from featurekit.bench import _cell
+
+    for r in result["results"]:
+        f = lambda k: f"{r[k]:.4f}" if isinstance(r.get(k), float) else ""  # noqa: E731
+        t.add_row(r["head"], r["backend"], r["layer"], _cell(r, "params"), f("accuracy"),
+                  f("balanced_accuracy"), f("macro_f1"), f("fit_seconds"), r["status"])
+    _console().print(t)
+    for name, path in (result.get("files") or {}).items():
+        _err(f"wrote {path}")
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -200,7 +326,7 @@ def _render_info(s: dict[str, Any]) -> None:
 def demo(
     out: Optional[Path] = typer.Option(None, help="Folder for the demo's files [default: a new temporary folder]."),
 ) -> None:
-    """Offline end-to-end run on scikit-learn's bundled digits with an untrained resnet18.
+    """Offline end-to-end run: extract scikit-learn's digits with an untrained resnet18, bench three heads.
 
     Example: featurekit demo --out demo/
     """
@@ -208,6 +334,7 @@ def demo(
 
     result = run_demo(out)
     _render_info(result["info"])
+    _render_bench(result["bench"])
     _err(f"demo files are in {result['out']}")
 
 

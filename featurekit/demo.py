@@ -8,7 +8,9 @@ from typing import Any
 
 
 def run_demo(out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Extract digits with an untrained resnet18 at 64 px into ``out`` and describe the cache."""
+    """Extract digits with an untrained resnet18 at 64 px into ``out``, describe the cache, and
+    bench the three heads on it (results.{csv,json,md,png} in ``out/bench``)."""
+    from featurekit.bench import run_bench
     from featurekit.cache import open_cache
     from featurekit.extract import extract
 
@@ -21,4 +23,5 @@ def run_demo(out: str | Path | None = None, progress: bool = True) -> dict[str, 
     )
     with open_cache(cache) as c:
         info = c.summary()
-    return {"out": str(folder), "cache": str(cache), "info": info}
+    bench = run_bench(cache, heads="logistic,linearsvc,svm", out=folder / "bench")
+    return {"out": str(folder), "cache": str(cache), "info": info, "bench": bench}

@@ -34,6 +34,9 @@ class Head(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
         check_classification_targets(y)
         self.pipeline_ = Pipeline([("scale", self._scaler()), ("clf", self._wrapped_estimator())]).fit(X, y)
         self.classes_ = np.asarray(self.pipeline_.classes_)
+        clf = self.pipeline_[-1]
+        if hasattr(clf, "n_iter_"):  # solver iterations, as scikit-learn's estimators expose them
+            self.n_iter_ = clf.n_iter_
         return self
 
     def _checked(self, X):
@@ -41,7 +44,9 @@ class Head(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
         return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
 
     def predict(self, X):
-        return np.asarray(self.pipeline_.predict(self._checked(X)))
+        X = self._checked(X)
+        return np.asarray(self.pipeline_.predict(X))
 
     def decision_function(self, X):
-        return np.asarray(self.pipeline_.decision_function(self._checked(X)))
+        X = self._checked(X)
+        return np.asarray(self.pipeline_.decision_function(X))

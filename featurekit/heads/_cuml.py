@@ -43,7 +43,8 @@ class CumlLogisticHead(_CumlHead):
         return LogisticRegression(C=self.C, max_iter=self.max_iter, tol=self.tol)
 
     def predict_proba(self, X):
-        return np.asarray(self.pipeline_.predict_proba(self._checked(X)))
+        X = self._checked(X)
+        return np.asarray(self.pipeline_.predict_proba(X))
 
 
 @register("linearsvc", "cuml")

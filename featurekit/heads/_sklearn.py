@@ -31,7 +31,8 @@ class LogisticHead(_SklearnHead):
         return LogisticRegression(C=self.C, solver="lbfgs", max_iter=self.max_iter, tol=self.tol)
 
     def predict_proba(self, X):
-        return np.asarray(self.pipeline_.predict_proba(self._checked(X)))
+        X = self._checked(X)
+        return np.asarray(self.pipeline_.predict_proba(X))
 
 
 @register("linearsvc", "sklearn")

@@ -1,0 +1,230 @@
+"""Heads: registry, scikit-learn conformance, fit/predict/bench and their numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import h5py
+import numpy as np
+import pytest
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import featurekit
+from featurekit import heads
+from featurekit.errors import HeadError
+from featurekit.extract import extract
+from featurekit.fit import metrics
+from tests.conftest import invoke
+
+SKLEARN_HEADS = [heads.create_head(h, "sklearn") for h in heads.HEADS]
+
+
+@parametrize_with_checks(SKLEARN_HEADS, expected_failed_checks=heads.expected_failed_checks)
+def test_sklearn_conformance(estimator, check):
+    check(estimator)
+
+
+def test_expected_failures_are_sklearns_own():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.utils._test_common.instance_generator import _get_expected_failed_checks
+
+    assert heads.expected_failed_checks("logistic") == _get_expected_failed_checks(LogisticRegression())
+    assert set(heads.expected_failed_checks("svm")) <= {
+        "check_sample_weight_equivalence_on_dense_data", "check_sample_weight_equivalence_on_sparse_data",
+        "check_class_weight_classifiers"}
+
+
+def test_registry_lists_and_refuses():
+    assert featurekit.list_heads() == ["linearsvc", "logistic", "svm"]
+    assert "sklearn" in heads.list_backends()
+    h = featurekit.create_head("svm", C=3.0)
+    assert h.get_params()["C"] == 3.0 and h.backend == "sklearn"
+    with pytest.raises(HeadError, match="valid heads: logistic, linearsvc, svm"):
+        featurekit.create_head("forest")
+    with pytest.raises(HeadError, match="unknown backend 'torch'"):
+        featurekit.create_head("svm", backend="torch")
+    with pytest.raises(HeadError, match="bad parameters"):
+        featurekit.create_head("logistic", gamma=1.0)
+
+
+def test_auto_backend_selection(monkeypatch):
+    """auto: cuML only when it imports AND a CUDA device is present."""
+    monkeypatch.setitem(heads._LOADED, "cuml", False)
+    assert heads.resolve_backend("auto") == "sklearn"
+    with pytest.raises(HeadError, match="not available here"):
+        heads.resolve_backend("cuml")
+    monkeypatch.setitem(heads._LOADED, "cuml", True)
+    monkeypatch.setattr(heads, "cuda_available", lambda: False)
+    assert heads.resolve_backend("auto") == "sklearn"
+    monkeypatch.setattr(heads, "cuda_available", lambda: True)
+    assert heads.resolve_backend("auto") == "cuml"
+
+
+def test_cuml_heads_when_available():
+    pytest.importorskip("cuml")
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(400, 20, n_informative=10, n_classes=3, random_state=0)
+    for name in heads.HEADS:
+        h = heads.create_head(name, "cuml").fit(X[:300], y[:300])
+        assert np.mean(h.predict(X[300:]) == y[300:]) > 0.6
+        assert h.decision_function(X[300:]).shape[0] == 100
+
+
+def test_metrics_agree_with_sklearn():
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, top_k_accuracy_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 7, 200)
+    scores = rng.normal(size=(200, 7))
+    scores[np.arange(200), y] += 1.0
+    pred = scores.argmax(1)
+    m = metrics(y, pred, scores, 7)
+    assert m["accuracy"] == accuracy_score(y, pred)
+    assert m["balanced_accuracy"] == balanced_accuracy_score(y, pred)
+    assert m["macro_f1"] == f1_score(y, pred, average="macro")
+    assert m["top5_accuracy"] == top_k_accuracy_score(y, scores, k=5)
+    assert np.trace(np.array(m["confusion_matrix"])) == int((pred == y).sum())
+    assert "top5_accuracy" not in metrics(y % 3, pred % 3, scores[:, :3], 3)
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits") / "d.h5"
+    extract("digits", out, model="resnet18", weights="none", image_size=64,
+            layers="penultimate,layer3", device="cpu", progress=False)
+    return out
+
+
+@pytest.mark.parametrize("head", ["logistic", "linearsvc", "svm"])
+def test_fit_and_predict_on_digits(digits_cache, tmp_path, runner, head):
+    """Acceptance: >= 0.90 on the held-out split; predict's CSV reproduces the accuracy."""
+    model = tmp_path / "h.joblib"
+    r = invoke(runner, "fit", digits_cache, "--head", head, "--out", model, "--json")
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["eval_split"] == "test" and rep["selection"]["method"] == "val"
+    assert rep["accuracy"] >= 0.90
+    for key in ("head", "backend", "layer", "params", "balanced_accuracy", "macro_f1",
+                "top5_accuracy", "fit_seconds", "predict_seconds", "n_train", "n_eval",
+                "confusion_matrix"):
+        assert key in rep
+    assert rep["n_train"] == 1259 and rep["n_eval"] == 269
+    preds = tmp_path / "p.csv"
+    r = invoke(runner, "predict", model, digits_cache, "--out", preds)
+    assert r.exit_code == 0, r.stderr
+    with open(preds, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "label", "prediction", "score"]
+    assert len(rows) == rep["n_eval"]
+    acc = np.mean([row["label"] == row["prediction"] for row in rows])
+    assert acc == rep["accuracy"]
+    assert np.trace(np.array(rep["confusion_matrix"])) == sum(row["label"] == row["prediction"] for row in rows)
+
+
+def test_class_names_round_trip(tmp_path, image_folder, runner):
+    """Labels and predictions are class names; the label column equals the folder name."""
+    cache = tmp_path / "c.h5"
+    extract(image_folder, cache, model="resnet18", weights="none", image_size=32, device="cpu",
+            workers=0, progress=False, val_fraction=0.0, test_fraction=0.34)
+    model, preds = tmp_path / "h.joblib", tmp_path / "p.csv"
+    r = invoke(runner, "fit", cache, "--head", "logistic", "--C", "1.0", "--out", model, "--json")
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["selection"]["method"] == "given" and "top5_accuracy" not in rep
+    invoke(runner, "predict", model, cache, "--out", preds)
+    with open(preds, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(row["path"].split("/")[0] == row["label"] for row in rows)
+    assert {row["prediction"] for row in rows} <= {"cat", "dog", "owl"}
+    assert np.mean([r["label"] == r["prediction"] for r in rows]) == rep["accuracy"]
+
+
+def test_selection_never_sees_the_reported_split(digits_cache, tmp_path):
+    """Scrambling the test labels changes the reported accuracy, never the chosen C/gamma."""
+    from featurekit.fit import fit_head
+
+    scrambled = tmp_path / "s.h5"
+    scrambled.write_bytes(digits_cache.read_bytes())
+    with h5py.File(scrambled, "a") as f:
+        lab = f["test"]["labels"][:]
+        f["test"]["labels"][:] = np.random.default_rng(0).permutation(lab)
+    for head in ("logistic", "svm"):
+        a = fit_head(digits_cache, head).report
+        b = fit_head(scrambled, head).report
+        assert a["params"] == b["params"] and a["selection"]["scores"] == b["selection"]["scores"]
+        assert a["accuracy"] != b["accuracy"]
+
+
+def test_cv_selection_without_val(tmp_path):
+    from featurekit.fit import fit_head
+
+    cache = tmp_path / "nv.h5"
+    extract("digits", cache, model="resnet18", weights="none", image_size=32, device="cpu",
+            progress=False, val_fraction=0.0, test_fraction=0.2)
+    rep = fit_head(cache, "logistic").report
+    assert rep["selection"]["method"] == "5-fold cv" and rep["eval_split"] == "test"
+    assert len(rep["selection"]["scores"]) == 6
+
+
+def test_predict_refuses_another_backbone(tmp_path, image_folder, runner):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    extract(image_folder, a, model="resnet18", weights="none", image_size=32, device="cpu",
+            workers=0, progress=False)
+    extract(image_folder, b, model="resnet34", weights="none", image_size=32, device="cpu",
+            workers=0, progress=False)
+    model = tmp_path / "h.joblib"
+    assert invoke(runner, "fit", a, "--head", "svm", "--C", "1", "--gamma", "0.01", "--out", model).exit_code == 0
+    r = invoke(runner, "predict", model, b, "--out", tmp_path / "p.csv")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "different model" in r.stderr
+    assert not (tmp_path / "p.csv").exists()
+    # same model, another seed of random init: other weights
+    c = tmp_path / "c.h5"
+    extract(image_folder, c, model="resnet18", weights="none", seed=1, image_size=32, device="cpu",
+            workers=0, progress=False)
+    r = invoke(runner, "predict", model, c, "--out", tmp_path / "p.csv")
+    assert r.exit_code == 2 and "weights_sha256" in r.stderr
+    r = invoke(runner, "predict", model, c, "--out", tmp_path / "p.csv", "--force")
+    assert r.exit_code == 0
+
+
+def test_fit_errors(digits_cache, tmp_path, runner):
+    r = invoke(runner, "fit", digits_cache, "--head", "forest", "--out", tmp_path / "h.joblib")
+    assert r.exit_code == 2 and "valid heads" in r.stderr
+    r = invoke(runner, "fit", digits_cache, "--head", "svm", "--layer", "layer9", "--out", tmp_path / "h.joblib")
+    assert r.exit_code == 2 and "no layer 'layer9'" in r.stderr
+    r = invoke(runner, "fit", digits_cache, "--head", "svm", "--eval-split", "train", "--out", tmp_path / "h.joblib")
+    assert r.exit_code == 2 and "training split" in r.stderr
+    r = invoke(runner, "predict", tmp_path / "missing.joblib", digits_cache, "--out", tmp_path / "p.csv")
+    assert r.exit_code == 2 and "head file not found" in r.stderr
+    junk = tmp_path / "junk.joblib"
+    junk.write_bytes(b"not a pickle")
+    r = invoke(runner, "predict", junk, digits_cache, "--out", tmp_path / "p.csv")
+    assert r.exit_code == 2 and "cannot load head file" in r.stderr
+
+
+def test_bench_writes_tables_and_plot(digits_cache, tmp_path, runner, monkeypatch):
+    monkeypatch.setitem(heads._LOADED, "cuml", False)  # reported as skipped, whatever the machine
+    out = tmp_path / "bench"
+    r = invoke(runner, "bench", digits_cache, "--heads", "logistic,svm", "--backends", "sklearn,cuml",
+               "--layers", "penultimate,layer3", "--out", out, "--json")
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    rows = res["results"]
+    assert len(rows) == 8
+    ok = [x for x in rows if x["status"] == "ok"]
+    assert len(ok) == 4 and all(x["accuracy"] > 0.5 for x in ok)
+    assert all(x["status"].startswith("skipped") for x in rows if x["backend"] == "cuml")
+    for name in ("results.csv", "results.json", "results.md", "results.png"):
+        assert (out / name).stat().st_size > 0
+    with open(out / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 8 and float(table[0]["accuracy"]) == rows[0]["accuracy"]
+    assert "| svm | sklearn | layer3 |" in (out / "results.md").read_text()
+    # the plot shows one marker per combination that ran: matplotlib's first colours are there
+    from PIL import Image
+
+    px = np.asarray(Image.open(out / "results.png").convert("RGB")).reshape(-1, 3).astype(int)
+    for colour in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E), (0x2C, 0xA0, 0x2C), (0xD6, 0x27, 0x28)):
+        assert (np.abs(px - colour).sum(1) < 10).sum() > 20, colour

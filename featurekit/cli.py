@@ -318,6 +318,65 @@ def _render_bench(result: dict[str, Any]) -> None:
         _err(f"wrote {path}")
 
 
+# --------------------------------------------------------------------------- finetune
+
+
+@app.command()
+@_handles_errors
+def finetune(
+    source: str = typer.Argument(..., help=_SOURCE_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: best.pt, last.pt, metrics.csv, curves.png."),
+    model: Optional[str] = typer.Option(None, help="torchvision ResNet-family model [default: resnet50, or the checkpoint's]."),
+    weights: str = typer.Option("imagenet", help="imagenet | none (train from scratch) | PATH."),
+    train_layers: str = typer.Option("all", help="all | fc (linear probe) | comma list of layer1..layer4,fc."),
+    head: str = typer.Option("linear", help="linear | mlp (hidden layer + BatchNorm + dropout)."),
+    hidden: int = typer.Option(512, help="Hidden width of the mlp head."),
+    dropout: float = typer.Option(0.2, help="Dropout of the mlp head."),
+    epochs: int = typer.Option(10, help="Epochs in all (also when resuming)."),
+    batch_size: int = typer.Option(64, help="Images per step (per process under torchrun)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [default: adamw 1e-3 from scratch or for fc only, 3e-4 when tuning pretrained blocks; sgd x10]."),
+    optimizer: str = typer.Option("adamw", help="adamw | sgd (momentum 0.9, Nesterov)."),
+    weight_decay: Optional[float] = typer.Option(None, help="[default: 0.05 adamw, 5e-4 sgd]"),
+    scheduler: str = typer.Option("cosine", help="cosine | step (x0.1 every epochs/3) | none."),
+    augment: str = typer.Option("standard", help="standard | none (see README)."),
+    image_size: Optional[int] = typer.Option(None, help="Resize shorter side to N and centre-crop N x N [default: the weights' own]."),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers."),
+    seed: int = typer.Option(0, help="Seed of the split, the init and the data order."),
+    val_fraction: float = typer.Option(0.15, help="As for extract."),
+    test_fraction: float = typer.Option(0.15, help="As for extract (test is never used here)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from last.pt."),
+    overwrite: bool = typer.Option(False, help="Start over in a folder that holds a run."),
+    early_stop: Optional[int] = typer.Option(None, help="Stop after N epochs without val improvement."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
+    progress: bool = typer.Option(True, help="Show progress bars on stderr."),
+) -> None:
+    """Train a ResNet on SOURCE: from scratch, linear probe, partial or full fine-tuning.
+
+    Example: featurekit finetune ./birds --model resnet50 --train-layers layer4,fc --out runs/r50
+    Multi-GPU: torchrun --nproc_per_node=4 -m featurekit finetune ./birds --out runs/r50
+    """
+    from featurekit.finetune import finetune as run
+
+    summary = run(
+        source, out, model=model, weights=weights, train_layers=train_layers, head=head,
+        hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
+        optimizer=optimizer, weight_decay=weight_decay, scheduler=scheduler, augment=augment,
+        image_size=image_size, precision=precision, device=device, workers=workers, seed=seed,
+        val_fraction=val_fraction, test_fraction=test_fraction, resume=resume,
+        overwrite=overwrite, early_stop=early_stop, progress=progress, log=_err,
+    )
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return
+    if json_out:
+        _print_json(summary)
+        return
+    _err(f"best val accuracy {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']} -> {out}/best.pt")
+
+
 # --------------------------------------------------------------------------- demo
 
 

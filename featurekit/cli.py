@@ -11,7 +11,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 
@@ -375,6 +375,65 @@ def finetune(
         _print_json(summary)
         return
     _err(f"best val accuracy {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']} -> {out}/best.pt")
+
+
+# --------------------------------------------------------------------------- sparsity
+
+
+@app.command()
+@_handles_errors
+def sparsity(
+    source: str = typer.Argument(..., help=_SOURCE_HELP),
+    model: Optional[str] = typer.Option(None, help="torchvision ResNet-family model [default: resnet50, or the checkpoint's]."),
+    weights: str = typer.Option("imagenet", help="imagenet | none | PATH (state dict or finetune checkpoint)."),
+    compare: Optional[List[str]] = typer.Option(None, help="More weights to compare (repeat, or a comma list)."),
+    layers: Optional[str] = typer.Option(None, help="Comma list of layer1..layer4, penultimate [default: layer1..layer4]."),
+    blocks: bool = typer.Option(False, help="Also every residual block's output (after its ReLU)."),
+    split: Optional[str] = typer.Option(None, help="Split to measure [default: test, else val, else train]."),
+    max_images: Optional[int] = typer.Option(None, help="A seeded random subset of at most N images."),
+    dead_threshold: float = typer.Option(0.99, help="A channel is dead when zero on at least this share of images x positions."),
+    image_size: Optional[int] = typer.Option(None, help="Resize shorter side to N and centre-crop N x N, for every weights [default: each weights' own]."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader decoding workers."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    seed: int = typer.Option(0, help="Seed of the split, random init and --max-images subset."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for sparsity.csv/.json/.png [default: write nothing]."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
+    progress: bool = typer.Option(True, help="Show a progress bar on stderr."),
+) -> None:
+    """Dead-activation share per layer: exact zeros, dead channels, mean activation; one column per weights.
+
+    Example: featurekit sparsity ./birds --weights imagenet --compare runs/r50/best.pt --out sparsity/
+    """
+    from featurekit.sparsity import sparsity as run
+    from featurekit.sparsity import write_outputs
+
+    extra = [w.strip() for item in (compare or []) for w in item.split(",") if w.strip()]
+    result = run(source, model=model, weights=weights, compare=extra, layers=layers, blocks=blocks,
+                 split=split, max_images=max_images, dead_threshold=dead_threshold,
+                 image_size=image_size, batch_size=batch_size, workers=workers, device=device,
+                 seed=seed, progress=progress)
+    files = write_outputs(result, out) if out is not None else {}
+    if json_out:
+        _print_json(result)
+        return
+    from rich.table import Table
+
+    t = Table(title="share of exactly-zero activations / dead channels / mean activation")
+    t.add_column("layer")
+    for w in result["weights"]:
+        t.add_column(f"{w}\nzero", justify="right")
+        t.add_column("dead ch.", justify="right")
+        t.add_column("mean", justify="right")
+    for row in result["layers"]:
+        cells = [row["layer"]]
+        for w in result["weights"]:
+            cells += [f"{row['zero_fraction'][w]:.4f}", f"{row['dead_channel_fraction'][w]:.4f}",
+                      f"{row['mean_activation'][w]:.4g}"]
+        t.add_row(*cells)
+    _console().print(t)
+    for path in files.values():
+        _err(f"wrote {path}")
 
 
 # --------------------------------------------------------------------------- demo

@@ -1,0 +1,283 @@
+"""Dead-activation statistics per layer: how much of each ResNet stage is exactly zero.
+
+For each layer output (after its final ReLU) and each set of weights:
+
+* ``zero_fraction``: exactly-zero activations / all activations (images x channels x positions);
+* ``dead_channel_fraction``: share of channels that are zero on at least ``dead_threshold``
+  (default 99%) of all (image, position) pairs;
+* ``mean_activation``: mean over everything.
+
+One streaming pass with forward hooks: per channel, a zero count and a sum are accumulated on
+the device, so memory does not grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from featurekit.errors import FeaturekitError, ModelError
+
+STAGE_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+
+@dataclass
+class ChannelStats:
+    """Streaming per-channel counts of one layer's output."""
+
+    zeros: Any = None  # float64 tensor (C,): zero activations per channel
+    sums: Any = None  # float64 tensor (C,): sum of activations per channel
+    per_channel: int = 0  # activations seen per channel (images x positions)
+
+    def update(self, t) -> None:
+        """Add a batch: (N, C, H, W) or (N, C)."""
+        import torch
+
+        dims = (0, 2, 3) if t.ndim == 4 else (0,)
+        z = (t == 0).sum(dim=dims, dtype=torch.float64)
+        s = t.sum(dim=dims, dtype=torch.float64)
+        self.zeros = z if self.zeros is None else self.zeros + z
+        self.sums = s if self.sums is None else self.sums + s
+        self.per_channel += t.numel() // t.shape[1]
+
+    def result(self, dead_threshold: float = 0.99) -> dict[str, float]:
+        if self.zeros is None or self.per_channel == 0:
+            raise FeaturekitError("no activations were recorded (no images?)")
+        zeros = self.zeros.cpu()
+        total = self.per_channel * zeros.numel()
+        return {
+            "zero_fraction": float(zeros.sum()) / total,
+            "dead_channel_fraction": float((zeros / self.per_channel >= dead_threshold).double().mean()),
+            "mean_activation": float(self.sums.cpu().sum()) / total,
+            "channels": int(zeros.numel()),
+        }
+
+
+@dataclass
+class Recorder:
+    """Forward hooks on named submodules, feeding one :class:`ChannelStats` each."""
+
+    model: Any
+    modules: dict[str, str]  # layer name -> submodule path
+    stats: dict[str, ChannelStats] = field(default_factory=dict)
+
+    def __enter__(self) -> Recorder:
+        self._handles = []
+        for name, path in self.modules.items():
+            try:
+                module = self.model.get_submodule(path)
+            except AttributeError:
+                raise ModelError(f"the model has no layer {name!r}") from None
+            self.stats[name] = ChannelStats()
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output) -> None:
+            self.stats[name].update(output.detach().float())
+
+        return hook
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def collect(model, batches: Iterable[Any], modules: dict[str, str], dead_threshold: float = 0.99,
+            forward=None) -> dict[str, dict[str, float]]:
+    """Run ``model`` over ``batches`` once; statistics of each named submodule's output."""
+    import torch
+
+    with Recorder(model, modules) as rec, torch.inference_mode():
+        for x in batches:
+            (forward or model)(x)
+    return {name: s.result(dead_threshold) for name, s in rec.stats.items()}
+
+
+def resnet_modules(model, layers: list[str] | None, blocks: bool) -> dict[str, str]:
+    """featurekit layer names -> ResNet submodule paths (a block's output is after its ReLU)."""
+    names = list(layers) if layers else list(STAGE_LAYERS)
+    out: dict[str, str] = {}
+    for name in names:
+        if name == "penultimate":
+            out[name] = "avgpool"
+        elif name in STAGE_LAYERS:
+            if blocks:
+                for i in range(len(getattr(model, name))):
+                    out[f"{name}.{i}"] = f"{name}.{i}"
+            out[name] = name
+        else:
+            raise ModelError(
+                f"unknown layer {name!r}; valid layers: penultimate, {', '.join(STAGE_LAYERS)}"
+            )
+    return out
+
+
+def _pick_split(source, split: str | None) -> str:
+    if split is None:
+        for s in ("test", "val", "train"):
+            if s in source.splits:
+                return s
+    if split not in source.splits:
+        raise FeaturekitError(f"the source has no split {split!r}; splits: {', '.join(source.splits)}")
+    return split
+
+
+def sparsity(
+    source: str | os.PathLike[str],
+    *,
+    model: str | None = None,
+    weights: str = "imagenet",
+    compare: list[str] | None = None,
+    layers: str | list[str] | None = None,
+    blocks: bool = False,
+    split: str | None = None,
+    max_images: int | None = None,
+    dead_threshold: float = 0.99,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Statistics per layer for each weights; the ``--json`` shape of ``featurekit sparsity``."""
+    from featurekit import data, models
+    from featurekit.extract import default_workers, resolve_device, resolve_precision
+
+    if model is not None:
+        models.check_model(model)
+    layer_list = None
+    if layers:
+        layer_list = [s.strip() for s in layers.split(",")] if isinstance(layers, str) else list(layers)
+        layer_list = [s for s in layer_list if s]
+    if not 0.0 < dead_threshold <= 1.0:
+        raise FeaturekitError(f"--dead-threshold must be in (0, 1], got {dead_threshold}")
+    if max_images is not None and max_images < 1:
+        raise FeaturekitError(f"--max-images must be positive, got {max_images}")
+    all_weights = [weights, *(compare or [])]
+    if len(set(all_weights)) != len(all_weights):
+        raise FeaturekitError("the same weights are given twice")
+    specs = [models.resolve_weights(w) for w in all_weights]  # every file checked before any pass
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    src = data.open_source(source, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    split = _pick_split(src, split)
+    items = src.splits[split]
+    if max_images is not None and max_images < len(items):
+        import numpy as np
+
+        keep = np.sort(np.random.default_rng(seed).choice(len(items), max_images, replace=False))
+        items = [items[i] for i in keep]
+
+    import torch
+
+    from featurekit._progress import progress_bar
+    from featurekit.extract import _collate
+
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+    n_workers = default_workers(dev) if workers is None else workers
+    per_weights: dict[str, dict[str, dict[str, float]]] = {}
+    order: list[str] = []
+    with progress_bar(enabled=progress) as bar:
+        for given, spec in zip(all_weights, specs):
+            backbone = models.build_backbone(model if spec.model_name is None else None, spec,
+                                             seed=seed, image_size=image_size)
+            net = backbone.model.to(dev, memory_format=torch.channels_last).eval()
+            modules = resnet_modules(net, layer_list, blocks)
+            order = order or list(modules)
+            ds = _Items(src, items, backbone.preprocess.transform())
+            loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=n_workers,
+                                                 collate_fn=_collate, pin_memory=dev.startswith("cuda"))
+            task = bar.add_task(f"sparsity {given}", total=len(ds))
+
+            def batches():
+                for positions, _, x, _ in loader:
+                    bar.advance(task, len(positions))
+                    if x is not None:
+                        yield x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+            def forward(x):
+                with torch.autocast(dev.split(":")[0], dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    return net(x)
+
+            per_weights[given] = collect(net, batches(), modules, dead_threshold, forward)
+    return {
+        "weights": all_weights,
+        "layers": [
+            {
+                "layer": name,
+                **{key: {w: per_weights[w][name][key] for w in all_weights}
+                   for key in ("zero_fraction", "dead_channel_fraction", "mean_activation")},
+            }
+            for name in order
+        ],
+    }
+
+
+class _Items:
+    def __init__(self, source, items, transform) -> None:
+        self.source, self.items, self.transform = source, items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from featurekit.data import DecodeError
+
+        try:
+            return i, self.transform(self.source.load(self.items[i])), ""
+        except DecodeError as exc:
+            return i, None, str(exc)
+
+
+def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """sparsity.csv, sparsity.json and sparsity.png (grouped bars, one colour per weights)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {n: out / n for n in ("sparsity.csv", "sparsity.json", "sparsity.png")}
+    keys = ("zero_fraction", "dead_channel_fraction", "mean_activation")
+    with open(files["sparsity.csv"], "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["layer", "weights", *keys])
+        for row in result["layers"]:
+            for weights in result["weights"]:
+                w.writerow([row["layer"], weights, *(repr(row[k][weights]) for k in keys)])
+    files["sparsity.json"].write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, files["sparsity.png"])
+    return {k: str(v) for k, v in files.items()}
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = [r["layer"] for r in result["layers"]]
+    weights = result["weights"]
+    x = np.arange(len(layers))
+    width = 0.8 / len(weights)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(layers) + 4), 4), dpi=100)
+    for ax, key, title in ((axes[0], "zero_fraction", "zero activations"),
+                           (axes[1], "dead_channel_fraction", "dead channels")):
+        for i, w in enumerate(weights):
+            ax.bar(x + (i - (len(weights) - 1) / 2) * width,
+                   [r[key][w] for r in result["layers"]], width, label=w)
+        ax.set_xticks(x, layers, rotation=45 if len(layers) > 6 else 0, ha="right" if len(layers) > 6 else "center")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"share of {title}")
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -94,28 +94,6 @@ def default_workers(device: str) -> int:
     return 1 if cpus > 1 else 0
 
 
-class _ImageDataset:
-    """Map-style dataset over every split's items: global position -> (position, tensor or None,
-    reason). One DataLoader over all splits keeps the workers busy across split boundaries."""
-
-    def __init__(self, source, transform) -> None:
-        self.source, self.transform = source, transform
-        self.items = [it for items in source.splits.values() for it in items]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        from featurekit.data import DecodeError
-
-        try:
-            return i, self.transform(self.source.load(self.items[i])), ""
-        except DecodeError as exc:
-            return i, None, str(exc)
-        except Exception as exc:  # one bad file must never stop the run; record why
-            return i, None, f"{type(exc).__name__}: {exc}"
-
-
 def _split_batches(split_sizes: list[int], batch_size: int) -> list[list[int]]:
     """Batches of global positions that never straddle two splits."""
     batches, offset = [], 0
@@ -123,14 +101,6 @@ def _split_batches(split_sizes: list[int], batch_size: int) -> list[list[int]]:
         batches += [list(range(offset + s, offset + min(s + batch_size, n))) for s in range(0, n, batch_size)]
         offset += n
     return batches
-
-
-def _collate(batch):
-    import torch
-
-    good = [b for b in batch if b[1] is not None]
-    x = torch.stack([b[1] for b in good]) if good else None
-    return [b[0] for b in batch], [b[0] for b in good], x, [(b[0], b[2]) for b in batch if b[1] is None]
 
 
 def extract(
@@ -226,7 +196,7 @@ def extract(
     started = time.perf_counter()
     try:
         with writer, progress_bar(enabled=progress) as bar:
-            dataset = _ImageDataset(src, transform)
+            dataset = data.ImageDataset(src, [it for v in src.splits.values() for it in v], transform)
             names = list(src.splits)
             sizes = [len(src.splits[n]) for n in names]
             starts = [sum(sizes[:k]) for k in range(len(sizes))]
@@ -234,7 +204,7 @@ def extract(
                 dataset,
                 batch_sampler=_split_batches(sizes, batch_size),
                 num_workers=workers,
-                collate_fn=_collate,
+                collate_fn=data.collate,
                 pin_memory=on_cuda,
                 prefetch_factor=4 if workers else None,
             )

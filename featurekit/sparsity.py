@@ -180,7 +180,6 @@ def sparsity(
     import torch
 
     from featurekit._progress import progress_bar
-    from featurekit.extract import _collate
 
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
     n_workers = default_workers(dev) if workers is None else workers
@@ -193,9 +192,9 @@ def sparsity(
             net = backbone.model.to(dev, memory_format=torch.channels_last).eval()
             modules = resnet_modules(net, layer_list, blocks)
             order = order or list(modules)
-            ds = _Items(src, items, backbone.preprocess.transform())
+            ds = data.ImageDataset(src, items, backbone.preprocess.transform())
             loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=n_workers,
-                                                 collate_fn=_collate, pin_memory=dev.startswith("cuda"))
+                                                 collate_fn=data.collate, pin_memory=dev.startswith("cuda"))
             task = bar.add_task(f"sparsity {given}", total=len(ds))
 
             def batches():
@@ -221,22 +220,6 @@ def sparsity(
             for name in order
         ],
     }
-
-
-class _Items:
-    def __init__(self, source, items, transform) -> None:
-        self.source, self.items, self.transform = source, items, transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        from featurekit.data import DecodeError
-
-        try:
-            return i, self.transform(self.source.load(self.items[i])), ""
-        except DecodeError as exc:
-            return i, None, str(exc)
 
 
 def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, str]:

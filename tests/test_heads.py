@@ -61,6 +61,35 @@ def test_auto_backend_selection(monkeypatch):
     assert heads.resolve_backend("auto") == "cuml"
 
 
+def test_cuml_backend_wiring_with_a_stand_in(monkeypatch):
+    """Registration and the cuML heads' wiring, with scikit-learn standing in for cuML's
+    modules (the real cuML is tested by test_cuml_heads_when_available on GPU machines)."""
+    import sys
+    import types
+
+    import sklearn.linear_model
+    import sklearn.preprocessing
+    import sklearn.svm
+
+    monkeypatch.setitem(sys.modules, "cuml", types.ModuleType("cuml"))
+    monkeypatch.setitem(sys.modules, "cuml.linear_model", sklearn.linear_model)
+    monkeypatch.setitem(sys.modules, "cuml.svm", sklearn.svm)
+    monkeypatch.setitem(sys.modules, "cuml.preprocessing", sklearn.preprocessing)
+    monkeypatch.delitem(sys.modules, "featurekit.heads._cuml", raising=False)
+    monkeypatch.delitem(heads._LOADED, "cuml", raising=False)
+    monkeypatch.setattr(heads, "_REGISTRY", dict(heads._REGISTRY))
+    assert heads.list_backends() == ["sklearn", "cuml"]
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(300, 10, n_informative=5, n_classes=3, random_state=0)
+    for name in heads.HEADS:
+        h = heads.create_head(name, "cuml", C=0.5)
+        assert h.backend == "cuml" and type(h).__module__ == "featurekit.heads._cuml"
+        h.fit(X[:200], y[:200])
+        assert h.get_params()["C"] == 0.5 and h.decision_function(X[200:]).shape == (100, 3)
+        assert np.mean(h.predict(X[200:]) == y[200:]) > 0.6
+
+
 def test_cuml_heads_when_available():
     pytest.importorskip("cuml")
     from sklearn.datasets import make_classification

@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from featurekit.errors import CacheError
+from featurekit.errors import CacheError, OutputError
 
 FORMAT = "featurekit-cache"
 FORMAT_VERSION = 1
-JSON_ATTRS = ("layers", "preprocess", "classes", "source", "zero_fraction", "stats")
+JSON_ATTRS = ("layers", "preprocess", "classes", "source", "zero_fraction", "zero_counts", "options")
 _STR = None  # h5py string dtype, made on first use
 
 
@@ -60,6 +61,40 @@ def _attr(key: str, value: Any) -> Any:
     return str(value) if isinstance(value, str) else value
 
 
+class WriteFailed(OutputError):
+    """A write to an open cache failed (full disk, file size limit). HDF5 cannot close such a
+    file cleanly, and its exit handlers may crash the process: the CLI exits at once after
+    printing the message (see cli._handles_errors)."""
+
+    hard_exit = True
+
+
+def _quiet_failed_hdf5() -> None:
+    """After a failed write, h5py's object finalizers report "Can't decrement id ref count"
+    (Cython prints them through sys.excepthook, or sys.unraisablehook), some before the failure
+    reaches any handler; they say nothing the user's one line does not, so writers drop exactly
+    those from the moment they open a file."""
+    import sys
+
+    def is_noise(exc: BaseException | None) -> bool:
+        return isinstance(exc, RuntimeError) and "ref count" in str(exc)
+
+    if getattr(sys.excepthook, "_featurekit_quiet", False):
+        return
+    previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def excepthook(exc_type, exc, tb) -> None:
+        if not is_noise(exc):
+            previous_except(exc_type, exc, tb)
+
+    def unraisablehook(unraisable) -> None:
+        if not is_noise(unraisable.exc_value):
+            previous_unraisable(unraisable)
+
+    excepthook._featurekit_quiet = True  # type: ignore[attr-defined]
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
 class CacheWriter:
     """Appends rows split by split, in order, committing every ``commit_rows`` rows.
 
@@ -74,6 +109,7 @@ class CacheWriter:
         layer_dims: dict[str, int],
         dtype: str = "float32",
         commit_rows: int = 512,
+        commit_seconds: float = 2.0,
     ) -> None:
         import h5py
 
@@ -81,7 +117,12 @@ class CacheWriter:
         self.dtype = np.dtype(dtype)
         self.layer_dims = dict(layer_dims)
         self.commit_rows = max(1, commit_rows)
-        self._f = h5py.File(self.path, "w", libver=("v110", "latest"))  # large attrs; HDF5 >= 1.10 reads it
+        self.commit_seconds = commit_seconds
+        self._last_commit = time.monotonic()
+        # HDF5 1.8 file format: dense (large) attributes, and no superblock "open for write" flag,
+        # which would make a killed file unopenable without h5clear (1.10+ formats set it)
+        _quiet_failed_hdf5()
+        self._f = h5py.File(self.path, "w", libver=("v108", "v108"))
         try:
             self._create(attrs, split_sizes)
         except BaseException:
@@ -101,6 +142,7 @@ class CacheWriter:
             g = self._f.create_group(split)
             g.attrs["rows"] = 0
             g.attrs["next_index"] = 0
+            g.attrs["n_skipped"] = 0
             g.attrs["n_source"] = n
             cap = max(n, 1)
             g.create_dataset("labels", shape=(cap,), maxshape=(None,), dtype=np.int64,
@@ -117,6 +159,51 @@ class CacheWriter:
             self._buffers[split] = _Buffer()
         self._f.flush()
 
+    @classmethod
+    def reopen(cls, path: str | os.PathLike[str], commit_rows: int = 512,
+               commit_seconds: float = 2.0) -> CacheWriter:
+        """Continue an interrupted cache after its last commit; uncommitted data is dropped."""
+        import h5py
+
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self.commit_rows, self.commit_seconds = max(1, commit_rows), commit_seconds
+        self._last_commit = time.monotonic()
+        _quiet_failed_hdf5()
+        self._f = h5py.File(self.path, "r+")
+        try:
+            self.dtype = np.dtype(str(_decode(self._f.attrs["dtype"])))
+            self.layer_dims = {}
+            self._buffers = {}
+            for split in self._f:
+                g = self._f[split]
+                for layer, ds in g["features"].items():
+                    self.layer_dims[layer] = int(ds.shape[1])
+                sg, k = g["skipped"], int(g.attrs.get("n_skipped", 0))
+                for name in ("path", "reason"):  # skipped entries written after the last commit
+                    if sg[name].shape[0] != k:
+                        sg[name].resize(k, axis=0)
+                self._buffers[split] = _Buffer(next_index=int(g.attrs["next_index"]))
+        except BaseException:
+            self._f.close()
+            raise
+        return self
+
+    def progress(self) -> dict[str, dict[str, int]]:
+        """Committed state per split: rows, skipped, next_index, n_source."""
+        return {
+            s: {"rows": int(g.attrs["rows"]), "skipped": int(g.attrs.get("n_skipped", 0)),
+                "next_index": int(g.attrs["next_index"]), "n_source": int(g.attrs["n_source"])}
+            for s, g in self._f.items()
+        }
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        value = self._f.attrs.get(key, default)
+        value = _decode(value)
+        if key in JSON_ATTRS and isinstance(value, str):
+            return json.loads(value)
+        return value
+
     def add(self, split: str, labels, paths, features: dict[str, np.ndarray]) -> None:
         """Queue rows of ``split`` (committed with the next :meth:`advance` past a block)."""
         b = self._buffers[split]
@@ -129,19 +216,34 @@ class CacheWriter:
         """Queue a file that could not be decoded."""
         self._buffers[split].skipped.append((path, reason))
 
-    def advance(self, split: str, index_end: int) -> None:
+    def advance(self, split: str, index_end: int, extra: Callable[[], dict[str, Any]] | None = None) -> None:
         """Every source item before ``index_end`` is now queued (as a row or as skipped).
 
-        Commits once a block of rows is queued. Rows queued but not yet advanced over are never
-        committed, so the committed rows always match ``next_index``.
+        Commits once ``commit_rows`` rows are queued, ``commit_seconds`` have passed, or the split
+        is done; ``extra()`` gives root attributes (running statistics) committed with the rows.
+        Rows queued but not yet advanced over are never committed, so the committed rows always
+        match ``next_index``.
         """
         b = self._buffers[split]
         b.next_index = index_end
-        if len(b.paths) >= self.commit_rows:
-            self.commit(split)
+        if (
+            len(b.paths) >= self.commit_rows
+            or time.monotonic() - self._last_commit >= self.commit_seconds
+            or index_end >= int(self._f[split].attrs["n_source"])
+        ):
+            self.commit(split, extra() if extra else None)
 
-    def commit(self, split: str) -> None:
+    def commit(self, split: str, extra: dict[str, Any] | None = None) -> None:
         """Write the queued rows, then advance the split's committed counters, then flush."""
+        try:
+            self._commit(split, extra)
+        except (OSError, RuntimeError) as exc:  # h5py reports a full disk as either
+            raise WriteFailed(
+                f"writing {self.path} failed ({exc}); the committed rows are kept and the cache "
+                "stays marked incomplete: free space, then extract --resume"
+            ) from None
+
+    def _commit(self, split: str, extra: dict[str, Any] | None) -> None:
         b = self._buffers[split]
         g = self._f[split]
         start = int(g.attrs["rows"])
@@ -163,9 +265,13 @@ class CacheWriter:
             for i, name in enumerate(("path", "reason")):
                 sg[name].resize(k + len(b.skipped), axis=0)
                 sg[name][k:] = [s[i] for s in b.skipped]
+        for key, value in (extra or {}).items():
+            self._f.attrs[key] = _attr(key, value)
         g.attrs["rows"] = start + n
+        g.attrs["n_skipped"] = int(g["skipped"]["path"].shape[0])
         g.attrs["next_index"] = b.next_index
         self._f.flush()
+        self._last_commit = time.monotonic()
         self._buffers[split] = _Buffer(next_index=b.next_index)
 
     def set_attrs(self, **attrs: Any) -> None:
@@ -176,16 +282,24 @@ class CacheWriter:
         """Commit what is queued, trim every split to its rows, mark the cache complete."""
         for split in self._buffers:
             self.commit(split)
-            g = self._f[split]
-            rows = int(g.attrs["rows"])
-            for ds in (g["labels"], g["paths"], *g["features"].values()):
-                ds.resize(rows, axis=0)
-        self._f.attrs["complete"] = True
-        self._f.flush()
+        try:
+            for split in self._buffers:
+                g = self._f[split]
+                rows = int(g.attrs["rows"])
+                for ds in (g["labels"], g["paths"], *g["features"].values()):
+                    ds.resize(rows, axis=0)
+            self._f.flush()
+            self._f.attrs["complete"] = True  # only once everything else is on disk
+            self._f.flush()
+        except (OSError, RuntimeError) as exc:
+            raise WriteFailed(f"finishing {self.path} failed ({exc}); it stays marked incomplete") from None
 
     def close(self) -> None:
         if self._f.id.valid:
-            self._f.close()
+            try:
+                self._f.close()
+            except Exception:  # a failed write (full disk) can make the close fail too;
+                pass  # the file stays marked incomplete either way
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -214,6 +328,23 @@ def _decode(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _guarded(fn):
+    """Reading a damaged file can fail deep in h5py with many exception types; users get one
+    CacheError line instead."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except CacheError:
+            raise
+        except Exception as exc:
+            raise CacheError(f"{self.path} is damaged: {type(exc).__name__}: {exc}") from None
+
+    return wrapper
 
 
 class Cache:
@@ -245,20 +376,25 @@ class Cache:
             s for s in self._f if s not in SPLITS
         )
 
+    @_guarded
     def n_rows(self, split: str) -> int:
         return int(self._group(split).attrs["rows"])
 
+    @_guarded
     def dim(self, layer: str) -> int:
         self._check_layer(layer)
         return int(self._f[self.splits[0]]["features"][layer].shape[1])
 
     # -- data
+    @_guarded
     def labels(self, split: str) -> np.ndarray:
         return self._group(split)["labels"][: self.n_rows(split)]
 
+    @_guarded
     def paths(self, split: str) -> list[str]:
         return [_decode(p) for p in self._group(split)["paths"][: self.n_rows(split)]]
 
+    @_guarded
     def features(self, split: str, layer: str, block_rows: int = 8192) -> np.ndarray:
         """All committed rows of one split and layer as float32, read in row blocks."""
         self._check_layer(layer)
@@ -277,10 +413,12 @@ class Cache:
         for start in range(0, n, block_rows):
             yield start, ds[start : min(n, start + block_rows)].astype(np.float32, copy=False)
 
+    @_guarded
     def skipped(self, split: str) -> list[tuple[str, str]]:
         sg = self._group(split)["skipped"]
         return [(_decode(p), _decode(r)) for p, r in zip(sg["path"][:], sg["reason"][:])]
 
+    @_guarded
     def summary(self) -> dict[str, Any]:
         """Everything ``featurekit info`` shows, JSON-able."""
         a = self.attrs
@@ -383,6 +521,9 @@ def _validate(p: Path, f: Any, allow_incomplete: bool) -> dict[str, Any]:
     for key in ("classes", "layers", "model"):
         if key not in attrs:
             raise CacheError(f"{p} lacks the {key!r} attribute")
+    for key in ("classes", "layers"):
+        if not isinstance(attrs[key], list) or not all(isinstance(v, str) for v in attrs[key]):
+            raise CacheError(f"{p}: attribute {key!r} is not a list of names")
     if not bool(attrs.get("complete")) and not allow_incomplete:
         raise CacheError(
             f"{p} is incomplete (extraction was interrupted); rerun extract with --resume, "

@@ -50,6 +50,11 @@ def _handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except FeaturekitError as exc:
             _err(f"error: {exc}")
+            if getattr(exc, "hard_exit", False):  # a broken HDF5 file: skip its exit handlers
+                import os
+
+                sys.stdout.flush()
+                os._exit(exc.exit_code)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             _err("interrupted: committed rows are kept; the output is marked incomplete")
@@ -101,6 +106,8 @@ def extract(
     val_fraction: float = typer.Option(0.15, help="Share of each class for val, for sources without split folders (0: none)."),
     test_fraction: float = typer.Option(0.15, help="Share of each class for test, for sources without split folders (0: none)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
+    resume: bool = typer.Option(False, help="Continue an interrupted cache after its last commit (same source and options)."),
+    commit_seconds: float = typer.Option(2.0, help="Commit rows to disk at least this often (a kill loses at most this much work)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
     progress: bool = typer.Option(True, help="Show a progress bar on stderr."),
 ) -> None:
@@ -114,7 +121,8 @@ def extract(
         source, out, model=model, weights=weights, layers=layers, pool=pool,
         image_size=image_size, batch_size=batch_size, workers=workers, device=device,
         precision=precision, dtype=dtype, seed=seed, val_fraction=val_fraction,
-        test_fraction=test_fraction, overwrite=overwrite, progress=progress,
+        test_fraction=test_fraction, overwrite=overwrite, resume=resume,
+        commit_seconds=commit_seconds, progress=progress, log=_err,
     )
     if json_out:
         _print_json(summary.to_dict())

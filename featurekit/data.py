@@ -100,15 +100,18 @@ def load_image(path: str | os.PathLike[str]):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+        with warnings.catch_warnings():
+            # PIL only warns between 1x and 2x its pixel limit; featurekit refuses both
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return _to_rgb(im)
     except FileNotFoundError:
         raise DecodeError("file not found") from None
     except UnidentifiedImageError:
         raise DecodeError("not an image PIL can identify") from None
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(f"image too large ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # PIL reports truncated and corrupt data as OSError/SyntaxError/ValueError.

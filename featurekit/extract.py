@@ -76,7 +76,7 @@ def check_output(out: str | os.PathLike[str], overwrite: bool) -> Path:
     if p.is_dir():
         raise OutputError(f"output {p} is a folder; give a file name such as {p / 'cache.h5'}")
     if p.exists() and not overwrite:
-        raise OutputError(f"output {p} exists; pass --overwrite to replace it")
+        raise OutputError(f"output {p} exists; pass --overwrite to replace it (or --resume to continue it)")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output folder {parent} does not exist")
@@ -92,15 +92,6 @@ def default_workers(device: str) -> int:
     if device.startswith("cuda"):
         return max(1, min(16, cpus))
     return 1 if cpus > 1 else 0
-
-
-def _split_batches(split_sizes: list[int], batch_size: int) -> list[list[int]]:
-    """Batches of global positions that never straddle two splits."""
-    batches, offset = [], 0
-    for n in split_sizes:
-        batches += [list(range(offset + s, offset + min(s + batch_size, n))) for s in range(0, n, batch_size)]
-        offset += n
-    return batches
 
 
 def extract(
@@ -121,12 +112,16 @@ def extract(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     overwrite: bool = False,
+    resume: bool = False,
+    commit_seconds: float = 2.0,
     progress: bool = True,
+    log=None,
 ) -> ExtractSummary:
     """Run the backbone once over SOURCE and write the cache ``out``.
 
     Everything a user can get wrong is checked before the model is built: options, output
-    path, weights file, source.
+    path, weights file, source. With ``resume``, an interrupted cache continues after its last
+    commit (refused when the source or any option differs); a complete one is left as it is.
     """
     from featurekit import data, models
 
@@ -143,7 +138,7 @@ def extract(
         raise FeaturekitError(f"--workers must be 0 or more, got {workers}")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    out_path = check_output(out, overwrite)
+    out_path = check_output(out, overwrite or resume)
     spec = models.resolve_weights(weights)
     src = data.open_source(source, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
 
@@ -161,6 +156,14 @@ def extract(
     transform = backbone.preprocess.transform()
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
 
+    options = {
+        "source_kind": src.kind, "source_fingerprint": src.fingerprint,
+        "split_sizes": {k: len(v) for k, v in src.splits.items()}, "model": backbone.name,
+        "weights": backbone.weights, "weights_sha256": backbone.weights_sha256,
+        "layers": layer_list, "pool": pool, "preprocess": backbone.preprocess.to_dict(),
+        "precision": prec, "dtype": dtype, "seed": seed, "val_fraction": val_fraction,
+        "test_fraction": test_fraction, "batch_size": batch_size, "device_type": dev.split(":")[0],
+    }
     attrs = {
         "featurekit_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -177,7 +180,8 @@ def extract(
         "seed": seed,
         "device": dev,
         "decode": "cpu",
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
+        "options": options,
     }
     summary = ExtractSummary(
         out=str(out_path), model=backbone.name, weights=backbone.weights, device=dev,
@@ -186,36 +190,49 @@ def extract(
     from featurekit.cache import CacheWriter
     from featurekit._progress import progress_bar
 
-    if out_path.exists():  # --overwrite: the old file goes only now that the new run can start
-        out_path.unlink()
-    try:
-        writer = CacheWriter(out_path, attrs, {s: len(v) for s, v in src.splits.items()}, dims, dtype)
-    except OSError as exc:
-        raise OutputError(f"cannot create {out_path}: {exc}") from None
+    writer = _resumable(out_path, options, commit_seconds, log) if resume else None
+    if writer == "complete":
+        return _summarise(summary, out_path, 0.0)
+    if writer is None:
+        if out_path.exists():  # --overwrite: the old file goes only now that the run can start
+            out_path.unlink()
+        try:
+            writer = CacheWriter(out_path, attrs, {s: len(v) for s, v in src.splits.items()}, dims,
+                                 dtype, commit_seconds=commit_seconds)
+        except OSError as exc:
+            raise OutputError(f"cannot create {out_path}: {exc}") from None
+    done = writer.progress()
+    counts = writer.attr("zero_counts") or {}
+    for layer in layer_list:  # running zero counts of the committed rows
+        net.zeros[layer], net.total[layer] = counts.get(layer, (0, 0))
 
     started = time.perf_counter()
     try:
         with writer, progress_bar(enabled=progress) as bar:
-            dataset = data.ImageDataset(src, [it for v in src.splits.values() for it in v], transform)
             names = list(src.splits)
+            items = [it for n in names for it in src.splits[n]]
             sizes = [len(src.splits[n]) for n in names]
             starts = [sum(sizes[:k]) for k in range(len(sizes))]
+            batches = [
+                list(range(starts[k] + i, starts[k] + min(i + batch_size, sizes[k])))
+                for k in range(len(names))
+                for i in range(done[names[k]]["next_index"], sizes[k], batch_size)
+            ]
             loader = torch.utils.data.DataLoader(
-                dataset,
-                batch_sampler=_split_batches(sizes, batch_size),
+                data.ImageDataset(src, items, transform),
+                batch_sampler=batches,  # never straddle two splits; resume after the last commit
                 num_workers=workers,
                 collate_fn=data.collate,
                 pin_memory=on_cuda,
                 prefetch_factor=4 if workers else None,
             )
-            summary.splits = {n: {"rows": 0, "skipped": 0} for n in names}
-            task = bar.add_task("extract", total=len(dataset))
+            task = bar.add_task("extract", total=len(items),
+                                completed=sum(d["next_index"] for d in done.values()))
             for positions, good, x, failures in loader:
                 k = next(k for k in reversed(range(len(names))) if positions[0] >= starts[k])
-                split, start, counts = names[k], starts[k], summary.splits[names[k]]
+                split, start = names[k], starts[k]
                 for i, reason in failures:
-                    writer.skip(split, dataset.items[i].path, reason)
-                counts["skipped"] += len(failures)
+                    writer.skip(split, items[i].path, reason)
                 if x is not None:
                     x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
                     with torch.inference_mode(), torch.autocast(
@@ -225,23 +242,70 @@ def extract(
                         feats = net(x)
                     writer.add(
                         split,
-                        [dataset.items[i].label for i in good],
-                        [dataset.items[i].path for i in good],
+                        [items[i].label for i in good],
+                        [items[i].path for i in good],
                         {layer: t.float().cpu().numpy() for layer, t in feats.items()},
                     )
-                    counts["rows"] += len(good)
-                writer.advance(split, positions[-1] + 1 - start)
+                writer.advance(split, positions[-1] + 1 - start,
+                               extra=lambda: {"zero_counts": net.zero_counts()})
                 bar.update(task, advance=len(positions), description=f"extract {split}")
             summary.zero_fraction = net.zero_fraction()
-            writer.set_attrs(zero_fraction=summary.zero_fraction)
+            writer.set_attrs(zero_fraction=summary.zero_fraction, zero_counts=net.zero_counts())
             writer.finish()
     except KeyboardInterrupt:
         raise
-    except OSError as exc:
+    except OSError as exc:  # the writer reports its own failures as OutputError already
         raise OutputError(f"writing {out_path} failed: {exc}; the partial cache is marked incomplete") from None
-    summary.seconds = time.perf_counter() - started
-    summary.rows = sum(s["rows"] for s in summary.splits.values())
-    summary.skipped = sum(s["skipped"] for s in summary.splits.values())
+    return _summarise(summary, out_path, time.perf_counter() - started)
+
+
+def _resumable(out_path: Path, options: dict[str, Any], commit_seconds: float, log):
+    """For --resume: a writer positioned after the last commit, "complete", or None (start over)."""
+    import warnings
+
+    from featurekit.cache import CacheWriter
+
+    if not out_path.exists():
+        return None
+    try:
+        writer = CacheWriter.reopen(out_path, commit_seconds=commit_seconds)
+        recorded = writer.attr("options")
+        complete = bool(writer.attr("complete"))
+    except Exception as exc:  # unreadable partial: nothing in it can be trusted
+        warnings.warn(f"{out_path} cannot be resumed ({type(exc).__name__}); starting from scratch",
+                      stacklevel=2)
+        return None
+    if recorded != options:
+        writer.close()
+        keys = sorted(k for k in set(options) | set(recorded or {})
+                      if (recorded or {}).get(k) != options.get(k))
+        raise FeaturekitError(
+            f"--resume: {out_path} was made from another source or options (different "
+            f"{', '.join(keys)}); use the same ones, or --overwrite to start over"
+        )
+    if complete:
+        writer.close()
+        (log or _stderr)(f"{out_path} is already complete; nothing to do")
+        return "complete"
+    return writer
+
+
+def _stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+
+
+def _summarise(summary: ExtractSummary, out_path: Path, seconds: float) -> ExtractSummary:
+    """Fill the summary's counts from the cache itself (a resumed run's included)."""
+    from featurekit.cache import open_cache
+
+    with open_cache(out_path) as c:
+        summary.splits = {s: {"rows": c.n_rows(s), "skipped": len(c.skipped(s))} for s in c.splits}
+        summary.zero_fraction = dict(c.attrs.get("zero_fraction") or {})
+    summary.seconds = seconds
+    summary.rows = sum(v["rows"] for v in summary.splits.values())
+    summary.skipped = sum(v["skipped"] for v in summary.splits.values())
     summary.images = summary.rows + summary.skipped
-    summary.images_per_second = summary.images / summary.seconds if summary.seconds > 0 else 0.0
+    summary.images_per_second = summary.images / seconds if seconds > 0 else 0.0
     return summary

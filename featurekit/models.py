@@ -353,6 +353,10 @@ class FeatureNet:
             result[name] = t
         return result
 
+    def zero_counts(self) -> dict[str, list[int]]:
+        """[zeros, total] per layer so far (one device sync per layer)."""
+        return {k: [int(self.zeros[k]), int(self.total[k])] for k in self.layers}
+
     def zero_fraction(self) -> dict[str, float]:
         return {
             k: (int(self.zeros[k]) / self.total[k] if self.total[k] else float("nan"))

@@ -149,6 +149,8 @@ class CacheWriter:
                              chunks=(min(cap, 8192),))
             g.create_dataset("paths", shape=(cap,), maxshape=(None,), dtype=_str_dtype(),
                              chunks=(min(cap, 4096),))
+            g.create_dataset("file_stat", shape=(cap, 2), maxshape=(None, 2), dtype=np.int64,
+                             chunks=(min(cap, 8192), 2))
             fg = g.create_group("features")
             for layer, dim in self.layer_dims.items():
                 fg.create_dataset(layer, shape=(cap, dim), maxshape=(None, dim), dtype=self.dtype,
@@ -204,11 +206,14 @@ class CacheWriter:
             return json.loads(value)
         return value
 
-    def add(self, split: str, labels, paths, features: dict[str, np.ndarray]) -> None:
-        """Queue rows of ``split`` (committed with the next :meth:`advance` past a block)."""
+    def add(self, split: str, labels, paths, features: dict[str, np.ndarray], file_stats=None) -> None:
+        """Queue rows of ``split`` (committed with the next :meth:`advance` past a block);
+        ``file_stats``: (size, mtime_ns) of each row's file, for ``info --verify``."""
         b = self._buffers[split]
         b.labels.append(np.asarray(labels, dtype=np.int64))
         b.paths.extend(paths)
+        b.stats.append(np.asarray(file_stats if file_stats is not None else [(0, 0)] * len(paths),
+                                  dtype=np.int64).reshape(-1, 2))
         for layer, arr in features.items():
             b.features.setdefault(layer, []).append(np.asarray(arr))
 
@@ -251,10 +256,12 @@ class CacheWriter:
         if n:
             end = start + n
             if end > g["labels"].shape[0]:  # more rows than planned: grow
-                for ds in (g["labels"], g["paths"], *g["features"].values()):
+                for ds in _row_datasets(g):
                     ds.resize(end, axis=0)
             g["labels"][start:end] = np.concatenate(b.labels)
             g["paths"][start:end] = b.paths
+            if "file_stat" in g:
+                g["file_stat"][start:end] = np.concatenate(b.stats)
             for layer in self.layer_dims:
                 g["features"][layer][start:end] = np.concatenate(b.features[layer]).astype(
                     self.dtype, copy=False
@@ -286,7 +293,7 @@ class CacheWriter:
             for split in self._buffers:
                 g = self._f[split]
                 rows = int(g.attrs["rows"])
-                for ds in (g["labels"], g["paths"], *g["features"].values()):
+                for ds in _row_datasets(g):
                     ds.resize(rows, axis=0)
             self._f.flush()
             self._f.attrs["complete"] = True  # only once everything else is on disk
@@ -308,6 +315,12 @@ class CacheWriter:
         self.close()
 
 
+def _row_datasets(g) -> list[Any]:
+    """Every dataset of a split group with one row per cached image."""
+    return [g["labels"], g["paths"], *([g["file_stat"]] if "file_stat" in g else []),
+            *g["features"].values()]
+
+
 @dataclass
 class _Buffer:
     next_index: int = 0
@@ -316,6 +329,7 @@ class _Buffer:
         self.labels: list[np.ndarray] = []
         self.paths: list[str] = []
         self.features: dict[str, list[np.ndarray]] = {}
+        self.stats: list[np.ndarray] = []
         self.skipped: list[tuple[str, str]] = []
 
 
@@ -412,6 +426,12 @@ class Cache:
         ds = self._group(split)["features"][layer]
         for start in range(0, n, block_rows):
             yield start, ds[start : min(n, start + block_rows)].astype(np.float32, copy=False)
+
+    @_guarded
+    def file_stats(self, split: str) -> np.ndarray | None:
+        """(size, mtime_ns) of each row's file at extraction (None for caches without it)."""
+        g = self._group(split)
+        return g["file_stat"][: self.n_rows(split)] if "file_stat" in g else None
 
     @_guarded
     def skipped(self, split: str) -> list[tuple[str, str]]:
@@ -544,6 +564,8 @@ def _validate(p: Path, f: Any, allow_incomplete: bool) -> dict[str, Any]:
             raise CacheError(f"{p}: split {s!r} lacks its 'rows' attribute")
         rows = int(rows)
         sizes = [g["labels"].shape[0], g["paths"].shape[0]]
+        if "file_stat" in g:
+            sizes.append(g["file_stat"].shape[0])
         for layer in attrs["layers"]:
             if layer not in g["features"]:
                 raise CacheError(f"{p}: split {s!r} lacks features for layer {layer!r}")

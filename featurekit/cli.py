@@ -145,6 +145,7 @@ def extract(
 @_handles_errors
 def info(
     cache: Path = typer.Argument(..., help="A featurekit HDF5 cache."),
+    verify: bool = typer.Option(False, help="Compare with the source now: files added, removed or changed since extraction."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Describe a cache: splits, rows, layers, classes, model, weights, skipped files.
@@ -157,10 +158,26 @@ def info(
 
     with open_cache(cache, allow_incomplete=True) as c:
         summary = c.summary()
+        if verify:
+            from featurekit.data import verify as check
+
+            summary["verify"] = check(c)
     if json_out:
         _print_json(summary)
         return
     _render_info(summary)
+    if verify:
+        v = summary["verify"]
+        if v["unchanged"]:
+            print(f"verify: the source {v['source']} is unchanged since extraction")
+        else:
+            print(f"verify: the source {v['source']} changed since extraction: {len(v['added'])} "
+                  f"added, {len(v['removed'])} removed, {len(v['changed'])} changed")
+            for key in ("added", "removed", "changed"):
+                for p in v[key][:20]:
+                    print(f"  {key}: {p}")
+                if len(v[key]) > 20:
+                    print(f"  … and {len(v[key]) - 20} more {key} (see --json)")
 
 
 def _render_info(s: dict[str, Any]) -> None:

@@ -53,6 +53,7 @@ class Source:
     val_fraction: float
     test_fraction: float
     fingerprint: str
+    stats: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)  # path -> (size, mtime_ns)
     _digits: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -64,6 +65,7 @@ class Source:
         return {
             "kind": self.kind,
             "spec": self.spec,
+            "path": os.path.abspath(self.spec) if self.kind != DIGITS else None,
             "root": str(self.root) if self.root is not None else None,
             "split_origin": self.split_origin,
             "val_fraction": self.val_fraction,
@@ -366,12 +368,13 @@ def _build(
         items = [Item(p, index[c]) for p, c in per_split["train"]]
         splits = split_items(items, len(classes), val_fraction, test_fraction, seed)
         origin = "seeded"
+    stats: dict[str, tuple[int, int]] = {}
     if fingerprint is None:
-        fingerprint = fingerprint_files(root, splits)
+        fingerprint, stats = fingerprint_files(root, splits)
     return Source(
         kind=kind, spec=spec, root=root, classes=classes, splits=splits, split_origin=origin,
         seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-        fingerprint=fingerprint,
+        fingerprint=fingerprint, stats=stats,
     )
 
 
@@ -435,13 +438,17 @@ def _round_half_up(x: float) -> int:
     return int(np.floor(x + 0.5))
 
 
-def fingerprint_files(root: Path | None, splits: dict[str, list[Item]]) -> str:
-    """sha256 over (split, path, label, size, mtime) of every listed file.
+def fingerprint_files(
+    root: Path | None, splits: dict[str, list[Item]]
+) -> tuple[str, dict[str, tuple[int, int]]]:
+    """sha256 over (split, path, label, size, mtime) of every listed file, and each file's
+    (size, mtime_ns).
 
     Cheap (one stat per file) and changes when a file is added, removed, relabelled, resized or
-    touched. A missing file is fingerprinted with size -1.
+    touched. A missing file is recorded with size -1.
     """
     h = hashlib.sha256()
+    stats: dict[str, tuple[int, int]] = {}
     for split, items in splits.items():
         for it in items:
             try:
@@ -449,5 +456,40 @@ def fingerprint_files(root: Path | None, splits: dict[str, list[Item]]) -> str:
                 size, mtime = (st.st_size, st.st_mtime_ns) if st else (0, 0)
             except OSError:
                 size, mtime = -1, 0
+            stats[it.path] = (size, mtime)
             h.update(f"{split}\t{it.path}\t{it.label}\t{size}\t{mtime}\n".encode())
-    return h.hexdigest()
+    return h.hexdigest(), stats
+
+
+def verify(cache) -> dict[str, Any]:
+    """Compare an open cache with its source as it is now: files added, removed or changed
+    (size or modification time) since extraction. Split membership is not compared: a seeded
+    split of a changed file list is a different split anyway."""
+    rec = cache.attrs.get("source") or {}
+    if rec.get("kind") == DIGITS:
+        now = open_source(DIGITS, seed=int(cache.attrs.get("seed", 0)))
+        same = now.fingerprint == rec.get("fingerprint")
+        return {"source": DIGITS, "unchanged": same, "added": [], "removed": [],
+                "changed": [] if same else ["digits data"]}
+    path = rec.get("path") or rec.get("spec")
+    if not path:
+        raise SourceError(f"{cache.path} does not record where its source is")
+    now = open_source(path, seed=int(cache.attrs.get("seed", 0)),
+                      val_fraction=float(rec.get("val_fraction", 0.15)),
+                      test_fraction=float(rec.get("test_fraction", 0.15)))
+    recorded: dict[str, tuple[int, int] | None] = {}
+    for split in cache.splits:
+        stats = cache.file_stats(split)
+        for i, p in enumerate(cache.paths(split)):
+            recorded[p] = tuple(int(v) for v in stats[i]) if stats is not None else None
+        for p, _ in cache.skipped(split):
+            recorded.setdefault(p, None)
+    added = sorted(set(now.stats) - set(recorded))
+    removed = sorted(set(recorded) - set(now.stats))
+    changed = sorted(
+        p for p, st in recorded.items()
+        if st is not None and p in now.stats and tuple(now.stats[p]) != st
+    )
+    return {"source": path, "unchanged": not (added or removed or changed)
+            and now.fingerprint == rec.get("fingerprint"),
+            "added": added, "removed": removed, "changed": changed}

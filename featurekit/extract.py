@@ -245,6 +245,7 @@ def extract(
                         [items[i].label for i in good],
                         [items[i].path for i in good],
                         {layer: t.float().cpu().numpy() for layer, t in feats.items()},
+                        [src.stats.get(items[i].path, (0, 0)) for i in good],
                     )
                 writer.advance(split, positions[-1] + 1 - start,
                                extra=lambda: {"zero_counts": net.zero_counts()})

@@ -279,3 +279,26 @@ def test_corrupted_caches_raise_featurekit_errors(good_cache, tmp_path_factory, 
             c.summary()
     except FeaturekitError:
         pass  # the one acceptable failure: a clean, one-line user error
+
+
+def test_info_verify_reports_stale_sources(tmp_path, image_folder, runner):
+    out = tmp_path / "v.h5"
+    extract(image_folder, out, model="resnet18", weights="none", image_size=32, device="cpu",
+            workers=0, progress=False)
+    r = invoke(runner, "info", out, "--verify", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["verify"]["unchanged"] is True
+    make_image(image_folder / "owl" / "added.jpg", np.random.default_rng(9))
+    (image_folder / "dog" / "dog_1.jpg").unlink()
+    changed = image_folder / "cat" / "cat_2.jpg"
+    os.utime(changed, ns=(10**18, 10**18))
+    r = invoke(runner, "info", out, "--verify", "--json")
+    v = json.loads(r.stdout)["verify"]
+    assert v["unchanged"] is False
+    assert (v["added"], v["removed"], v["changed"]) == (["owl/added.jpg"], ["dog/dog_1.jpg"], ["cat/cat_2.jpg"])
+    r = invoke(runner, "info", out, "--verify")
+    assert "1 added, 1 removed, 1 changed" in r.stdout
+    # digits: its data is fixed, so it verifies as unchanged
+    d = tmp_path / "d.h5"
+    extract("digits", d, model="resnet18", weights="none", image_size=32, device="cpu",
+            progress=False)
+    assert json.loads(invoke(runner, "info", d, "--verify", "--json").stdout)["verify"]["unchanged"]

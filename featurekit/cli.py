@@ -49,7 +49,7 @@ def _handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except FeaturekitError as exc:
-            _err(f"error: {exc}")
+            _err("error: " + " ".join(str(exc).split()))  # one line, whatever a library said
             if getattr(exc, "hard_exit", False):  # a broken HDF5 file: skip its exit handlers
                 import os
 
@@ -97,11 +97,13 @@ def extract(
     layers: str = typer.Option("penultimate", help="Comma list of penultimate, layer1..layer4."),
     pool: str = typer.Option("avg", help="Pooling of spatial maps: avg | max."),
     image_size: Optional[int] = typer.Option(None, help="Resize shorter side to N and centre-crop N x N [default: the weights' own preprocessing]."),
-    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per forward pass [default: 64 on CPU, 256 on CUDA]."),
     workers: Optional[int] = typer.Option(None, help="DataLoader decoding workers [default: 1 on CPU, one per core (max 16) on CUDA]."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16."),
     dtype: str = typer.Option("float32", help="Storage type of features: float32 | float16."),
+    decode: str = typer.Option("auto", help="auto (gpu on CUDA) | cpu (workers decode) | gpu (batched nvJPEG on the GPU)."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the forward pass (GPU, long runs)."),
     seed: int = typer.Option(0, help="Seed of the split and of random init."),
     val_fraction: float = typer.Option(0.15, help="Share of each class for val, for sources without split folders (0: none)."),
     test_fraction: float = typer.Option(0.15, help="Share of each class for test, for sources without split folders (0: none)."),
@@ -120,7 +122,8 @@ def extract(
     summary = run(
         source, out, model=model, weights=weights, layers=layers, pool=pool,
         image_size=image_size, batch_size=batch_size, workers=workers, device=device,
-        precision=precision, dtype=dtype, seed=seed, val_fraction=val_fraction,
+        precision=precision, dtype=dtype, decode=decode, compile=compile_model, seed=seed,
+        val_fraction=val_fraction,
         test_fraction=test_fraction, overwrite=overwrite, resume=resume,
         commit_seconds=commit_seconds, progress=progress, log=_err,
     )

@@ -140,30 +140,9 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
-class ImageDataset:
-    """Map-style dataset for a DataLoader: position -> (position, CHW tensor or None, reason).
-
-    A file that cannot be decoded yields ``None`` and the reason instead of raising, so one bad
-    file never stops a pass; callers record it as skipped.
-    """
-
-    def __init__(self, source: Source, items: list[Item], transform) -> None:
-        self.source, self.items, self.transform = source, items, transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, self.transform(self.source.load(self.items[i])), ""
-        except DecodeError as exc:
-            return i, None, str(exc)
-        except Exception as exc:  # one bad file must never stop the run; record why
-            return i, None, f"{type(exc).__name__}: {exc}"
-
-
 def collate(batch):
-    """DataLoader collate for :class:`ImageDataset`: (positions, good positions, stacked
+    """DataLoader collate for position -> (position, tensor or None, reason) datasets
+    (``featurekit._decode.CpuDataset``): (positions, good positions, stacked
     tensor or None, [(position, reason)] of the failures)."""
     import torch
 

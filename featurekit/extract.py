@@ -13,6 +13,7 @@ from featurekit import __version__
 from featurekit.errors import FeaturekitError, OutputError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DECODES = ("auto", "cpu", "gpu", "device")  # "device": batched decode on the compute device
 DTYPES = ("float32", "float16")
 
 
@@ -32,6 +33,7 @@ class ExtractSummary:
     skipped: int = 0
     seconds: float = 0.0
     images_per_second: float = 0.0
+    steady_images_per_second: float | None = None  # after warm-up (first 10% or 2 batches)
     zero_fraction: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,11 +105,13 @@ def extract(
     layers: str | list[str] = "penultimate",
     pool: str = "avg",
     image_size: int | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     workers: int | None = None,
     device: str = "auto",
     precision: str = "auto",
     dtype: str = "float32",
+    decode: str = "auto",
+    compile: bool = False,
     seed: int = 0,
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
@@ -132,12 +136,19 @@ def extract(
     models.check_pool(pool)
     if dtype not in DTYPES:
         raise FeaturekitError(f"unknown --dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise FeaturekitError(f"--batch-size must be positive, got {batch_size}")
     if workers is not None and workers < 0:
         raise FeaturekitError(f"--workers must be 0 or more, got {workers}")
+    if decode not in DECODES:
+        raise FeaturekitError(f"unknown --decode {decode!r}; valid: auto, cpu, gpu")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
+    on_cuda = dev.startswith("cuda")
+    if decode == "gpu" and not on_cuda:
+        raise FeaturekitError("--decode gpu needs a CUDA --device; use --decode cpu")
+    decode = ("device" if on_cuda else "cpu") if decode == "auto" else ("device" if decode == "gpu" else decode)
+    batch_size = batch_size or (256 if on_cuda else 64)  # fill the GPU; CPU gains nothing past 64
     out_path = check_output(out, overwrite or resume)
     spec = models.resolve_weights(weights)
     src = data.open_source(source, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
@@ -147,13 +158,13 @@ def extract(
 
     backbone = models.build_backbone(model, spec, seed=seed, image_size=image_size)
     net = models.FeatureNet(backbone.model, layer_list, pool)
-    on_cuda = dev.startswith("cuda")
     # channels_last: cuDNN's fast layout on GPUs, and oneDNN's on CPUs (about 1.8x faster for
     # resnet50 at 224 on 2 cores than the default layout; benchmarks/RESULTS.md)
     net.to(dev, memory_format=torch.channels_last)
     dims = net.dims()
+    if compile:
+        net.compile()
     workers = default_workers(dev) if workers is None else workers
-    transform = backbone.preprocess.transform()
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
 
     options = {
@@ -163,6 +174,7 @@ def extract(
         "layers": layer_list, "pool": pool, "preprocess": backbone.preprocess.to_dict(),
         "precision": prec, "dtype": dtype, "seed": seed, "val_fraction": val_fraction,
         "test_fraction": test_fraction, "batch_size": batch_size, "device_type": dev.split(":")[0],
+        "decode": decode,
     }
     attrs = {
         "featurekit_version": __version__,
@@ -179,7 +191,7 @@ def extract(
         "source": src.describe(),
         "seed": seed,
         "device": dev,
-        "decode": "cpu",
+        "decode": "nvjpeg" if decode == "device" and on_cuda else decode,
         "torch_version": str(torch.__version__),
         "options": options,
     }
@@ -218,38 +230,74 @@ def extract(
                 for k in range(len(names))
                 for i in range(done[names[k]]["next_index"], sizes[k], batch_size)
             ]
+            from featurekit import _decode
+
+            if decode == "device":  # workers read bytes; the device decodes and preprocesses
+                dataset, collate = _decode.BytesDataset(src, items, backbone.preprocess), _decode.collate_list
+                on_device = _decode.TensorPreprocess(backbone.preprocess)
+            else:
+                dataset, collate = _decode.CpuDataset(src, items, backbone.preprocess), data.collate
             loader = torch.utils.data.DataLoader(
-                data.ImageDataset(src, items, transform),
+                dataset,
                 batch_sampler=batches,  # never straddle two splits; resume after the last commit
                 num_workers=workers,
-                collate_fn=data.collate,
-                pin_memory=on_cuda,
+                collate_fn=collate,
+                pin_memory=on_cuda and decode != "device",
                 prefetch_factor=4 if workers else None,
             )
             task = bar.add_task("extract", total=len(items),
                                 completed=sum(d["next_index"] for d in done.values()))
-            for positions, good, x, failures in loader:
+            pending = None  # the previous batch: its features are copied back while this one runs
+
+            def flush(p) -> None:
+                split, start, good, feats, event, end = p
+                if event is not None:
+                    event.synchronize()
+                writer.add(split, [items[i].label for i in good], [items[i].path for i in good],
+                           {layer: t.numpy() for layer, t in feats.items()},
+                           [src.stats.get(items[i].path, (0, 0)) for i in good])
+                writer.advance(split, end - start, extra=lambda: {"zero_counts": net.zero_counts()})
+
+            seen, mark = 0, None  # for the steady-state rate, after warm-up
+            warm = max(2 * batch_size, len(items) // 10)
+            for batch in loader:
+                if mark is None and seen >= warm:
+                    mark = (seen, time.perf_counter())
+                if decode == "device":
+                    positions, good, x, failures = _decode.device_batch(
+                        batch, dev, on_device, dataset.pil_transform)
+                else:
+                    positions, good, x, failures = batch
                 k = next(k for k in reversed(range(len(names))) if positions[0] >= starts[k])
                 split, start = names[k], starts[k]
+                if pending is not None and pending[0] != split:
+                    flush(pending)  # a split's rows are committed before the next split starts
+                    pending = None
                 for i, reason in failures:
                     writer.skip(split, items[i].path, reason)
+                feats, event = {}, None
                 if x is not None:
                     x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
                     with torch.inference_mode(), torch.autocast(
                         dev.split(":")[0], dtype=autocast_dtype or torch.float32,
                         enabled=autocast_dtype is not None,
                     ):
-                        feats = net(x)
-                    writer.add(
-                        split,
-                        [items[i].label for i in good],
-                        [items[i].path for i in good],
-                        {layer: t.float().cpu().numpy() for layer, t in feats.items()},
-                        [src.stats.get(items[i].path, (0, 0)) for i in good],
-                    )
-                writer.advance(split, positions[-1] + 1 - start,
-                               extra=lambda: {"zero_counts": net.zero_counts()})
+                        out = net(x)
+                    feats = {layer: t.float().to("cpu", non_blocking=on_cuda) for layer, t in out.items()}
+                    if on_cuda:
+                        event = torch.cuda.Event()
+                        event.record()
+                if pending is not None:
+                    flush(pending)  # HDF5 work for batch k while the GPU runs batch k+1
+                pending = (split, start, good, feats, event, positions[-1] + 1)
                 bar.update(task, advance=len(positions), description=f"extract {split}")
+                seen += len(positions)
+            if pending is not None:
+                flush(pending)
+            if on_cuda:
+                torch.cuda.synchronize()
+            if mark is not None and seen > mark[0]:
+                summary.steady_images_per_second = (seen - mark[0]) / (time.perf_counter() - mark[1])
             summary.zero_fraction = net.zero_fraction()
             writer.set_attrs(zero_fraction=summary.zero_fraction, zero_counts=net.zero_counts())
             writer.finish()

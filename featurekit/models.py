@@ -326,6 +326,12 @@ class FeatureNet:
     def parameters(self):
         return self.model.parameters()
 
+    def compile(self) -> FeatureNet:
+        """torch.compile the stage forward (worth it on GPUs for long runs; the first batches
+        pay the compilation)."""
+        self.raw = self._torch.compile(self.raw)
+        return self
+
     def raw(self, x) -> dict[str, Any]:
         """Unpooled outputs of the requested layers (penultimate is already a vector)."""
         m, torch = self.model, self._torch

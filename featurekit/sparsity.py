@@ -192,7 +192,9 @@ def sparsity(
             net = backbone.model.to(dev, memory_format=torch.channels_last).eval()
             modules = resnet_modules(net, layer_list, blocks)
             order = order or list(modules)
-            ds = data.ImageDataset(src, items, backbone.preprocess.transform())
+            from featurekit._decode import CpuDataset
+
+            ds = CpuDataset(src, items, backbone.preprocess)  # extract's CPU decoding
             loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=n_workers,
                                                  collate_fn=data.collate, pin_memory=dev.startswith("cuda"))
             task = bar.add_task(f"sparsity {given}", total=len(ds))

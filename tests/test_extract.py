@@ -105,13 +105,16 @@ def test_penultimate_equals_torchvision_pooled_output(tmp_path, image_folder):
     backbone = build_backbone("resnet18", resolve_weights("none"), seed=11, image_size=40)
     net = backbone.model.eval()
     net.fc = torch.nn.Identity()  # torchvision's forward now ends at flatten(avgpool(layer4))
-    tf = backbone.preprocess.transform()
-    from featurekit.data import load_image
+    from featurekit._decode import CpuDataset
+    from featurekit.data import open_source
 
+    src = open_source(image_folder, val_fraction=0, test_fraction=0)
     with open_cache(out) as c:
         paths = c.paths("train")
         stored = c.features("train", "penultimate")
-    batch = torch.stack([tf(load_image(image_folder / p)) for p in paths])
+    ds = CpuDataset(src, src.splits["train"], backbone.preprocess)  # extract's own decoding
+    assert [it.path for it in ds.items] == paths
+    batch = torch.stack([ds[i][1] for i in range(len(ds))])
     with torch.inference_mode():
         ref = net(batch).numpy()
     assert stored.shape == ref.shape == (18, 512)
@@ -279,3 +282,44 @@ def test_demo_runs_offline(tmp_path, runner):
         assert sum(c.n_rows(s) for s in c.splits) == 1797
         assert c.attrs["preprocess"]["crop_size"] == 64
     assert "complete" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def digits_jpegs(tmp_path_factory):
+    """scikit-learn's digits as 24 x 24 JPEGs in class folders (a JPEG source with 10 classes)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("dj") / "digits"
+    d = load_digits()
+    for i, (img, t) in enumerate(zip(d.images, d.target)):
+        (root / str(t)).mkdir(parents=True, exist_ok=True)
+        im = Image.fromarray((img * 255 / 16).astype("uint8")).resize((24, 24), Image.BILINEAR)
+        im.convert("RGB").save(root / str(t) / f"{i:04d}.jpg", quality=95)
+    return root
+
+
+def test_decode_paths_agree(tmp_path, digits_jpegs):
+    """torchvision-on-CPU (cpu path), batched decode on the device ('device' path, run here on
+    the CPU with the code the GPU runs) and PIL give the same features (mean cosine >= 0.999),
+    and a head fitted on one cache scores within 0.5 points on the other."""
+    from featurekit.fit import fit_head, load_head, save_head
+
+    common = dict(model="resnet18", weights="none", image_size=32, device="cpu", workers=0,
+                  progress=False)
+    a, b = tmp_path / "cpu.h5", tmp_path / "dev.h5"
+    extract(digits_jpegs, a, decode="cpu", **common)
+    extract(digits_jpegs, b, decode="device", **common)
+    with open_cache(a) as ca, open_cache(b) as cb:
+        assert ca.attrs["decode"] == "cpu" and cb.attrs["decode"] == "device"
+        for s in ca.splits:
+            assert ca.paths(s) == cb.paths(s)
+            x, y = ca.features(s, "penultimate"), cb.features(s, "penultimate")
+            cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+            assert cos.mean() >= 0.999, cos.mean()
+        yt, xt = cb.labels("test"), cb.features("test", "penultimate")
+    result = fit_head(a, "svm")
+    head = tmp_path / "h.joblib"
+    save_head(result, head)
+    other = float(np.mean(load_head(head)["head"].predict(xt) == yt))
+    assert abs(other - result.report["accuracy"]) <= 0.005, (other, result.report["accuracy"])

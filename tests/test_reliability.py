@@ -174,13 +174,22 @@ def _bad_corpus(root: Path) -> dict[str, str | None]:
     }
 
 
-def test_every_bad_image_kind(tmp_path, runner):
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_every_bad_image_kind(tmp_path, runner, decode, monkeypatch):
+    """On every decode path ('device' is the GPU path's code, run here on the CPU)."""
     root = tmp_path / "bad"
     expected = _bad_corpus(root)
     out = tmp_path / "bad.h5"
+    if decode == "device":
+        import featurekit.extract as ex
+
+        real = ex.extract
+        monkeypatch.setattr(ex, "extract", lambda *a, **k: real(*a, **{**k, "decode": "device"}))
     r = invoke(runner, "extract", root, "--out", out, *TINY, "--val-fraction", "0", "--test-fraction", "0")
     assert r.exit_code == 0, r.stderr
     assert "Traceback" not in r.stderr and "empty_class" in r.stderr  # warned, kept
+    with open_cache(out) as c:
+        assert c.attrs["decode"] == decode
     with open_cache(out) as c:
         assert c.classes == ["a", "empty_class"]
         rows, skipped = set(c.paths("train")), dict(c.skipped("train"))

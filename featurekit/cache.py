@@ -181,11 +181,20 @@ class CacheWriter:
                 g = self._f[split]
                 for layer, ds in g["features"].items():
                     self.layer_dims[layer] = int(ds.shape[1])
+                # Cut every dataset back to what was committed. Rows past it may hold data that
+                # reached the disk before the kill, its strings referring to heap objects that
+                # never did: overwriting such a string makes HDF5 free a missing heap object
+                # ("bad heap index"). Shrinking resets those slots to the fill value.
+                rows = int(g.attrs["rows"])
+                for ds in _row_datasets(g):
+                    if ds.shape[0] != rows:
+                        ds.resize(rows, axis=0)
                 sg, k = g["skipped"], int(g.attrs.get("n_skipped", 0))
                 for name in ("path", "reason"):  # skipped entries written after the last commit
                     if sg[name].shape[0] != k:
                         sg[name].resize(k, axis=0)
                 self._buffers[split] = _Buffer(next_index=int(g.attrs["next_index"]))
+            self._f.flush()
         except BaseException:
             self._f.close()
             raise

@@ -250,13 +250,18 @@ def extract(
             pending = None  # the previous batch: its features are copied back while this one runs
 
             def flush(p) -> None:
-                split, start, good, feats, event, end = p
+                """Queue one batch's rows and skipped files, then advance past it; what is
+                committed (rows, skipped, zero counts) always ends at a batch boundary."""
+                split, start, good, failures, feats, event, end, zeros, totals = p
                 if event is not None:
                     event.synchronize()
+                for i, reason in failures:
+                    writer.skip(split, items[i].path, reason)
                 writer.add(split, [items[i].label for i in good], [items[i].path for i in good],
                            {layer: t.numpy() for layer, t in feats.items()},
                            [src.stats.get(items[i].path, (0, 0)) for i in good])
-                writer.advance(split, end - start, extra=lambda: {"zero_counts": net.zero_counts()})
+                writer.advance(split, end - start, extra=lambda: {
+                    "zero_counts": {k: [int(zeros[k]), int(totals[k])] for k in layer_list}})
 
             seen, mark = 0, None  # for the steady-state rate, after warm-up
             warm = max(2 * batch_size, len(items) // 10)
@@ -273,8 +278,6 @@ def extract(
                 if pending is not None and pending[0] != split:
                     flush(pending)  # a split's rows are committed before the next split starts
                     pending = None
-                for i, reason in failures:
-                    writer.skip(split, items[i].path, reason)
                 feats, event = {}, None
                 if x is not None:
                     x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -289,7 +292,9 @@ def extract(
                         event.record()
                 if pending is not None:
                     flush(pending)  # HDF5 work for batch k while the GPU runs batch k+1
-                pending = (split, start, good, feats, event, positions[-1] + 1)
+                # counters as of this batch (the tensors are replaced, never changed, by later ones)
+                pending = (split, start, good, failures, feats, event, positions[-1] + 1,
+                           dict(net.zeros), dict(net.total))
                 bar.update(task, advance=len(positions), description=f"extract {split}")
                 seen += len(positions)
             if pending is not None:

@@ -22,8 +22,9 @@ from featurekit.errors import FeaturekitError
 from featurekit.extract import extract
 from tests.conftest import TINY, invoke, make_image
 
-ARGS = ["--model", "resnet18", "--weights", "none", "--image-size", "48", "--device", "cpu",
-        "--batch-size", "16", "--workers", "0", "--no-progress", "--commit-seconds", "0"]
+ARGS = ["--model", "resnet18", "--weights", "none", "--image-size", "64", "--device", "cpu",
+        "--batch-size", "8", "--workers", "0", "--no-progress", "--commit-seconds", "0",
+        "--layers", "penultimate,layer2"]  # layer2 has many exact zeros: counts must resume too
 
 
 def same_cache(a: Path, b: Path) -> None:
@@ -50,6 +51,8 @@ def folder400(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("f400") / "imgs"
     for i in range(400):
         make_image(root / f"class{i % 4}" / f"{i:04d}.jpg", rng, size=(40, 36))
+    for i in (37, 150, 333):  # a few broken files: skipped entries must resume exactly too
+        (root / f"class{i % 4}" / f"{i:04d}.jpg").write_bytes(b"\xff\xd8\xff broken")
     return root
 
 
@@ -64,12 +67,22 @@ def test_ten_kill_resume_cycles_give_the_uninterrupted_cache(tmp_path, folder400
     t0 = time.monotonic()
     assert run(["extract", folder400, "--out", ref, *ARGS]).wait(timeout=300) == 0
     full = time.monotonic() - t0
+    with open_cache(ref) as c:
+        assert sum(len(c.skipped(s)) for s in c.splits) == 3 and c.attrs["zero_fraction"]["layer2"] > 0.1
     out = tmp_path / "out.h5"
     rng = random.Random(0)
     kills = 0
     for cycle in range(10):
+        before = out.stat().st_mtime_ns if out.exists() else None
         p = run(["extract", folder400, "--out", out, *ARGS, "--resume"])
-        time.sleep(rng.uniform(0.3, 1.0) * full)
+        deadline = time.monotonic() + 4 * full + 60
+        # wait until this run has committed something (start-up is most of a run), then kill
+        # at a random moment of the pass
+        while p.poll() is None and time.monotonic() < deadline:
+            if out.exists() and out.stat().st_mtime_ns != before:
+                break
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.25))
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             kills += 1

@@ -111,7 +111,7 @@ def test_killed_run_resumes_from_its_last_epoch(tmp_path, image_folder):
     os.killpg(proc.pid, signal.SIGKILL)  # kill -9, mid-training of epoch 2
     proc.wait()
     done = load_checkpoint(run / "last.pt")["epoch"]
-    assert 1 <= done < 3
+    assert done in (1, 2)  # killed after epoch 1 or 2 of 3
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"resuming {run} after epoch {done}" in r.stderr

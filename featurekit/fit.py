@@ -298,12 +298,15 @@ def predict_to_csv(
     else:
         col = np.searchsorted(est.classes_, pred)
         chosen = scores[np.arange(len(pred)), col]
-    names = prov["classes"]
+    labels = [classes[int(t)] for t in y]
+    predicted = [prov["classes"][int(q)] for q in pred]  # the head's own class names
     out_p = Path(out)
     with open(out_p, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "prediction", "score"])
-        for p, t, q, s in zip(paths, y, pred, chosen):
-            w.writerow([p, classes[int(t)], names[int(q)], repr(float(s))])
-    return {"split": split, "rows": int(len(y)), "accuracy": float(np.mean(pred == y)),
-            "out": str(out_p), "forced": bool(differ)}
+        for row in zip(paths, labels, predicted, (repr(float(v)) for v in chosen)):
+            w.writerow(row)
+    # by name, exactly as the CSV reads (also right under --force with other class lists)
+    accuracy = float(np.mean([a == b for a, b in zip(labels, predicted)])) if labels else 0.0
+    return {"split": split, "rows": int(len(y)), "accuracy": accuracy, "out": str(out_p),
+            "forced": bool(differ)}

@@ -200,11 +200,14 @@ class CacheWriter:
             raise
         return self
 
-    def progress(self) -> dict[str, dict[str, int]]:
-        """Committed state per split: rows, skipped, next_index, n_source."""
+    def progress(self) -> dict[str, dict[str, Any]]:
+        """Committed state per split: rows, skipped, next_index, n_source, and the split's
+        ``extra`` attributes of its last commit (e.g. running zero counts)."""
+        base = ("rows", "n_skipped", "next_index", "n_source")
         return {
             s: {"rows": int(g.attrs["rows"]), "skipped": int(g.attrs.get("n_skipped", 0)),
-                "next_index": int(g.attrs["next_index"]), "n_source": int(g.attrs["n_source"])}
+                "next_index": int(g.attrs["next_index"]), "n_source": int(g.attrs["n_source"]),
+                **{k: v for k, v in g.attrs.items() if k not in base}}
             for s, g in self._f.items()
         }
 
@@ -234,7 +237,8 @@ class CacheWriter:
         """Every source item before ``index_end`` is now queued (as a row or as skipped).
 
         Commits once ``commit_rows`` rows are queued, ``commit_seconds`` have passed, or the split
-        is done; ``extra()`` gives root attributes (running statistics) committed with the rows.
+        is done; ``extra()`` gives split attributes (running statistics, fixed-size arrays)
+        committed with the rows.
         Rows queued but not yet advanced over are never committed, so the committed rows always
         match ``next_index``.
         """
@@ -281,8 +285,11 @@ class CacheWriter:
             for i, name in enumerate(("path", "reason")):
                 sg[name].resize(k + len(b.skipped), axis=0)
                 sg[name][k:] = [s[i] for s in b.skipped]
-        for key, value in (extra or {}).items():
-            self._f.attrs[key] = _attr(key, value)
+        # Two flushes: the rows (and their strings' heap objects) reach the disk before the
+        # counters that make them count, so a kill inside a flush never commits missing data.
+        self._f.flush()
+        for key, value in (extra or {}).items():  # fixed-size values: rewritten in place, in
+            g.attrs[key] = value  # the same object header as the counters below
         g.attrs["rows"] = start + n
         g.attrs["n_skipped"] = int(g["skipped"]["path"].shape[0])
         g.attrs["next_index"] = b.next_index

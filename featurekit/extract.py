@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from featurekit import __version__
 from featurekit.errors import FeaturekitError, OutputError
 
@@ -214,9 +216,12 @@ def extract(
         except OSError as exc:
             raise OutputError(f"cannot create {out_path}: {exc}") from None
     done = writer.progress()
-    counts = writer.attr("zero_counts") or {}
-    for layer in layer_list:  # running zero counts of the committed rows
-        net.zeros[layer], net.total[layer] = counts.get(layer, (0, 0))
+    # running zero counts of the committed rows: kept by the split committed last
+    started_splits = [done[n] for n in src.splits  # processing order, not HDF5's alphabetical
+                      if done[n]["next_index"] > 0 and "zero_counts" in done[n]]
+    if started_splits:
+        for layer, (zeros, total) in zip(layer_list, started_splits[-1]["zero_counts"].tolist()):
+            net.zeros[layer], net.total[layer] = int(zeros), int(total)
 
     started = time.perf_counter()
     try:
@@ -260,8 +265,8 @@ def extract(
                 writer.add(split, [items[i].label for i in good], [items[i].path for i in good],
                            {layer: t.numpy() for layer, t in feats.items()},
                            [src.stats.get(items[i].path, (0, 0)) for i in good])
-                writer.advance(split, end - start, extra=lambda: {
-                    "zero_counts": {k: [int(zeros[k]), int(totals[k])] for k in layer_list}})
+                writer.advance(split, end - start, extra=lambda: {"zero_counts": np.array(
+                    [[int(zeros[k]), int(totals[k])] for k in layer_list], dtype=np.int64)})
 
             seen, mark = 0, None  # for the steady-state rate, after warm-up
             warm = max(2 * batch_size, len(items) // 10)

@@ -22,7 +22,7 @@ from featurekit.errors import FeaturekitError
 from featurekit.extract import extract
 from tests.conftest import TINY, invoke, make_image
 
-ARGS = ["--model", "resnet18", "--weights", "none", "--image-size", "64", "--device", "cpu",
+ARGS = ["--model", "resnet18", "--weights", "none", "--image-size", "96", "--device", "cpu",
         "--batch-size", "8", "--workers", "0", "--no-progress", "--commit-seconds", "0",
         "--layers", "penultimate,layer2"]  # layer2 has many exact zeros: counts must resume too
 
@@ -82,7 +82,7 @@ def test_ten_kill_resume_cycles_give_the_uninterrupted_cache(tmp_path, folder400
             if out.exists() and out.stat().st_mtime_ns != before:
                 break
             time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.25))
+        time.sleep(rng.uniform(0.0, 0.15))
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             kills += 1
@@ -93,7 +93,7 @@ def test_ten_kill_resume_cycles_give_the_uninterrupted_cache(tmp_path, folder400
                     rows = int(f[s].attrs["rows"])
                     assert f[s]["labels"].shape[0] >= rows and f[s]["paths"].shape[0] >= rows
                     assert all(p for p in f[s]["paths"][:rows])
-    assert kills >= 5, kills  # most cycles really were interrupted
+    assert kills >= 8, kills  # (nearly) every cycle really was interrupted mid-pass
     p = run(["extract", folder400, "--out", out, *ARGS, "--resume"])
     assert p.wait(timeout=300) == 0, p.stderr.read()
     same_cache(ref, out)

@@ -70,6 +70,7 @@ def one(args) -> None:
     """Child process: load the data, fit and predict one head, print one JSON line."""
     import numpy as np
 
+    from featurekit.fit import timed_fit, timed_predict
     from featurekit.heads import create_head
 
     X, y, Xt, yt = synthetic(args.large) if args.data == "synthetic" else digits()
@@ -79,12 +80,8 @@ def one(args) -> None:
     gc.collect()
     _reset_peak()
     base = _status_kib("VmRSS")
-    t = time.perf_counter()
-    head.fit(X, y)
-    fit_s = time.perf_counter() - t
-    t = time.perf_counter()
-    pred = head.predict(Xt)
-    predict_s = time.perf_counter() - t
+    fit_s = timed_fit(head, X, y)
+    pred, predict_s = timed_predict(head, Xt)  # the same timing as `featurekit fit` reports
     peak = _status_kib("VmHWM")
     print(json.dumps({
         "data": args.data, "head": args.head, "backend": args.backend, "C": 1.0,

@@ -74,7 +74,7 @@ def pil_from_bytes(data: bytes):
     return load_image(io.BytesIO(data))
 
 
-def decode_cpu(source, item, preprocess, pil_transform, tensor_transform):
+def decode_cpu(source, item, pil_transform, tensor_transform):
     """One image to a preprocessed float CHW tensor on the CPU (the ``cpu`` path)."""
     if source.kind == "digits":
         return pil_transform(source.load(item))
@@ -97,7 +97,7 @@ class CpuDataset:
     """position -> (position, float tensor or None, reason); decoding in the worker."""
 
     def __init__(self, source, items, preprocess) -> None:
-        self.source, self.items, self.preprocess = source, items, preprocess
+        self.source, self.items = source, items
         self.pil_transform = preprocess.transform()
         self.tensor_transform = TensorPreprocess(preprocess)
 
@@ -108,7 +108,7 @@ class CpuDataset:
         from featurekit.data import DecodeError
 
         try:
-            return i, decode_cpu(self.source, self.items[i], self.preprocess, self.pil_transform,
+            return i, decode_cpu(self.source, self.items[i], self.pil_transform,
                                  self.tensor_transform), ""
         except DecodeError as exc:
             return i, None, str(exc)

@@ -32,3 +32,7 @@ class OutputError(FeaturekitError):
 
 class HeadError(FeaturekitError):
     """Unknown head or backend, or a saved head that does not fit the cache."""
+
+
+class DeviceError(FeaturekitError):
+    """A device that is not there (CUDA asked for on a machine without it)."""

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from featurekit import __version__
-from featurekit.errors import FeaturekitError, OutputError
+from featurekit.errors import DeviceError, FeaturekitError, OutputError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODES = ("auto", "cpu", "gpu", "device")  # "device": batched decode on the compute device
@@ -40,10 +40,6 @@ class ExtractSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class DeviceError(FeaturekitError):
-    """A device that is not there."""
 
 
 def resolve_device(spec: str) -> str:

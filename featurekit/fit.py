@@ -90,21 +90,43 @@ def _grid(head: str, n_features: int, C: float | None, gamma: float | None) -> l
     return [{"C": c, "gamma": g} for c, g in itertools.product(Cs, gammas)]
 
 
+def timed_fit(est: Any, X, y) -> float:
+    """Fit ``est`` in place; the seconds it took."""
+    t0 = time.perf_counter()
+    est.fit(X, y)
+    return time.perf_counter() - t0
+
+
+def timed_predict(est: Any, X) -> tuple[np.ndarray, float]:
+    """Predictions of ``est`` on ``X`` and the seconds they took."""
+    t0 = time.perf_counter()
+    pred = est.predict(X)
+    return pred, time.perf_counter() - t0
+
+
 def select_params(
     head: str, backend: str, grid: list[dict[str, Any]], X, y, X_sel=None, y_sel=None, seed: int = 0
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Choose a grid point; returns (params, details). Never sees the reported split."""
+) -> tuple[dict[str, Any], dict[str, Any], tuple[Any, float] | None]:
+    """Choose a grid point; returns (params, details, fitted). Never sees the reported split.
+
+    ``fitted`` is (estimator, fit seconds) when the chosen point was already fitted on the
+    whole training split (selection on val), so the caller need not fit it again; else None.
+    """
     from featurekit.heads import create_head
 
     if len(grid) == 1:
-        return grid[0], {"method": "given"}
+        return grid[0], {"method": "given"}, None
     if X_sel is not None:
-        scores = []
+        scores: list[float] = []
+        best_fit: tuple[Any, float] | None = None
         for params in grid:
-            est = create_head(head, backend, **params).fit(X, y)
+            est = create_head(head, backend, **params)
+            seconds = timed_fit(est, X, y)
             scores.append(float(np.mean(est.predict(X_sel) == y_sel)))
-        best = int(np.argmax(scores))  # first maximum: grids ascend in C
-        return grid[best], {"method": "val", "scores": scores}
+            if scores[-1] > max(scores[:-1], default=-1.0):  # first maximum: grids ascend in C
+                best_fit = (est, seconds)
+        best = int(np.argmax(scores))
+        return grid[best], {"method": "val", "scores": scores}, best_fit
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     k = int(min(5, np.bincount(y)[np.bincount(y) > 0].min()))
@@ -119,7 +141,7 @@ def select_params(
         for params in grid
     ]
     best = int(np.argmax(scores))
-    return grid[best], {"method": f"{k}-fold cv", "scores": scores}
+    return grid[best], {"method": f"{k}-fold cv", "scores": scores}, None
 
 
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray | None, n_classes: int,
@@ -160,15 +182,14 @@ def fit_on_arrays(
         raise HeadError(f"--gamma applies to the svm head only, not {head!r}")
     grid = _grid(head, X.shape[1], C, gamma)
     t0 = time.perf_counter()
-    params, selection = select_params(head, backend, grid, X, y, X_sel, y_sel, seed)
+    params, selection, fitted = select_params(head, backend, grid, X, y, X_sel, y_sel, seed)
     selection_seconds = time.perf_counter() - t0
-    est = create_head(head, backend, **params)
-    t0 = time.perf_counter()
-    est.fit(X, y)
-    fit_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pred = est.predict(X_eval)
-    predict_seconds = time.perf_counter() - t0
+    if fitted is not None:  # selection on val already fitted the chosen point on train
+        est, fit_seconds = fitted
+    else:
+        est = create_head(head, backend, **params)
+        fit_seconds = timed_fit(est, X, y)
+    pred, predict_seconds = timed_predict(est, X_eval)
     scores = est.decision_function(X_eval)
     report = {
         "head": head,

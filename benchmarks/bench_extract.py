@@ -1,18 +1,35 @@
-"""Extraction benchmark: `featurekit extract` end to end against the bare forward pass.
+"""Extraction benchmarks: how close `featurekit extract` runs to the machine's limits.
 
-Generates a folder of ImageNet-like JPEGs (500x375, ~75 KB), pre-decodes them once with
-featurekit's own preprocessing, then times *whole processes*, interleaved, ``--repeats`` times:
+Two suites, on generated folders of ImageNet-like JPEGs:
 
-* ``bare``     — import torch, load the pre-decoded tensors, build the model, run the forward
+``throughput`` (issue 7; the default on a CUDA machine) -- in one run, on one folder of JPEGs of
+300-640 px a side (~70 KB), images/s of:
+
+* decode ceilings: CPU workers (featurekit's CPU path, no model) and the device path (workers
+  read bytes, batched decode -- nvJPEG on CUDA -- in a prefetch thread, resize/crop/normalise on
+  the device; no model);
+* bare forward ceilings on pre-made tensors on the device: eager and ``torch.compile``,
+  channels_last, bf16 autocast on CUDA (fp32 on the CPU);
+* the tutorial-style naive baseline: PIL DataLoader, fp32, default layout, ``.cpu().numpy()``
+  per batch;
+* ``featurekit extract`` end to end as a whole process, with and without ``--compile`` (its own
+  steady-state images/s after warm-up beside the whole-process figure), for resnet50 and
+  resnet18; ratios against the naive baseline and the decode ceiling.
+
+``ratio`` (issue 2; CPU) -- whole processes, interleaved, ``--repeats`` times, 500x375 JPEGs:
+
+* ``bare``     -- import torch, load pre-decoded tensors, build the model, run the forward
                  pass in batches (default memory layout; what a user would write);
-* ``bare-cl``  — the same with channels_last (the layout featurekit uses);
-* ``extract``  — ``python -m featurekit extract FOLDER ...`` (decoding, preprocessing, HDF5).
+* ``bare-cl``  -- the same with channels_last (the layout featurekit uses);
+* ``extract``  -- ``python -m featurekit extract FOLDER ...`` (decoding, preprocessing, HDF5);
+  goal: bare-cl / extract >= 0.9.
 
-It prints a table (median seconds, images/s, ratio = bare time / extract time) and records it
-with the machine and versions in ``benchmarks/results/``. Start-up counts in every process.
+On the CPU the default runs both. Results are printed and recorded with the machine and
+versions in ``benchmarks/results/``.
 
-    python benchmarks/bench_extract.py                      # resnet50 @224, 200 images, CPU
-    python benchmarks/bench_extract.py --model resnet18 --images 64 --repeats 1   # smoke test
+    python benchmarks/bench_extract.py                    # CUDA: throughput, 16,384 images
+    python benchmarks/bench_extract.py --device cpu       # CPU: ratio (200) + throughput (256)
+    python benchmarks/bench_extract.py --device cpu --suite throughput --images 64 --quick
 """
 
 from __future__ import annotations
@@ -25,10 +42,12 @@ import statistics
 import subprocess
 import sys
 import time
+from multiprocessing import Pool
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
+sys.path.insert(0, str(HERE.parent))  # featurekit from this checkout when not installed
 
 
 def make_jpegs(folder: Path, n: int, seed: int = 0) -> Path:
@@ -131,31 +150,154 @@ def machine() -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=200)
-    ap.add_argument("--model", default="resnet50")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--results", type=Path, default=HERE / "results")
-    ap.add_argument("--bare", help=argparse.SUPPRESS)
-    ap.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.bare:
-        return bare_main(args)
-    if args.device != "cpu":
-        sys.exit("this benchmark times the CPU path; the GPU benchmark is bench_extract_gpu.py")
+def _one_jpeg(args):
+    i, folder = args
+    import numpy as np
+    from PIL import Image
 
+    rng = np.random.default_rng(i)
+    w, h = (int(v) for v in rng.integers(300, 641, size=2))
+    small = rng.uniform(0, 255, size=(max(2, h // 32), max(2, w // 32), 3)).astype(np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.float32)
+    img += rng.normal(0, 10, size=img.shape)
+    out = Path(folder) / f"class{i % 8}" / f"img{i:06d}.jpg"
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(out, quality=85)
+
+
+def make_varied_jpegs(folder: Path, n: int) -> Path:
+    """n JPEGs of 300-640 px a side in 8 class folders, made in parallel."""
+    done = folder / ".done"
+    if done.exists() and done.read_text() == str(n):
+        return folder
+    for c in range(8):
+        (folder / f"class{c}").mkdir(parents=True, exist_ok=True)
+    with Pool(os.cpu_count()) as pool:
+        pool.map(_one_jpeg, [(i, str(folder)) for i in range(n)], chunksize=64)
+    done.write_text(str(n))
+    return folder
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def decode_ceilings(folder: Path, model: str, device: str, batch: int, workers: int) -> dict:
+    """Images/s of featurekit's two decode paths alone (no model), built as extract builds them."""
+    import torch
+
+    from featurekit import _decode, _pipeline, data
+    from featurekit.models import default_preprocess
+
+    src = data.open_source(folder, val_fraction=0, test_fraction=0)
+    items, pre = src.splits["train"], default_preprocess(model)
+    out = {}
+    loader = torch.utils.data.DataLoader(_decode.CpuDataset(src, items, pre), batch_size=batch,
+                                         num_workers=workers, collate_fn=data.collate,
+                                         prefetch_factor=4 if workers else None)
+    t = time.perf_counter()
+    n = sum(len(b[1]) for b in loader)
+    out["decode_cpu_workers"] = n / (time.perf_counter() - t)
+
+    ds = _decode.BytesDataset(src, items, pre)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers,
+                                         collate_fn=_decode.collate_packed,
+                                         prefetch_factor=4 if workers else None)
+    prep = _decode.BatchPreprocess(pre, device)
+    t = time.perf_counter()
+    n = 0
+    with _pipeline.Prefetcher(iter(loader), lambda b: _decode.decode_on_device(
+            b, device, ds.pil_transform), device) as fetched:
+        for b in fetched:
+            good, x = prep(b)
+            n += len(good)
+    _sync(device)
+    out["decode_device"] = n / (time.perf_counter() - t)
+    return out
+
+
+def forward_ceilings(model: str, device: str, batch: int, iters: int, compile_too: bool) -> dict:
+    import torch
+    from torchvision import models
+
+    net = models.get_model(model, weights=None).eval().to(device, memory_format=torch.channels_last)
+    net.fc = torch.nn.Identity()
+    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    out = {}
+    variants = [("forward_eager", net)] + ([("forward_compiled", torch.compile(net))] if compile_too else [])
+    for name, f in variants:
+        with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype=dtype,
+                                                    enabled=dtype != torch.float32):
+            for _ in range(3):  # warm-up (and compilation)
+                f(x)
+            _sync(device)
+            t = time.perf_counter()
+            for _ in range(iters):
+                f(x)
+            _sync(device)
+        out[name] = iters * batch / (time.perf_counter() - t)
+    return out
+
+
+def naive_baseline(folder: Path, model: str, device: str, batch: int, workers: int, limit: int) -> float:
+    """What tutorials write: PIL ImageFolder-style loader, fp32, .cpu().numpy() per batch."""
+    import torch
+    from torchvision import models
+
+    from featurekit.data import load_image, open_source
+    from featurekit.models import default_preprocess
+
+    src = open_source(folder, val_fraction=0, test_fraction=0)
+    items = src.splits["train"][:limit]
+    tf = default_preprocess(model).transform()
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(items)
+
+        def __getitem__(self, i):
+            return tf(load_image(src.root / items[i].path)), items[i].label
+
+    net = models.get_model(model, weights=None).eval().to(device)
+    net.fc = torch.nn.Identity()
+    feats = []
+    t = time.perf_counter()
+    with torch.no_grad():
+        for x, _ in torch.utils.data.DataLoader(DS(), batch_size=batch, num_workers=workers):
+            feats.append(net(x.to(device)).cpu().numpy())
+    return len(items) / (time.perf_counter() - t)
+
+
+def extract_process(folder: Path, model: str, device: str, out: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "featurekit", "extract", str(folder), "--out", str(out),
+           "--overwrite", "--model", model, "--weights", "none", "--device", device,
+           "--val-fraction", "0", "--test-fraction", "0", "--no-progress", "--json", *extra]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if r.returncode != 0:
+        sys.exit(f"extract failed: {r.stderr[-2000:]}")
+    s = json.loads(r.stdout)
+    return {"process_seconds": wall, "process_images_per_second": s["images"] / wall,
+            "pass_images_per_second": s["images_per_second"],
+            "steady_images_per_second": s.get("steady_images_per_second")}
+
+
+def ratio_suite(args: argparse.Namespace) -> dict:
+    """Whole-process extract time against the whole-process bare forward pass (CPU goal)."""
     WORK.mkdir(parents=True, exist_ok=True)
-    folder = make_jpegs(WORK / f"jpegs-{args.images}", args.images)
-    npy = predecode(folder, args.model, WORK / f"predecoded-{args.images}-{args.model}.npy")
+    n = args.ratio_images
+    folder = make_jpegs(WORK / f"jpegs-{n}", n)
+    npy = predecode(folder, args.model, WORK / f"predecoded-{n}-{args.model}.npy")
     py = sys.executable
-    bare = [py, __file__, "--bare", str(npy), "--model", args.model, "--batch-size", str(args.batch_size)]
+    bare = [py, __file__, "--bare", str(npy), "--model", args.model, "--batch-size", str(args.ratio_batch_size)]
     cache = WORK / "bench.h5"
     extract = [py, "-m", "featurekit", "extract", str(folder), "--out", str(cache), "--overwrite",
                "--model", args.model, "--weights", "none", "--device", "cpu",
-               "--batch-size", str(args.batch_size), "--no-progress", "--json"]
+               "--batch-size", str(args.ratio_batch_size), "--no-progress", "--json"]
     steps = {"bare": bare, "bare-cl": bare + ["--channels-last"], "extract": extract}
     walls: dict[str, list[float]] = {k: [] for k in steps}
     inner: dict[str, list[float]] = {k: [] for k in steps}
@@ -171,19 +313,19 @@ def main() -> None:
         {
             "variant": k,
             "median_process_seconds": med[k],
-            "process_images_per_second": args.images / med[k],
+            "process_images_per_second": n / med[k],
             "median_inner_seconds": statistics.median(inner[k]),
             "runs": walls[k],
         }
         for k in steps
     ]
     result = {
-        "benchmark": "bench_extract (CPU)",
+        "benchmark": "bench_extract ratio (CPU)",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "model": args.model,
-        "images": args.images,
+        "images": n,
         "image_size": "500x375 JPEG -> weights' preprocessing",
-        "batch_size": args.batch_size,
+        "batch_size": args.ratio_batch_size,
         "repeats": args.repeats,
         "machine": machine(),
         "results": rows,
@@ -191,17 +333,105 @@ def main() -> None:
         "ratio_bare_cl_over_extract": med["bare-cl"] / med["extract"],
         "goal": "whole extract process <= 1/0.9 of the whole bare-forward process (ratio >= 0.9)",
     }
-    print(f"\n{args.model}, {args.images} images, batch {args.batch_size}, median of {args.repeats} interleaved runs")
+    print(f"\n{args.model}, {n} images, batch {args.ratio_batch_size}, median of {args.repeats} interleaved runs")
     print(f"{'variant':10s} {'process s':>10s} {'img/s':>8s} {'inner s':>8s}")
     for row in rows:
         print(f"{row['variant']:10s} {row['median_process_seconds']:10.2f} "
               f"{row['process_images_per_second']:8.1f} {row['median_inner_seconds']:8.2f}")
     print(f"ratio bare / extract    = {result['ratio_bare_over_extract']:.3f}")
     print(f"ratio bare-cl / extract = {result['ratio_bare_cl_over_extract']:.3f}  (goal >= 0.9)")
+    _record(args, f"extract-cpu-{args.model}-{n}.json", result)
+    return result
+
+
+def throughput_suite(args: argparse.Namespace) -> dict:
+    """Decode and forward ceilings, the naive baseline and extract end to end, in one run."""
+    folder = make_varied_jpegs(WORK / f"varied-jpegs-{args.images}", args.images)
+    dev = args.device
+    res: dict = {"benchmark": "bench_extract throughput", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 "images": args.images, "image_size": "JPEG 300-640 px a side -> weights' preprocessing",
+                 "batch_size": args.batch_size, "workers": args.workers, "device": dev,
+                 "precision": "bf16 autocast" if dev.startswith("cuda") else "fp32",
+                 "machine": machine(), "models": {}}
+    compile_too = not (args.quick or args.no_compile)
+    common = ["--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+    for model in args.models.split(","):
+        r: dict = {}
+        print(f"{model}: decode ceilings", file=sys.stderr)
+        r.update(decode_ceilings(folder, model, dev, args.batch_size, args.workers))
+        print(f"{model}: forward ceilings", file=sys.stderr)
+        r.update(forward_ceilings(model, dev, args.batch_size, 5 if args.quick else 50, compile_too))
+        print(f"{model}: naive baseline", file=sys.stderr)
+        r["naive"] = naive_baseline(folder, model, dev, args.batch_size, args.workers,
+                                    min(args.naive_images, args.images))
+        print(f"{model}: featurekit extract", file=sys.stderr)
+        r["extract"] = extract_process(folder, model, dev, WORK / "throughput.h5", common)
+        if compile_too:
+            r["extract_compiled"] = extract_process(folder, model, dev, WORK / "throughput.h5",
+                                                    common + ["--compile"])
+        best = max((v for k, v in r.items() if k.startswith("extract")),
+                   key=lambda v: v["steady_images_per_second"] or v["pass_images_per_second"])
+        steady = best["steady_images_per_second"] or best["pass_images_per_second"]
+        r["best_extract_steady"] = steady
+        r["ratio_extract_over_naive"] = steady / r["naive"]
+        r["ratio_extract_over_decode_device"] = steady / r["decode_device"]
+        res["models"][model] = r
+        print(f"\n{model}: images/s")
+        for k, v in r.items():
+            if isinstance(v, dict):
+                v = (f"steady {v['steady_images_per_second'] or float('nan'):,.1f}, whole process "
+                     f"{v['process_images_per_second']:,.1f} ({v['process_seconds']:.1f} s)")
+            else:
+                v = f"{v:,.3f}" if k.startswith("ratio") else f"{v:,.1f}"
+            print(f"  {k:34s} {v}")
+    _record(args, f"extract-throughput-{'cuda' if dev.startswith('cuda') else 'cpu'}-{args.images}.json", res)
+    return res
+
+
+def _record(args: argparse.Namespace, name: str, result: dict) -> None:
     args.results.mkdir(parents=True, exist_ok=True)
-    name = f"extract-cpu-{args.model}-{args.images}.json"
     (args.results / name).write_text(json.dumps(result, indent=2) + "\n")
     print(f"recorded in {args.results / name}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=("auto", "ratio", "throughput", "all"), default="auto",
+                    help="auto: throughput on CUDA, both on the CPU")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    ap.add_argument("--images", type=int, help="throughput suite (default 16384 on CUDA, 256 on the CPU)")
+    ap.add_argument("--models", default="resnet50,resnet18", help="throughput suite")
+    ap.add_argument("--batch-size", type=int, help="throughput suite (default 256 on CUDA, 64 on the CPU)")
+    ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    ap.add_argument("--naive-images", type=int, default=4096, help="images for the slow naive baseline")
+    ap.add_argument("--quick", action="store_true", help="few iterations, no torch.compile (smoke test)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    ap.add_argument("--model", default="resnet50", help="ratio suite")
+    ap.add_argument("--ratio-images", type=int, default=200)
+    ap.add_argument("--ratio-batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="ratio suite")
+    ap.add_argument("--results", type=Path, default=HERE / "results")
+    ap.add_argument("--bare", help=argparse.SUPPRESS)
+    ap.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.bare:
+        return bare_main(args)
+
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = args.device.startswith("cuda")
+    if args.suite == "auto":
+        args.suite = "throughput" if cuda else "all"
+    args.images = args.images or (16384 if cuda else 256)
+    args.batch_size = args.batch_size or (256 if cuda else 64)
+    if args.suite in ("ratio", "all"):
+        if cuda:
+            sys.exit("the ratio suite times the CPU path; use --device cpu")
+        ratio_suite(args)
+    if args.suite in ("throughput", "all"):
+        throughput_suite(args)
 
 
 if __name__ == "__main__":

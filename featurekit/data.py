@@ -101,14 +101,19 @@ def load_image(path: str | os.PathLike[str]):
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    _quiet_bomb_warning()
     try:
-        with warnings.catch_warnings():
-            # PIL only warns between 1x and 2x its pixel limit; featurekit refuses both
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                return _to_rgb(im)
+        with Image.open(path) as im:  # the header only
+            # PIL errors over 2x its pixel limit and only warns between 1x and 2x; featurekit
+            # refuses both (checked here rather than with warnings.catch_warnings, which is not
+            # thread-safe: extract's GPU path decodes fallbacks in a thread)
+            w, h = im.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and w * h > limit:
+                raise DecodeError(f"image too large ({w}x{h} pixels, over PIL's limit of {limit})")
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
     except FileNotFoundError:
         raise DecodeError("file not found") from None
     except UnidentifiedImageError:
@@ -118,6 +123,19 @@ def load_image(path: str | os.PathLike[str]):
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # PIL reports truncated and corrupt data as OSError/SyntaxError/ValueError.
         raise DecodeError(f"cannot decode: {exc}") from None
+
+
+_BOMB_FILTER: list[bool] = []
+
+
+def _quiet_bomb_warning() -> None:
+    """Once per process: silence PIL's decompression-bomb warning (load_image refuses such
+    images with its own reason, recorded in the cache)."""
+    if not _BOMB_FILTER:
+        from PIL import Image
+
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _BOMB_FILTER.append(True)
 
 
 def _to_rgb(im):

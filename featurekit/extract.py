@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import time
@@ -219,9 +220,13 @@ def extract(
         for layer, (zeros, total) in zip(layer_list, started_splits[-1]["zero_counts"].tolist()):
             net.zeros[layer], net.total[layer] = int(zeros), int(total)
 
+    # running zero counts live on the device (no sync per batch); snapshots go back with features
+    net.zeros = {k: torch.tensor(int(v), dtype=torch.int64, device=dev) for k, v in net.zeros.items()}
+
     started = time.perf_counter()
     try:
-        with writer, progress_bar(enabled=progress) as bar:
+        with writer, progress_bar(enabled=progress) as bar, \
+                (torch.cuda.device(dev) if on_cuda else contextlib.nullcontext()):
             names = list(src.splits)
             items = [it for n in names for it in src.splits[n]]
             sizes = [len(src.splits[n]) for n in names]
@@ -231,13 +236,24 @@ def extract(
                 for k in range(len(names))
                 for i in range(done[names[k]]["next_index"], sizes[k], batch_size)
             ]
-            from featurekit import _decode
+            from featurekit import _decode, _pipeline
 
             if decode == "device":  # workers read bytes; the device decodes and preprocesses
-                dataset, collate = _decode.BytesDataset(src, items, backbone.preprocess), _decode.collate_list
-                on_device = _decode.TensorPreprocess(backbone.preprocess)
+                dataset = _decode.BytesDataset(src, items, backbone.preprocess)
+                collate = _decode.collate_packed
+                on_device = _decode.BatchPreprocess(backbone.preprocess, dev)
+
+                def fetch(b):  # prefetch thread: nvJPEG blocks here, not in the forward loop
+                    return _decode.decode_on_device(b, dev, dataset.pil_transform)
             else:
                 dataset, collate = _decode.CpuDataset(src, items, backbone.preprocess), data.collate
+
+                def fetch(b):  # prefetch thread: the host-to-device copy on its own stream
+                    positions, good, x, failures = b
+                    if x is not None:
+                        x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                    return positions, good, x, failures
+
             loader = torch.utils.data.DataLoader(
                 dataset,
                 batch_sampler=batches,  # never straddle two splits; resume after the last commit
@@ -248,60 +264,59 @@ def extract(
             )
             task = bar.add_task("extract", total=len(items),
                                 completed=sum(d["next_index"] for d in done.values()))
-            pending = None  # the previous batch: its features are copied back while this one runs
 
-            def flush(p) -> None:
-                """Queue one batch's rows and skipped files, then advance past it; what is
-                committed (rows, skipped, zero counts) always ends at a batch boundary."""
-                split, start, good, failures, feats, event, end, zeros, totals = p
+            def write(p) -> None:
+                """Writer thread: one batch's rows and skipped files, then advance past it; what
+                is committed (rows, skipped, zero counts) always ends at a batch boundary."""
+                split, start, good, failures, feats, zeros, totals, event, end = p
                 if event is not None:
-                    event.synchronize()
+                    event.synchronize()  # the batch's copies back to the host are done
                 for i, reason in failures:
                     writer.skip(split, items[i].path, reason)
                 writer.add(split, [items[i].label for i in good], [items[i].path for i in good],
                            {layer: t.numpy() for layer, t in feats.items()},
                            [src.stats.get(items[i].path, (0, 0)) for i in good])
                 writer.advance(split, end - start, extra=lambda: {"zero_counts": np.array(
-                    [[int(zeros[k]), int(totals[k])] for k in layer_list], dtype=np.int64)})
+                    [[int(z), int(t)] for z, t in zip(zeros.tolist(), totals)], dtype=np.int64)})
 
             seen, mark = 0, None  # for the steady-state rate, after warm-up
             warm = max(2 * batch_size, len(items) // 10)
-            for batch in loader:
-                if mark is None and seen >= warm:
-                    mark = (seen, time.perf_counter())
-                if decode == "device":
-                    positions, good, x, failures = _decode.device_batch(
-                        batch, dev, on_device, dataset.pil_transform)
-                else:
-                    positions, good, x, failures = batch
-                k = next(k for k in reversed(range(len(names))) if positions[0] >= starts[k])
-                split, start = names[k], starts[k]
-                if pending is not None and pending[0] != split:
-                    flush(pending)  # a split's rows are committed before the next split starts
-                    pending = None
-                feats, event = {}, None
-                if x is not None:
-                    x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                    with torch.inference_mode(), torch.autocast(
-                        dev.split(":")[0], dtype=autocast_dtype or torch.float32,
-                        enabled=autocast_dtype is not None,
-                    ):
-                        out = net(x)
-                    feats = {layer: t.float().to("cpu", non_blocking=on_cuda) for layer, t in out.items()}
+            stream = torch.cuda.current_stream(dev) if on_cuda else None
+            batch_iter = iter(loader)  # workers start before any thread does
+            with _pipeline.Prefetcher(batch_iter, fetch, dev) as fetched, \
+                    _pipeline.Consumer(write) as writing:
+                for b in fetched:
+                    if mark is None and seen >= warm:
+                        mark = (seen, time.perf_counter())
+                    if decode == "device":
+                        positions, failures = b.positions, b.failures
+                        good, x = on_device(b)
+                    else:
+                        positions, good, x, failures = b
+                    k = next(k for k in reversed(range(len(names))) if positions[0] >= starts[k])
+                    split, start = names[k], starts[k]
+                    feats, event = {}, None
+                    if x is not None:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                        with torch.inference_mode(), torch.autocast(
+                            dev.split(":")[0], dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None,
+                        ):
+                            out = net(x)
+                        feats = {layer: t.float().to("cpu", non_blocking=on_cuda)
+                                 for layer, t in out.items()}
+                    # counters as of this batch (the tensors are replaced, never changed, later)
+                    zeros = torch.stack([net.zeros[k] for k in layer_list]).to("cpu", non_blocking=on_cuda)
                     if on_cuda:
                         event = torch.cuda.Event()
-                        event.record()
-                if pending is not None:
-                    flush(pending)  # HDF5 work for batch k while the GPU runs batch k+1
-                # counters as of this batch (the tensors are replaced, never changed, by later ones)
-                pending = (split, start, good, failures, feats, event, positions[-1] + 1,
-                           dict(net.zeros), dict(net.total))
-                bar.update(task, advance=len(positions), description=f"extract {split}")
-                seen += len(positions)
-            if pending is not None:
-                flush(pending)
-            if on_cuda:
-                torch.cuda.synchronize()
+                        event.record(stream)
+                    # the writer thread does the HDF5 work while the device runs the next batches
+                    writing.put((split, start, good, failures, feats, zeros,
+                                 [net.total[k] for k in layer_list], event, positions[-1] + 1))
+                    bar.update(task, advance=len(positions), description=f"extract {split}")
+                    seen += len(positions)
+                writing.join()
+            del batch_iter  # stops the workers
             if mark is not None and seen > mark[0]:
                 summary.steady_images_per_second = (seen - mark[0]) / (time.perf_counter() - mark[1])
             summary.zero_fraction = net.zero_fraction()

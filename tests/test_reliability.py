@@ -99,6 +99,40 @@ def test_ten_kill_resume_cycles_give_the_uninterrupted_cache(tmp_path, folder400
     same_cache(ref, out)
 
 
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, folder400, decode):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the prefetch
+    thread, the writer thread and two DataLoader workers are busy: the process ends promptly
+    with exit code 130 and one line, the file opens as incomplete, and --resume completes it to
+    the uninterrupted cache."""
+    # two workers; 'device' is the GPU path's code run on the CPU (undocumented there)
+    args = [a if a != "0" or prev != "--workers" else "2" for prev, a in zip([None, *ARGS], ARGS)]
+    args += ["--decode", decode]
+    ref, out = tmp_path / "ref.h5", tmp_path / "out.h5"
+    assert run(["extract", folder400, "--out", ref, *args]).wait(timeout=300) == 0
+    p = run(["extract", folder400, "--out", out, *args])
+    deadline = time.monotonic() + 120
+    first = None  # wait for a commit after the file's creation (HDF5 locks it for reading)
+    while p.poll() is None and time.monotonic() < deadline:
+        if out.exists():
+            first = first or out.stat().st_mtime_ns
+            if out.stat().st_mtime_ns != first:
+                break
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert p.poll() is None, "finished before it could be interrupted"
+    t = time.monotonic()
+    os.killpg(p.pid, signal.SIGINT)
+    assert p.wait(timeout=30) == 130
+    assert time.monotonic() - t < 20
+    err = p.stderr.read()
+    assert "interrupted" in err and "Traceback" not in err, err
+    with h5py.File(out, "r") as f:
+        assert not f.attrs.get("complete") and sum(int(f[s].attrs["rows"]) for s in f) > 0
+    assert run(["extract", folder400, "--out", out, *args, "--resume"]).wait(timeout=300) == 0
+    same_cache(ref, out)
+
+
 def test_resume_cases(tmp_path, image_folder, runner):
     out = tmp_path / "c.h5"
     # no output yet: --resume starts from scratch

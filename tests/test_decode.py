@@ -1,0 +1,216 @@
+"""The GPU decode path's pieces, run on the CPU: EXIF orientation, batched preprocessing, packed
+worker batches, and the background threads of extract."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from featurekit import _decode, _pipeline
+from featurekit.models import Preprocess
+
+
+def _jpeg(w: int, h: int, seed: int = 0, orientation: int | None = None) -> bytes:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(max(2, h // 8), max(2, w // 8), 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+    buf = io.BytesIO()
+    if orientation is None:
+        img.save(buf, "JPEG", quality=92)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        img.save(buf, "JPEG", quality=92, exif=exif)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_matches_torchvision_and_pil(orientation):
+    """nvJPEG ignores EXIF orientation; apply_orientation must turn the image exactly as
+    torchvision's CPU decoder does (and as PIL's exif_transpose does)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = _jpeg(40, 24, seed=orientation, orientation=orientation)
+    assert _decode._pixel_guard(data) == orientation
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    ours = _decode.apply_orientation(decode_jpeg(raw, mode=ImageReadMode.RGB), orientation)
+    ref = decode_jpeg(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    assert ours.shape == ref.shape
+    assert torch.equal(ours, ref)
+    from featurekit.data import load_image
+
+    pil = torch.from_numpy(np.array(load_image(io.BytesIO(data)))).permute(2, 0, 1)
+    assert pil.shape == ours.shape
+    assert (pil.int() - ours.int()).abs().float().mean() < 3  # two JPEG decoders, same pose
+
+
+def test_pixel_guard_without_exif_and_for_bombs():
+    assert _decode._pixel_guard(_jpeg(20, 20)) == 1
+    data = bytearray(_jpeg(20, 20))
+    # SOF0 height/width fields -> 60000 x 60000 pixels, far over PIL's limit
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (60000).to_bytes(2, "big") * 2
+    from featurekit.data import DecodeError
+
+    with pytest.raises(DecodeError, match="too large"):
+        _decode._pixel_guard(bytes(data))
+
+
+PRE = [
+    Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear", True),
+    Preprocess(64, 64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic", True),
+    Preprocess(48, 40, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "nearest", False),
+    Preprocess(32, 40, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear", True),  # pads
+]
+
+
+@pytest.mark.parametrize("pre", PRE, ids=lambda p: f"{p.interpolation}-{p.resize_size}-{p.crop_size}")
+def test_batch_preprocess_matches_per_image_preprocess(pre):
+    """The device path's batched preprocessing gives the CPU path's numbers (uint8 resize,
+    crop, normalise) on images of every shape, and keeps ready rows as they are."""
+    rng = np.random.default_rng(0)
+    shapes = [(375, 500), (500, 375), (pre.resize_size, pre.resize_size), (31, 200), (640, 300),
+              (pre.resize_size, pre.resize_size + 7)]
+    images = {2 * k: torch.from_numpy(rng.integers(0, 256, size=(3, h, w), dtype=np.uint8))
+              for k, (h, w) in enumerate(shapes)}
+    ready = {5: torch.randn(3, pre.crop_size, pre.crop_size)}
+    batch = _decode.DecodedBatch(positions=list(range(12)), images=images, ready=ready, failures=[])
+    good, x = _decode.BatchPreprocess(pre, "cpu")(batch)
+    assert good == sorted([*images, 5])
+    assert x.shape == (len(good), 3, pre.crop_size, pre.crop_size)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    from torchvision.transforms.v2 import functional as F
+
+    per_image = _decode.TensorPreprocess(pre)
+    level = 1.0 / 255.0 / min(pre.std)  # one grey level, normalised
+    for k, i in enumerate(good):
+        if i in ready:
+            assert torch.equal(x[k], ready[i])
+            continue
+        # what torchvision does with a uint8 image on a GPU: resize in float, clamp, round
+        y = F.resize(images[i].float(), [pre.resize_size], interpolation=F.InterpolationMode(
+            pre.interpolation), antialias=pre.antialias)
+        y = F.center_crop(y.clamp(0, 255).round(), [pre.crop_size])
+        ref = F.normalize(y / 255.0, list(pre.mean), list(pre.std))
+        assert ref.shape == x[k].shape
+        assert (x[k] - ref).abs().max() < 1e-4
+        if pre.interpolation == "bilinear":
+            # and the CPU path (torchvision's uint8 kernel): within one grey level of rounding
+            assert (x[k] - per_image(images[i])).abs().max() <= level + 1e-5
+
+
+def test_packed_batch_round_trip(tmp_path):
+    """Workers pack a batch's JPEG bytes into one tensor; decoding them on the 'device' gives
+    the same pixels as decoding each file, PNGs arrive preprocessed, failures keep their reason,
+    and a damaged JPEG is either decoded by the PIL fallback or skipped — never a crash."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from featurekit.data import open_source
+
+    pre = Preprocess(40, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    folder = tmp_path / "imgs"
+    (folder / "a").mkdir(parents=True)
+    jpegs = {f"j{k}.jpg": _jpeg(30 + 7 * k, 50 - 3 * k, seed=k, orientation=1 + k % 8) for k in range(5)}
+    for name, data in jpegs.items():
+        (folder / "a" / name).write_bytes(data)
+    Image.new("RGB", (33, 44), (10, 200, 30)).save(folder / "a" / "p.png")
+    (folder / "a" / "broken.jpg").write_bytes(jpegs["j0.jpg"][:40])  # header, no image data
+    src = open_source(folder, val_fraction=0, test_fraction=0)
+    items = src.splits["train"]
+    ds = _decode.BytesDataset(src, items, pre)
+    packed = _decode.collate_packed([ds[i] for i in range(len(items))])
+    names = [it.path.split("/")[-1] for it in items]
+    assert sorted(names[i] for i in packed.jpeg_positions) == sorted([*jpegs, "broken.jpg"])
+    assert [names[i] for i in packed.ready_positions] == ["p.png"]
+    assert packed.blob.numel() == packed.offsets[-1] == sum(map(len, jpegs.values())) + 40
+
+    out = _decode.decode_on_device(packed, "cpu", ds.pil_transform)
+    assert out.positions == list(range(len(items)))
+    failed = {names[i]: reason for i, reason in out.failures}
+    assert set(failed) <= {"broken.jpg"}
+    assert set(out.images) | set(out.ready) | {i for i, _ in out.failures} == set(range(len(items)))
+    for i in out.images:
+        raw = torch.frombuffer(bytearray(jpegs[names[i]]), dtype=torch.uint8)
+        ref = decode_jpeg(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        assert torch.equal(out.images[i], ref)
+    png = names.index("p.png")
+    assert out.ready[png].shape == (3, 32, 32)
+
+
+def test_prefetcher_keeps_order_and_raises_in_the_consumer():
+    with _pipeline.Prefetcher(iter(range(50)), lambda v: v * v) as it:
+        assert list(it) == [v * v for v in range(50)]
+
+    def boom(v):
+        if v == 7:
+            raise ValueError("bad item 7")
+        return v
+
+    seen = []
+    with pytest.raises(ValueError, match="bad item 7"):
+        with _pipeline.Prefetcher(iter(range(50)), boom) as it:
+            for v in it:
+                seen.append(v)
+    assert seen == list(range(7))
+
+
+def test_prefetcher_close_stops_a_producer_that_is_ahead():
+    produced = []
+
+    def slow(v):
+        produced.append(v)
+        return v
+
+    p = _pipeline.Prefetcher(iter(range(10_000)), slow, depth=2)
+    it = iter(p)
+    assert next(it) == 0
+    time.sleep(0.2)
+    p.close()
+    assert not p._thread.is_alive()
+    assert len(produced) <= 5  # depth 2 ahead, not the whole input
+
+
+def test_consumer_in_order_errors_and_close():
+    got = []
+    with _pipeline.Consumer(got.append, depth=2) as c:
+        for v in range(100):
+            c.put(v)
+        c.join()
+    assert got == list(range(100))
+
+    def fail(v):
+        if v == 3:
+            raise OSError("disk full")
+        got2.append(v)
+
+    got2: list[int] = []
+    c = _pipeline.Consumer(fail, depth=1)
+    with pytest.raises(OSError, match="disk full"):
+        for v in range(100):
+            c.put(v)
+        c.join()
+    c.close()
+    assert got2 == [0, 1, 2]
+
+    # close(): the item in progress finishes, the rest are dropped, nothing runs afterwards
+    started, release, done = threading.Event(), threading.Event(), []
+
+    def slow(v):
+        started.set()
+        release.wait(5)
+        done.append(v)
+
+    c = _pipeline.Consumer(slow, depth=4)
+    c.put(0)
+    started.wait(5)
+    for v in range(1, 4):
+        c.put(v)
+    threading.Timer(0.2, release.set).start()
+    c.close()
+    assert done == [0]

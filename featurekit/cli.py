@@ -131,8 +131,9 @@ def extract(
         _print_json(summary.to_dict())
         return
     dims = ", ".join(f"{k} {v}-d" for k, v in summary.layers.items())
+    resumed = f"; {summary.processed} read in this run" if summary.processed < summary.images else ""
     _err(
-        f"extracted {summary.rows} images ({summary.skipped} skipped) with {summary.model} "
+        f"extracted {summary.rows} images ({summary.skipped} skipped{resumed}) with {summary.model} "
         f"[{summary.weights}, {summary.device}, {summary.precision}] in {summary.seconds:.1f} s "
         f"({summary.images_per_second:.1f} img/s): {dims} -> {summary.out}"
     )

@@ -31,7 +31,8 @@ class ExtractSummary:
     precision: str
     layers: dict[str, int]
     splits: dict[str, dict[str, int]] = field(default_factory=dict)
-    images: int = 0
+    images: int = 0  # in the cache (rows + skipped), earlier runs' included after --resume
+    processed: int = 0  # images this run read; images_per_second is over these
     rows: int = 0
     skipped: int = 0
     seconds: float = 0.0
@@ -203,7 +204,7 @@ def extract(
 
     writer = _resumable(out_path, options, commit_seconds, log) if resume else None
     if writer == "complete":
-        return _summarise(summary, out_path, 0.0)
+        return _summarise(summary, out_path, 0.0, 0)
     if writer is None:
         if out_path.exists():  # --overwrite: the old file goes only now that the run can start
             out_path.unlink()
@@ -326,7 +327,7 @@ def extract(
         raise
     except OSError as exc:  # the writer reports its own failures as OutputError already
         raise OutputError(f"writing {out_path} failed: {exc}; the partial cache is marked incomplete") from None
-    return _summarise(summary, out_path, time.perf_counter() - started)
+    return _summarise(summary, out_path, time.perf_counter() - started, seen)
 
 
 def _resumable(out_path: Path, options: dict[str, Any], commit_seconds: float, log):
@@ -366,8 +367,9 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _summarise(summary: ExtractSummary, out_path: Path, seconds: float) -> ExtractSummary:
-    """Fill the summary's counts from the cache itself (a resumed run's included)."""
+def _summarise(summary: ExtractSummary, out_path: Path, seconds: float, processed: int) -> ExtractSummary:
+    """Fill the summary's counts from the cache itself (a resumed run's included); the rate is
+    over the ``processed`` images of this run."""
     from featurekit.cache import open_cache
 
     with open_cache(out_path) as c:
@@ -377,5 +379,6 @@ def _summarise(summary: ExtractSummary, out_path: Path, seconds: float) -> Extra
     summary.rows = sum(v["rows"] for v in summary.splits.values())
     summary.skipped = sum(v["skipped"] for v in summary.splits.values())
     summary.images = summary.rows + summary.skipped
-    summary.images_per_second = summary.images / seconds if seconds > 0 else 0.0
+    summary.processed = processed
+    summary.images_per_second = processed / seconds if seconds > 0 else 0.0
     return summary

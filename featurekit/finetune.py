@@ -178,17 +178,56 @@ class _Labelled:
         return self.transform(self.source.load(it)), it.label
 
 
-def _decodable(source, items) -> tuple[list, list[tuple[str, str]]]:
-    from featurekit.data import DecodeError
+class _Check:
+    """index -> (index, reason or ""): whether one image decodes (run in DataLoader workers)."""
 
-    good, bad = [], []
-    for it in items:
+    def __init__(self, source, items) -> None:
+        self.source, self.items = source, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, str]:
+        from featurekit.data import DecodeError
+
         try:
-            source.load(it)
-            good.append(it)
+            self.source.load(self.items[i])
+            return i, ""
         except DecodeError as exc:
-            bad.append((it.path, str(exc)))
-    return good, bad
+            return i, str(exc)
+
+
+def _as_list(batch):
+    return batch
+
+
+def _decodable(source, items, workers: int, dist_info: _Dist, bar=None) -> tuple[list, list[tuple[str, str]]]:
+    """The items that decode, and (path, reason) for those that do not.
+
+    Every image is decoded once before training, so that a damaged file is reported up front
+    and every rank trains on the same list (DDP needs the same number of steps on each rank).
+    The check is split across ranks and, within a rank, across DataLoader workers.
+    """
+    import torch
+
+    mine = list(range(dist_info.rank, len(items), dist_info.world))
+    loader = torch.utils.data.DataLoader(_Check(source, items), sampler=mine, batch_size=32,
+                                         num_workers=workers, collate_fn=_as_list)
+    task = bar.add_task("checking images", total=len(mine)) if bar is not None else None
+    bad = []
+    for batch in loader:
+        bad.extend((i, reason) for i, reason in batch if reason)
+        if task is not None:
+            bar.advance(task, len(batch))
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * dist_info.world
+        dist.all_gather_object(gathered, bad)
+        bad = [b for part in gathered for b in part]
+    reasons = dict(bad)
+    return ([it for i, it in enumerate(items) if i not in reasons],
+            [(items[i].path, reasons[i]) for i in sorted(reasons)])
 
 
 # --------------------------------------------------------------------------- distributed
@@ -389,8 +428,12 @@ def finetune(
         log(f"{opts.model}: training {', '.join(layers)}; trainable parameters {trainable:,} of "
             f"{total:,} ({trainable / total:.1%})")
     net.to(dev, memory_format=torch.channels_last)
-    train_items, bad_train = _decodable(src, src.splits["train"])
-    val_items, bad_val = _decodable(src, src.splits.get("val", []))
+    n_workers = default_workers(dev) if workers is None else workers
+    from featurekit._progress import progress_bar
+
+    with progress_bar(enabled=progress and dist_info.main, unit="img") as bar:
+        train_items, bad_train = _decodable(src, src.splits["train"], n_workers, dist_info, bar)
+        val_items, bad_val = _decodable(src, src.splits.get("val", []), n_workers, dist_info, bar)
     if dist_info.main and (bad_train or bad_val):
         log(f"skipping {len(bad_train) + len(bad_val)} undecodable file(s), e.g. "
             f"{(bad_train + bad_val)[0][0]}: {(bad_train + bad_val)[0][1]}")
@@ -437,11 +480,9 @@ def finetune(
         model_for_step = DDP(net, device_ids=[dist_info.local_rank] if dev.startswith("cuda") else None)
 
     on_cuda = dev.startswith("cuda")
-    n_workers = default_workers(dev) if workers is None else workers
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
     scaler = torch.amp.GradScaler(enabled=prec == "fp16" and on_cuda)
     loss_fn = torch.nn.CrossEntropyLoss()
-    from featurekit._progress import progress_bar
 
     def batches(ds, sampler):
         return torch.utils.data.DataLoader(

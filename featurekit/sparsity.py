@@ -13,6 +13,7 @@ the device, so memory does not grow with the number of images.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -183,34 +184,47 @@ def sparsity(
 
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
     n_workers = default_workers(dev) if workers is None else workers
-    per_weights: dict[str, dict[str, dict[str, float]]] = {}
-    order: list[str] = []
-    with progress_bar(enabled=progress) as bar:
-        for given, spec in zip(all_weights, specs):
-            backbone = models.build_backbone(model if spec.model_name is None else None, spec,
-                                             seed=seed, image_size=image_size)
-            net = backbone.model.to(dev, memory_format=torch.channels_last).eval()
-            modules = resnet_modules(net, layer_list, blocks)
-            order = order or list(modules)
-            from featurekit._decode import CpuDataset
+    # every model is built before any pass: a bad checkpoint fails in seconds, not after a pass
+    nets, names = [], []
+    for given, spec in zip(all_weights, specs):
+        backbone = models.build_backbone(model if spec.model_name is None else None, spec,
+                                         seed=seed, image_size=image_size)
+        net = backbone.model.to(dev, memory_format=torch.channels_last).eval()
+        nets.append((given, backbone.preprocess, net, resnet_modules(net, layer_list, blocks)))
+        names.append(backbone.name)
+    order = list(nets[0][3])
+    if any(list(m) != order for *_, m in nets):
+        raise FeaturekitError(
+            "--blocks compares block by block, so every weights must be of the same model; "
+            f"got {', '.join(dict.fromkeys(names))}"
+        )
+    # weights with the same preprocessing share one decoding pass
+    groups: dict[str, list[Any]] = {}
+    for entry in nets:
+        groups.setdefault(json.dumps(entry[1].to_dict(), sort_keys=True), []).append(entry)
 
-            ds = CpuDataset(src, items, backbone.preprocess)  # extract's CPU decoding
+    from featurekit._decode import CpuDataset
+
+    per_weights: dict[str, dict[str, dict[str, float]]] = {}
+    with progress_bar(enabled=progress) as bar:
+        for group in groups.values():
+            ds = CpuDataset(src, items, group[0][1])  # extract's CPU decoding
             loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=n_workers,
                                                  collate_fn=data.collate, pin_memory=dev.startswith("cuda"))
-            task = bar.add_task(f"sparsity {given}", total=len(ds))
-
-            def batches():
+            task = bar.add_task(f"sparsity {', '.join(g[0] for g in group)}", total=len(ds))
+            with contextlib.ExitStack() as stack, torch.inference_mode():
+                recorders = [stack.enter_context(Recorder(net, modules)) for _, _, net, modules in group]
                 for positions, _, x, _ in loader:
                     bar.advance(task, len(positions))
-                    if x is not None:
-                        yield x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-
-            def forward(x):
-                with torch.autocast(dev.split(":")[0], dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None):
-                    return net(x)
-
-            per_weights[given] = collect(net, batches(), modules, dead_threshold, forward)
+                    if x is None:
+                        continue
+                    x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                    for _, _, net, _ in group:
+                        with torch.autocast(dev.split(":")[0], dtype=autocast_dtype or torch.float32,
+                                            enabled=autocast_dtype is not None):
+                            net(x)
+            for (given, *_), rec in zip(group, recorders):
+                per_weights[given] = {name: st.result(dead_threshold) for name, st in rec.stats.items()}
     return {
         "weights": all_weights,
         "layers": [

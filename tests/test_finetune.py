@@ -121,7 +121,16 @@ def test_killed_run_resumes_from_its_last_epoch(tmp_path, image_folder):
 
 
 def test_two_process_gloo_run(tmp_path, image_folder):
+    """torchrun with two ranks; undecodable files are found by both ranks together (each checks
+    its share) and reported once, by rank 0."""
+    from featurekit.data import open_source
+
     run = tmp_path / "ddp"
+    for k in range(6):
+        (image_folder / ["cat", "dog", "owl"][k % 3] / f"broken{k}.jpg").write_bytes(b"\xff\xd8\xff no")
+    src = open_source(image_folder)
+    checked = [it.path for s in ("train", "val") for it in src.splits[s] if "broken" in it.path]
+    assert checked  # some land in the splits finetune checks (test is not read)
     import socket
 
     with socket.socket() as s:  # a free port for the rendezvous (port 0 makes torchrun hang)
@@ -137,6 +146,7 @@ def test_two_process_gloo_run(tmp_path, image_folder):
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count(f"skipping {len(checked)} undecodable file(s)") == 1, r.stderr[-3000:]
     summary = json.loads(r.stdout)  # rank 0 alone prints
     assert summary["epochs_run"] == 1
     rows = list(csv.DictReader(open(run / "metrics.csv")))

@@ -133,6 +133,31 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, folder400, decode):
     same_cache(ref, out)
 
 
+def test_resumed_run_reports_its_own_images(tmp_path, image_folder, monkeypatch):
+    """After --resume the summary counts the whole cache, but the rate (and `processed`) only
+    the images this run read."""
+    from featurekit.cache import CacheWriter
+
+    kw = dict(model="resnet18", weights="none", image_size=32, device="cpu", workers=0,
+              batch_size=2, commit_seconds=0, progress=False)
+    out = tmp_path / "c.h5"
+    real, calls = CacheWriter.advance, []
+
+    def advance(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(CacheWriter, "advance", advance)
+    with pytest.raises(KeyboardInterrupt):
+        extract(image_folder, out, **kw)
+    monkeypatch.setattr(CacheWriter, "advance", real)
+    s = extract(image_folder, out, resume=True, **kw)
+    assert s.images == 18 and s.processed == 18 - 3 * 2  # three batches of two were committed
+    assert s.images_per_second == pytest.approx(s.processed / s.seconds)
+
+
 def test_resume_cases(tmp_path, image_folder, runner):
     out = tmp_path / "c.h5"
     # no output yet: --resume starts from scratch

@@ -129,3 +129,43 @@ def test_bad_input(tmp_path, image_folder, runner):
     assert r.exit_code == 2 and "--dead-threshold" in r.stderr
     r = invoke(runner, "sparsity", image_folder, *TINY, "--split", "holdout")
     assert r.exit_code == 2 and "no split 'holdout'" in r.stderr
+
+
+def test_compared_weights_share_one_decoding_pass(tmp_path, image_folder, monkeypatch):
+    """Weights with the same preprocessing are measured in one pass over the images: each image
+    is decoded once, and every column equals that weights measured alone."""
+    from torchvision.models import resnet18
+
+    from featurekit import _decode
+
+    torch.manual_seed(5)
+    other = tmp_path / "other.pt"
+    torch.save(resnet18().state_dict(), other)
+    kw = dict(model="resnet18", image_size=32, device="cpu", workers=0, progress=False,
+              layers="layer2,layer4", split="train", val_fraction=0, test_fraction=0)
+    alone = {w: sparsity(image_folder, weights=w, **kw) for w in ("none", str(other))}
+    calls = []
+    real = _decode.CpuDataset.__getitem__
+    monkeypatch.setattr(_decode.CpuDataset, "__getitem__",
+                        lambda self, i: (calls.append(i), real(self, i))[1])
+    both = sparsity(image_folder, weights="none", compare=[str(other)], **kw)
+    assert sorted(calls) == list(range(18))  # 18 images, each decoded once
+    for row in both["layers"]:
+        for w, result in alone.items():
+            (ref,) = [r for r in result["layers"] if r["layer"] == row["layer"]]
+            for key in ("zero_fraction", "dead_channel_fraction", "mean_activation"):
+                assert row[key][w] == pytest.approx(ref[key][w], rel=1e-12)
+    assert both["layers"][0]["zero_fraction"]["none"] != both["layers"][0]["zero_fraction"][str(other)]
+
+
+def test_blocks_need_one_model(tmp_path, image_folder, runner):
+    from featurekit.finetune import finetune
+
+    finetune(image_folder, tmp_path / "run", model="resnet34", weights="none", image_size=32,
+             device="cpu", workers=0, batch_size=8, epochs=1, progress=False, log=lambda *a: None)
+    ckpt = tmp_path / "run" / "best.pt"  # a checkpoint names its model: resnet34
+    r = invoke(runner, "sparsity", image_folder, *TINY, "--compare", ckpt, "--blocks")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "same model" in r.stderr, r.stderr
+    assert "resnet18, resnet34" in r.stderr
+    r = invoke(runner, "sparsity", image_folder, *TINY, "--compare", ckpt, "--json")
+    assert r.exit_code == 0, r.stderr  # stage by stage, different models compare fine

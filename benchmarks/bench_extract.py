@@ -281,7 +281,11 @@ def extract_process(folder: Path, model: str, device: str, out: Path, extra: lis
     if r.returncode != 0:
         sys.exit(f"extract failed: {r.stderr[-2000:]}")
     s = json.loads(r.stdout)
-    return {"process_seconds": wall, "process_images_per_second": s["images"] / wall,
+    import h5py
+
+    with h5py.File(out, "r") as f:  # which decode path really ran (nvJPEG may fall back)
+        decode = f.attrs["decode"]
+    return {"decode": decode, "precision": s["precision"], "process_seconds": wall, "process_images_per_second": s["images"] / wall,
             "pass_images_per_second": s["images_per_second"],
             "steady_images_per_second": s.get("steady_images_per_second")}
 
@@ -380,7 +384,8 @@ def throughput_suite(args: argparse.Namespace) -> dict:
         for k, v in r.items():
             if isinstance(v, dict):
                 v = (f"steady {v['steady_images_per_second'] or float('nan'):,.1f}, whole process "
-                     f"{v['process_images_per_second']:,.1f} ({v['process_seconds']:.1f} s)")
+                     f"{v['process_images_per_second']:,.1f} ({v['process_seconds']:.1f} s; "
+                     f"{v['decode']}, {v['precision']})")
             else:
                 v = f"{v:,.3f}" if k.startswith("ratio") else f"{v:,.1f}"
             print(f"  {k:34s} {v}")

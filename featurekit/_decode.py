@@ -147,6 +147,23 @@ class CpuDataset:
             return i, None, f"{type(exc).__name__}: {exc}"
 
 
+def nvjpeg_problem(device: str) -> str | None:
+    """None when torchvision can decode a JPEG on ``device`` (a CUDA device), else why not
+    (e.g. a torchvision built without nvJPEG): checked once, before a run relies on it."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+    try:
+        data = encode_jpeg(torch.full((3, 16, 16), 128, dtype=torch.uint8))
+        img = decode_jpeg([data], mode=ImageReadMode.RGB, device=device)[0]
+        if tuple(img.shape) != (3, 16, 16) or img.device.type != "cuda":
+            return f"decoded to {tuple(img.shape)} on {img.device}"
+        return None
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return f"{type(exc).__name__}: {first}"[:200]
+
+
 class BytesDataset:
     """position -> (position, kind, payload, reason) for the ``device`` path, packed per batch
     by :func:`collate_packed`: ``("jpeg", (bytes, EXIF orientation))`` for JPEGs, ``("ready",

@@ -147,6 +147,15 @@ def extract(
     on_cuda = dev.startswith("cuda")
     if decode == "gpu" and not on_cuda:
         raise FeaturekitError("--decode gpu needs a CUDA --device; use --decode cpu")
+    if on_cuda and decode in ("auto", "gpu"):
+        from featurekit._decode import nvjpeg_problem
+
+        problem = nvjpeg_problem(dev)
+        if problem and decode == "gpu":
+            raise DeviceError(f"--decode gpu: nvJPEG does not work here ({problem}); use --decode cpu")
+        if problem:
+            (log or _stderr)(f"warning: nvJPEG does not work here ({problem}); decoding on the CPU")
+            decode = "cpu"
     decode = ("device" if on_cuda else "cpu") if decode == "auto" else ("device" if decode == "gpu" else decode)
     batch_size = batch_size or (256 if on_cuda else 64)  # fill the GPU; CPU gains nothing past 64
     out_path = check_output(out, overwrite or resume)

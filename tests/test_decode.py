@@ -214,3 +214,13 @@ def test_consumer_in_order_errors_and_close():
     threading.Timer(0.2, release.set).start()
     c.close()
     assert done == [0]
+
+
+def test_nvjpeg_probe_explains_instead_of_raising():
+    """extract probes nvJPEG once on CUDA (auto: falls back to the CPU path with a warning;
+    --decode gpu: one-line error). The probe itself never raises."""
+    problem = _decode.nvjpeg_problem("cpu")
+    assert problem is not None and "on cpu" in problem  # decodes, but not onto a GPU
+    if not torch.cuda.is_available():
+        problem = _decode.nvjpeg_problem("cuda")
+        assert isinstance(problem, str) and "\n" not in problem and len(problem) <= 200

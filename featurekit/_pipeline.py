@@ -106,6 +106,8 @@ class Prefetcher:
             timeout -= 0.05
             if timeout <= 0:
                 break  # a daemon thread stuck in a DataLoader worker: left behind
+        if not self._thread.is_alive():
+            self._it = None  # the caller's reference alone now keeps a DataLoader's workers
 
     def __enter__(self) -> Prefetcher:
         return self

@@ -321,13 +321,16 @@ class BatchPreprocess:
         c = self.p.crop_size
         x = torch.empty((len(good), 3, c, c), dtype=torch.float32, device=self.device,
                         memory_format=torch.channels_last)
+        # images of one size (common: one camera, one dataset's export) are resized together
+        by_size: dict[tuple[int, int], list[int]] = {}
         for k, i in enumerate(good):
             img = batch.images.get(i)
-            if img is None:
-                continue
-            h, w = img.shape[-2:]
+            if img is not None:
+                by_size.setdefault(tuple(img.shape[-2:]), []).append(k)
+        for (h, w), rows in by_size.items():
+            imgs = [batch.images[good[k]] for k in rows]
+            y = (imgs[0][None] if len(imgs) == 1 else torch.stack(imgs)).float()
             nh, nw = self.resized_size(h, w)
-            y = img[None].float()
             if (nh, nw) != (h, w):
                 y = nnf.interpolate(y, size=(nh, nw), mode=self.mode,
                                     align_corners=self.align_corners, antialias=self.antialias)
@@ -336,7 +339,12 @@ class BatchPreprocess:
             else:
                 top, left = int(round((nh - c) / 2.0)), int(round((nw - c) / 2.0))
                 y = y[..., top:top + c, left:left + c]
-            x[k].copy_(y[0])
+            if len(rows) == 1:
+                x[rows[0]].copy_(y[0])
+            elif rows == list(range(rows[0], rows[0] + len(rows))):
+                x[rows[0]:rows[0] + len(rows)].copy_(y)
+            else:
+                x[torch.tensor(rows, device=x.device)] = y
         if self.round:
             x.round_().clamp_(0, 255)
         x.mul_(self.scale).sub_(self.shift)

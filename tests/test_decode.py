@@ -75,12 +75,13 @@ def test_batch_preprocess_matches_per_image_preprocess(pre):
     """The device path's batched preprocessing gives the CPU path's numbers (uint8 resize,
     crop, normalise) on images of every shape, and keeps ready rows as they are."""
     rng = np.random.default_rng(0)
+    # some sizes repeat (resized together): in rows next to each other and apart
     shapes = [(375, 500), (500, 375), (pre.resize_size, pre.resize_size), (31, 200), (640, 300),
-              (pre.resize_size, pre.resize_size + 7)]
+              (pre.resize_size, pre.resize_size + 7), (90, 60), (90, 60), (375, 500), (31, 200)]
     images = {2 * k: torch.from_numpy(rng.integers(0, 256, size=(3, h, w), dtype=np.uint8))
               for k, (h, w) in enumerate(shapes)}
     ready = {5: torch.randn(3, pre.crop_size, pre.crop_size)}
-    batch = _decode.DecodedBatch(positions=list(range(12)), images=images, ready=ready, failures=[])
+    batch = _decode.DecodedBatch(positions=list(range(2 * len(shapes))), images=images, ready=ready, failures=[])
     good, x = _decode.BatchPreprocess(pre, "cpu")(batch)
     assert good == sorted([*images, 5])
     assert x.shape == (len(good), 3, pre.crop_size, pre.crop_size)

@@ -380,6 +380,9 @@ def finetune(
             raise FeaturekitError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
     if epochs < 1 or batch_size < 1:
         raise FeaturekitError("--epochs and --batch-size must be positive")
+    if batch_size == 1 and (layers != ["fc"] or head == "mlp"):
+        raise FeaturekitError("--batch-size 1 cannot train BatchNorm layers; use 2 or more "
+                              "(or --train-layers fc with the linear head)")
     dev = resolve_device(device)
     dist_info = _init_distributed(dev)
     if dev == "cuda" and dist_info.world > 1:
@@ -437,8 +440,8 @@ def finetune(
     if dist_info.main and (bad_train or bad_val):
         log(f"skipping {len(bad_train) + len(bad_val)} undecodable file(s), e.g. "
             f"{(bad_train + bad_val)[0][0]}: {(bad_train + bad_val)[0][1]}")
-    if not train_items:
-        raise FeaturekitError("no decodable training images")
+    if len(train_items) < 2:
+        raise FeaturekitError(f"finetune needs at least 2 decodable training images, got {len(train_items)}")
     train_ds = _Labelled(src, train_items, train_transform(backbone.preprocess, augment))
     val_ds = _Labelled(src, val_items, backbone.preprocess.transform())
     params = [p for p in net.parameters() if p.requires_grad]
@@ -484,10 +487,10 @@ def finetune(
     scaler = torch.amp.GradScaler(enabled=prec == "fp16" and on_cuda)
     loss_fn = torch.nn.CrossEntropyLoss()
 
-    def batches(ds, sampler):
+    def batches(ds, sampler, drop_last=False):
         return torch.utils.data.DataLoader(
             ds, batch_size=batch_size, sampler=sampler, num_workers=n_workers,
-            pin_memory=on_cuda, drop_last=False, prefetch_factor=4 if n_workers else None,
+            pin_memory=on_cuda, drop_last=drop_last, prefetch_factor=4 if n_workers else None,
         )
 
     from torch.utils.data.distributed import DistributedSampler
@@ -496,6 +499,10 @@ def finetune(
     train_sampler = DistributedSampler(train_ds, num_replicas=dist_info.world, rank=dist_info.rank,
                                        shuffle=True, seed=seed)
     val_shard = list(range(dist_info.rank, len(val_ds), dist_info.world))  # exact, no padding
+    # a last batch of one image cannot train BatchNorm (one value per channel after layer4 at
+    # small sizes, or in the mlp head): leave that image out of this epoch (shuffled: another
+    # one each epoch)
+    drop_single = len(train_sampler) % batch_size == 1
 
     epochs_run = 0
     for epoch in range(start_epoch, epochs + 1):
@@ -507,8 +514,8 @@ def finetune(
         set_train_mode(net, layers)
         sums = [0.0, 0.0, 0.0]  # loss*n, correct, n
         with progress_bar(enabled=progress and dist_info.main, unit="img") as bar:
-            task = bar.add_task(f"epoch {epoch}/{epochs}", total=len(train_sampler))
-            for x, y in batches(train_ds, train_sampler):
+            task = bar.add_task(f"epoch {epoch}/{epochs}", total=len(train_sampler) - drop_single)
+            for x, y in batches(train_ds, train_sampler, drop_last=drop_single):
                 x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 y = y.to(dev, non_blocking=True)
                 with torch.autocast(dev.split(":")[0], dtype=autocast_dtype or torch.float32,

@@ -204,3 +204,23 @@ def test_digits_acceptance(tmp_path, runner):
     assert r.exit_code == 0, r.stderr
     r = invoke(runner, "fit", tmp_path / "ft.h5", "--head", "svm", "--out", tmp_path / "h.joblib", "--json")
     assert json.loads(r.stdout)["accuracy"] >= 0.93
+
+
+def test_a_last_batch_of_one_image_is_left_out(tmp_path, image_folder, runner):
+    """At 32 px layer4's output is 1x1: a batch of one image cannot train BatchNorm. The last
+    batch of one is left out of that epoch (another image each epoch); --batch-size 1 is
+    refused with one line where BatchNorm trains."""
+    from featurekit.data import open_source
+
+    n_train = len(open_source(image_folder).splits["train"])
+    bs = n_train - 1  # epoch = one full batch + a batch of one
+    s = finetune(image_folder, tmp_path / "run", model="resnet18", weights="none", image_size=32,
+                 device="cpu", workers=0, batch_size=bs, epochs=2, progress=False,
+                 log=lambda *a: None)
+    assert s["epochs_run"] == 2  # (this raised BatchNorm's ValueError before)
+    base = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--device", "cpu",
+            "--workers", "0", "--no-progress", "--batch-size", "1", "--epochs", "1"]
+    r = invoke(runner, "finetune", image_folder, "--out", tmp_path / "r1", *base)
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "--batch-size 1" in r.stderr
+    r = invoke(runner, "finetune", image_folder, "--out", tmp_path / "r2", *base, "--train-layers", "fc")
+    assert r.exit_code == 0, r.stderr  # a linear head alone trains on single images

@@ -193,6 +193,12 @@ class CacheWriter:
                 for name in ("path", "reason"):  # skipped entries written after the last commit
                     if sg[name].shape[0] != k:
                         sg[name].resize(k, axis=0)
+                # Shrinking clears a partly kept chunk only in memory: a kill during the flush
+                # of an earlier resume could leave the shape cut on disk but the chunk's tail
+                # stale (reproduced by the kill test). Clear string tails on disk, every time.
+                _clear_strings_past(g["paths"], rows)
+                for name in ("path", "reason"):
+                    _clear_strings_past(sg[name], k)
                 self._buffers[split] = _Buffer(next_index=int(g.attrs["next_index"]))
             self._f.flush()
         except BaseException:
@@ -329,6 +335,32 @@ class CacheWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _clear_strings_past(ds, keep: int) -> None:
+    """Zero, in the file, the string references of elements ``keep`` and after in the chunk
+    that holds element ``keep`` (chunks wholly past the extent are gone already).
+
+    Written as raw chunk bytes on purpose: an ordinary write converts strings and first frees
+    the heap objects the old references name, which after a kill may never have reached the
+    disk ("bad heap index"). A zeroed reference is an empty string, HDF5's fill value.
+    """
+    c = ds.chunks[0]
+    first = (keep // c) * c
+    if ds.shape[0] < first + c:  # the chunk API only reaches chunks inside the extent
+        ds.resize(first + c, axis=0)
+    try:
+        if ds.id.get_chunk_info_by_coord((first,)).byte_offset is None:
+            return  # not in the file
+        mask, raw = ds.id.read_direct_chunk((first,))
+        if mask:  # a filtered chunk: not how featurekit writes strings; leave it to HDF5
+            return
+        cut = (keep - first) * (len(raw) // c)
+        if any(raw[cut:]):
+            ds.id.write_direct_chunk((first,), raw[:cut] + bytes(len(raw) - cut))
+    finally:
+        if ds.shape[0] != keep:
+            ds.resize(keep, axis=0)
 
 
 def _row_datasets(g) -> list[Any]:

@@ -158,6 +158,45 @@ def test_resumed_run_reports_its_own_images(tmp_path, image_folder, monkeypatch)
     assert s.images_per_second == pytest.approx(s.processed / s.seconds)
 
 
+def test_resume_survives_stale_string_references(tmp_path, image_folder, monkeypatch):
+    """A kill during a flush can leave, past the committed rows, string references to heap
+    objects that never reached the disk, with the dataset's shape already cut (seen in the kill
+    test). Overwriting such a slot made HDF5 free a missing object ("bad heap index"); resume
+    must clear them and finish with the uninterrupted cache."""
+    import struct
+
+    from featurekit.cache import CacheWriter
+
+    kw = dict(model="resnet18", weights="none", image_size=32, device="cpu", workers=0,
+              batch_size=2, commit_seconds=0, progress=False, val_fraction=0, test_fraction=0)
+    ref, out = tmp_path / "ref.h5", tmp_path / "out.h5"
+    extract(image_folder, ref, **kw)
+    real, calls = CacheWriter.advance, []
+
+    def advance(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(CacheWriter, "advance", advance)
+    with pytest.raises(KeyboardInterrupt):
+        extract(image_folder, out, **kw)
+    monkeypatch.setattr(CacheWriter, "advance", real)
+    with h5py.File(out, "r+") as f:
+        g = f["train"]
+        rows = int(g.attrs["rows"])
+        assert rows == 4
+        ds = g["paths"]
+        ds.resize(rows, axis=0)  # the cut shape reached the disk...
+        mask, raw = ds.id.read_direct_chunk((0,))
+        size = len(raw) // ds.chunks[0]  # ...but not the cleared tail of its chunk
+        bogus = struct.pack("<IQI", 15, 800, 90).ljust(size, b"\0")
+        ds.id.write_direct_chunk((0,), raw[:rows * size] + bogus * (len(raw) // size - rows), mask)
+    extract(image_folder, out, resume=True, **kw)
+    same_cache(ref, out)
+
+
 def test_resume_cases(tmp_path, image_folder, runner):
     out = tmp_path / "c.h5"
     # no output yet: --resume starts from scratch

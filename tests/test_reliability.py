@@ -133,26 +133,31 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, folder400, decode):
     same_cache(ref, out)
 
 
-def test_resumed_run_reports_its_own_images(tmp_path, image_folder, monkeypatch):
-    """After --resume the summary counts the whole cache, but the rate (and `processed`) only
-    the images this run read."""
+def interrupt_after(batches: int, monkeypatch, source, out, **kw) -> None:
+    """An extract interrupted (KeyboardInterrupt in the writer) after ``batches`` batches."""
     from featurekit.cache import CacheWriter
 
-    kw = dict(model="resnet18", weights="none", image_size=32, device="cpu", workers=0,
-              batch_size=2, commit_seconds=0, progress=False)
-    out = tmp_path / "c.h5"
     real, calls = CacheWriter.advance, []
 
     def advance(self, *a, **k):
         calls.append(1)
-        if len(calls) == 4:
+        if len(calls) > batches:
             raise KeyboardInterrupt
         return real(self, *a, **k)
 
     monkeypatch.setattr(CacheWriter, "advance", advance)
     with pytest.raises(KeyboardInterrupt):
-        extract(image_folder, out, **kw)
+        extract(source, out, **kw)
     monkeypatch.setattr(CacheWriter, "advance", real)
+
+
+def test_resumed_run_reports_its_own_images(tmp_path, image_folder, monkeypatch):
+    """After --resume the summary counts the whole cache, but the rate (and `processed`) only
+    the images this run read."""
+    kw = dict(model="resnet18", weights="none", image_size=32, device="cpu", workers=0,
+              batch_size=2, commit_seconds=0, progress=False)
+    out = tmp_path / "c.h5"
+    interrupt_after(3, monkeypatch, image_folder, out, **kw)
     s = extract(image_folder, out, resume=True, **kw)
     assert s.images == 18 and s.processed == 18 - 3 * 2  # three batches of two were committed
     assert s.images_per_second == pytest.approx(s.processed / s.seconds)
@@ -165,24 +170,11 @@ def test_resume_survives_stale_string_references(tmp_path, image_folder, monkeyp
     must clear them and finish with the uninterrupted cache."""
     import struct
 
-    from featurekit.cache import CacheWriter
-
     kw = dict(model="resnet18", weights="none", image_size=32, device="cpu", workers=0,
               batch_size=2, commit_seconds=0, progress=False, val_fraction=0, test_fraction=0)
     ref, out = tmp_path / "ref.h5", tmp_path / "out.h5"
     extract(image_folder, ref, **kw)
-    real, calls = CacheWriter.advance, []
-
-    def advance(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(CacheWriter, "advance", advance)
-    with pytest.raises(KeyboardInterrupt):
-        extract(image_folder, out, **kw)
-    monkeypatch.setattr(CacheWriter, "advance", real)
+    interrupt_after(2, monkeypatch, image_folder, out, **kw)
     with h5py.File(out, "r+") as f:
         g = f["train"]
         rows = int(g.attrs["rows"])

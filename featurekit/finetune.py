@@ -18,7 +18,6 @@ ranks and summed, and only rank 0 writes files.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import random

@@ -26,11 +26,11 @@ def _pixel_guard(data: bytes) -> int:
     orientation (1-8, 1 when absent or unreadable)."""
     from PIL import Image
 
-    from featurekit.data import DecodeError
+    from featurekit.data import DecodeError, check_pixel_limit
 
     try:
         with Image.open(io.BytesIO(data)) as im:  # reads the header only
-            w, h = im.size
+            size = im.size
             try:
                 orientation = int(im.getexif().get(0x0112, 1))
             except Exception:
@@ -39,9 +39,7 @@ def _pixel_guard(data: bytes) -> int:
         raise DecodeError(f"image too large ({exc})") from None
     except Exception:
         return 1  # not PIL-readable: the decoder will say why
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and w * h > limit:
-        raise DecodeError(f"image too large ({w}x{h} pixels, over PIL's limit of {limit})")
+    check_pixel_limit(*size)
     return orientation if 1 <= orientation <= 8 else 1
 
 
@@ -339,12 +337,8 @@ class BatchPreprocess:
             else:
                 top, left = int(round((nh - c) / 2.0)), int(round((nw - c) / 2.0))
                 y = y[..., top:top + c, left:left + c]
-            if len(rows) == 1:
-                x[rows[0]].copy_(y[0])
-            elif rows == list(range(rows[0], rows[0] + len(rows))):
-                x[rows[0]:rows[0] + len(rows)].copy_(y)
-            else:
-                x[torch.tensor(rows, device=x.device)] = y
+            for j, k in enumerate(rows):  # (an index tensor would be a host-to-device copy)
+                x[k].copy_(y[j])
         if self.round:
             x.round_().clamp_(0, 255)
         x.mul_(self.scale).sub_(self.shift)

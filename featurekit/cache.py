@@ -189,14 +189,12 @@ class CacheWriter:
                 for ds in _row_datasets(g):
                     if ds.shape[0] != rows:
                         ds.resize(rows, axis=0)
-                sg, k = g["skipped"], int(g.attrs.get("n_skipped", 0))
-                for name in ("path", "reason"):  # skipped entries written after the last commit
-                    if sg[name].shape[0] != k:
-                        sg[name].resize(k, axis=0)
-                # Shrinking clears a partly kept chunk only in memory: a kill during the flush
-                # of an earlier resume could leave the shape cut on disk but the chunk's tail
-                # stale (reproduced by the kill test). Clear string tails on disk, every time.
+                # Strings: shrinking clears a partly kept chunk only in memory; a kill during
+                # the flush of an earlier resume could leave the shape cut on disk but the
+                # chunk's tail stale (reproduced by the kill test). Clear the tails on disk,
+                # every time (this also cuts skipped entries written after the last commit).
                 _clear_strings_past(g["paths"], rows)
+                sg, k = g["skipped"], int(g.attrs.get("n_skipped", 0))
                 for name in ("path", "reason"):
                     _clear_strings_past(sg[name], k)
                 self._buffers[split] = _Buffer(next_index=int(g.attrs["next_index"]))
@@ -338,8 +336,9 @@ class CacheWriter:
 
 
 def _clear_strings_past(ds, keep: int) -> None:
-    """Zero, in the file, the string references of elements ``keep`` and after in the chunk
-    that holds element ``keep`` (chunks wholly past the extent are gone already).
+    """Cut a string dataset to ``keep`` elements, and zero, in the file, the string references
+    of elements ``keep`` and after in the chunk that holds element ``keep`` (chunks wholly past
+    the cut are dropped by the cut).
 
     Written as raw chunk bytes on purpose: an ordinary write converts strings and first frees
     the heap objects the old references name, which after a kill may never have reached the

@@ -12,6 +12,7 @@ only when asked for).
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import os
@@ -107,10 +108,7 @@ def load_image(path: str | os.PathLike[str]):
             # PIL errors over 2x its pixel limit and only warns between 1x and 2x; featurekit
             # refuses both (checked here rather than with warnings.catch_warnings, which is not
             # thread-safe: extract's GPU path decodes fallbacks in a thread)
-            w, h = im.size
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit and w * h > limit:
-                raise DecodeError(f"image too large ({w}x{h} pixels, over PIL's limit of {limit})")
+            check_pixel_limit(*im.size)
             im.load()
             im = ImageOps.exif_transpose(im)
             return _to_rgb(im)
@@ -125,17 +123,22 @@ def load_image(path: str | os.PathLike[str]):
         raise DecodeError(f"cannot decode: {exc}") from None
 
 
-_BOMB_FILTER: list[bool] = []
+def check_pixel_limit(width: int, height: int) -> None:
+    """Refuse an image over PIL's decompression-bomb limit (from its header, before decoding)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise DecodeError(f"image too large ({width}x{height} pixels, over PIL's limit of {limit})")
 
 
+@functools.cache
 def _quiet_bomb_warning() -> None:
     """Once per process: silence PIL's decompression-bomb warning (load_image refuses such
     images with its own reason, recorded in the cache)."""
-    if not _BOMB_FILTER:
-        from PIL import Image
+    from PIL import Image
 
-        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-        _BOMB_FILTER.append(True)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _to_rgb(im):

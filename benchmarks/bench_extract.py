@@ -185,36 +185,23 @@ def _sync(device: str) -> None:
 
 
 def decode_ceilings(folder: Path, model: str, device: str, batch: int, workers: int) -> dict:
-    """Images/s of featurekit's two decode paths alone (no model), built as extract builds them."""
-    import torch
-
-    from featurekit import _decode, _pipeline, data
+    """Images/s of featurekit's two decode paths alone (no model), exactly as extract runs them
+    (``featurekit._decode.device_batches``): the tensors end on ``device``, ready to run."""
+    from featurekit import _decode, data
     from featurekit.models import default_preprocess
 
     src = data.open_source(folder, val_fraction=0, test_fraction=0)
     items, pre = src.splits["train"], default_preprocess(model)
+    sampler = [list(range(i, min(i + batch, len(items)))) for i in range(0, len(items), batch)]
     out = {}
-    loader = torch.utils.data.DataLoader(_decode.CpuDataset(src, items, pre), batch_size=batch,
-                                         num_workers=workers, collate_fn=data.collate,
-                                         prefetch_factor=4 if workers else None)
-    t = time.perf_counter()
-    n = sum(len(b[1]) for b in loader)
-    out["decode_cpu_workers"] = n / (time.perf_counter() - t)
-
-    ds = _decode.BytesDataset(src, items, pre)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers,
-                                         collate_fn=_decode.collate_packed,
-                                         prefetch_factor=4 if workers else None)
-    prep = _decode.BatchPreprocess(pre, device)
-    t = time.perf_counter()
-    n = 0
-    with _pipeline.Prefetcher(iter(loader), lambda b: _decode.decode_on_device(
-            b, device, ds.pil_transform), device) as fetched:
-        for b in fetched:
-            good, x = prep(b)
-            n += len(good)
-    _sync(device)
-    out["decode_device"] = n / (time.perf_counter() - t)
+    for name, decode in (("decode_cpu_workers", "cpu"), ("decode_device", "device")):
+        t = time.perf_counter()
+        n = 0
+        with _decode.device_batches(src, items, pre, decode, device, sampler, workers) as ready:
+            for _, good, _, _ in ready:
+                n += len(good)
+        _sync(device)
+        out[name] = n / (time.perf_counter() - t)
     return out
 
 

@@ -15,7 +15,9 @@ loading) is checked against PIL's decompression-bomb limit.
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -346,3 +348,55 @@ class BatchPreprocess:
             if i in batch.ready:
                 x[k].copy_(batch.ready[i])
         return good, x
+
+
+@contextlib.contextmanager
+def device_batches(source, items, preprocess, decode: str, device: str, batch_sampler,
+                   workers: int) -> Iterator[Iterator[tuple[list[int], list[int], Any, list]]]:
+    """Batches of ``items`` ready for the forward pass: (positions, good positions, float
+    tensor on ``device`` in channels_last or None, [(position, reason)]).
+
+    DataLoader workers decode (``cpu``) or read bytes (``device``); a prefetch thread readies
+    each batch for the device on its own CUDA stream (nvJPEG's blocking batch decode, or the
+    pinned host-to-device copy); the ``device`` path's resize and normalisation run in the
+    consuming thread. Used by ``extract`` and by the benchmark's decode ceilings.
+    """
+    import torch
+
+    from featurekit import _pipeline
+    from featurekit.data import collate
+
+    on_cuda = device.startswith("cuda")
+    if decode == "device":
+        dataset = BytesDataset(source, items, preprocess)
+        collate_fn = collate_packed
+        prepare = BatchPreprocess(preprocess, device)
+
+        def fetch(b):  # prefetch thread: nvJPEG blocks here, not in the forward loop
+            return decode_on_device(b, device, dataset.pil_transform)
+    else:
+        dataset, collate_fn = CpuDataset(source, items, preprocess), collate
+
+        def fetch(b):  # prefetch thread: the host-to-device copy on its own stream
+            positions, good, x, failures = b
+            if x is not None:
+                x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            return positions, good, x, failures
+
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn,
+        pin_memory=on_cuda and decode != "device", prefetch_factor=4 if workers else None,
+    )
+
+    def batches(fetched):
+        for b in fetched:
+            if decode == "device":
+                good, x = prepare(b)
+                yield b.positions, good, x, b.failures
+            else:
+                yield b
+
+    workers_iter = iter(loader)  # workers start before any thread does
+    with _pipeline.Prefetcher(workers_iter, fetch, device) as fetched:
+        yield batches(fetched)
+    del workers_iter  # the workers stop now, not when the caller returns

@@ -248,30 +248,6 @@ def extract(
             ]
             from featurekit import _decode, _pipeline
 
-            if decode == "device":  # workers read bytes; the device decodes and preprocesses
-                dataset = _decode.BytesDataset(src, items, backbone.preprocess)
-                collate = _decode.collate_packed
-                on_device = _decode.BatchPreprocess(backbone.preprocess, dev)
-
-                def fetch(b):  # prefetch thread: nvJPEG blocks here, not in the forward loop
-                    return _decode.decode_on_device(b, dev, dataset.pil_transform)
-            else:
-                dataset, collate = _decode.CpuDataset(src, items, backbone.preprocess), data.collate
-
-                def fetch(b):  # prefetch thread: the host-to-device copy on its own stream
-                    positions, good, x, failures = b
-                    if x is not None:
-                        x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                    return positions, good, x, failures
-
-            loader = torch.utils.data.DataLoader(
-                dataset,
-                batch_sampler=batches,  # never straddle two splits; resume after the last commit
-                num_workers=workers,
-                collate_fn=collate,
-                pin_memory=on_cuda and decode != "device",
-                prefetch_factor=4 if workers else None,
-            )
             task = bar.add_task("extract", total=len(items),
                                 completed=sum(d["next_index"] for d in done.values()))
 
@@ -292,22 +268,18 @@ def extract(
             seen, mark = 0, None  # for the steady-state rate, after warm-up
             warm = max(2 * batch_size, len(items) // 10)
             stream = torch.cuda.current_stream(dev) if on_cuda else None
-            batch_iter = iter(loader)  # workers start before any thread does
-            with _pipeline.Prefetcher(batch_iter, fetch, dev) as fetched, \
-                    _pipeline.Consumer(write) as writing:
-                for b in fetched:
+            with _decode.device_batches(
+                src, items, backbone.preprocess, decode, dev,
+                batches,  # never straddle two splits; resume after the last commit
+                workers,
+            ) as ready, _pipeline.Consumer(write) as writing:
+                for positions, good, x, failures in ready:
                     if mark is None and seen >= warm:
                         mark = (seen, time.perf_counter())
-                    if decode == "device":
-                        positions, failures = b.positions, b.failures
-                        good, x = on_device(b)
-                    else:
-                        positions, good, x, failures = b
                     k = next(k for k in reversed(range(len(names))) if positions[0] >= starts[k])
                     split, start = names[k], starts[k]
                     feats, event = {}, None
                     if x is not None:
-                        x = x.contiguous(memory_format=torch.channels_last)
                         with torch.inference_mode(), torch.autocast(
                             dev.split(":")[0], dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None,
@@ -326,7 +298,6 @@ def extract(
                     bar.update(task, advance=len(positions), description=f"extract {split}")
                     seen += len(positions)
                 writing.join()
-            del batch_iter  # stops the workers
             if mark is not None and seen > mark[0]:
                 summary.steady_images_per_second = (seen - mark[0]) / (time.perf_counter() - mark[1])
             summary.zero_fraction = net.zero_fraction()

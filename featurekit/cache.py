@@ -119,15 +119,20 @@ class CacheWriter:
         self.commit_rows = max(1, commit_rows)
         self.commit_seconds = commit_seconds
         self._last_commit = time.monotonic()
+        # Made under a temporary name and renamed into place once the header is on disk: a run
+        # killed before that never leaves a half-made file (or nothing) where the output goes,
+        # and an old output replaced with --overwrite stays until then.
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         # HDF5 1.8 file format: dense (large) attributes, and no superblock "open for write" flag,
         # which would make a killed file unopenable without h5clear (1.10+ formats set it)
         _quiet_failed_hdf5()
-        self._f = h5py.File(self.path, "w", libver=("v108", "v108"))
+        self._f = h5py.File(tmp, "w", libver=("v108", "v108"))
         try:
             self._create(attrs, split_sizes)
+            os.replace(tmp, self.path)
         except BaseException:
             self._f.close()
-            self.path.unlink(missing_ok=True)  # a half-made header is worth nothing
+            tmp.unlink(missing_ok=True)  # a half-made header is worth nothing
             raise
 
     def _create(self, attrs: dict[str, Any], split_sizes: dict[str, int]) -> None:
@@ -565,9 +570,28 @@ def open_cache(path: str | os.PathLike[str], allow_incomplete: bool = False) -> 
     return Cache(p, f, attrs)
 
 
-def _validate(p: Path, f: Any, allow_incomplete: bool) -> dict[str, Any]:
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The validated root attributes of a featurekit cache, read without opening the file for
+    writing (``extract --resume`` checks a file this way before it may touch it)."""
     import h5py
 
+    p = Path(path)
+    try:
+        f = h5py.File(p, "r")
+    except OSError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CacheError(f"{p} is not a featurekit cache (it cannot be read as HDF5: {first})") from None
+    try:
+        with f:
+            return _root_attrs(p, f)
+    except CacheError:
+        raise
+    except Exception as exc:  # h5py raises many types on damaged files
+        raise CacheError(f"{p} is damaged: {type(exc).__name__}: {exc}") from None
+
+
+def _root_attrs(p: Path, f: Any) -> dict[str, Any]:
+    """Root attributes, decoded (JSON ones parsed); refuses other files and newer versions."""
     attrs = {k: _decode(v) for k, v in f.attrs.items()}
     if attrs.get("format") != FORMAT:
         raise CacheError(f"{p} is not a featurekit cache (no format={FORMAT!r} attribute)")
@@ -585,6 +609,13 @@ def _validate(p: Path, f: Any, allow_incomplete: bool) -> dict[str, Any]:
                 attrs[key] = json.loads(attrs[key])
             except json.JSONDecodeError:
                 raise CacheError(f"{p}: attribute {key!r} is not valid JSON") from None
+    return attrs
+
+
+def _validate(p: Path, f: Any, allow_incomplete: bool) -> dict[str, Any]:
+    import h5py
+
+    attrs = _root_attrs(p, f)
     for key in ("classes", "layers", "model"):
         if key not in attrs:
             raise CacheError(f"{p} lacks the {key!r} attribute")

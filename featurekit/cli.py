@@ -14,10 +14,48 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import typer
+from typer.core import TyperGroup
 
+from featurekit import options as opt
 from featurekit.errors import FeaturekitError
 
+
+def _one_line(message: str) -> str:
+    # typer >= 0.2x validates through pydantic, which prefixes a parser's ValueError
+    return " ".join(message.replace("Value error, ", "").split())
+
+
+class _OneLineErrors(TyperGroup):
+    """The command-line parser's own errors (an option that does not parse, a missing argument)
+    are one line on stderr and exit code 2, like every other user error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _CLICK_ERROR as exc:
+            if getattr(exc, "ctx", None) is not None and exc.ctx.command is not None:
+                hint = f" (see {exc.ctx.command_path} --help)"
+            else:
+                hint = ""
+            _err("error: " + _one_line(exc.format_message()) + hint)
+            if not standalone_mode:
+                raise
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            _err("aborted")
+            if not standalone_mode:
+                raise
+            sys.exit(1)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# typer >= 0.2x carries its own copy of click: find its base exception through a public name
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="Run a ResNet once, compare classifiers on its cached features in seconds.",
     no_args_is_help=True,
     add_completion=False,
@@ -59,6 +97,14 @@ def _handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             _err("interrupted: committed rows are kept; the output is marked incomplete")
             raise typer.Exit(130) from None
+        except Exception as exc:  # out of memory and the like: the user's to fix, not a bug
+            from featurekit.errors import from_runtime
+
+            error = from_runtime(exc)
+            if error is None:
+                raise
+            _err("error: " + " ".join(str(error).split()))
+            raise typer.Exit(error.exit_code) from None
 
     return wrapper
 
@@ -96,20 +142,20 @@ def extract(
     weights: str = typer.Option("imagenet", help="imagenet | none (seeded random init) | PATH to a state dict or checkpoint."),
     layers: str = typer.Option("penultimate", help="Comma list of penultimate, layer1..layer4."),
     pool: str = typer.Option("avg", help="Pooling of spatial maps: avg | max."),
-    image_size: Optional[int] = typer.Option(None, help="Resize shorter side to N and centre-crop N x N [default: the weights' own preprocessing]."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per forward pass [default: 64 on CPU, 256 on CUDA]."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader decoding workers [default: 1 on CPU, one per core (max 16) on CUDA]."),
+    image_size: Optional[int] = typer.Option(None, parser=opt.IMAGE_SIZE, help="Resize shorter side to N and centre-crop N x N (16-8192) [default: the weights' own preprocessing]."),
+    batch_size: Optional[int] = typer.Option(None, parser=opt.BATCH_SIZE, help="Images per forward pass [default: 64 on CPU, 256 on CUDA]."),
+    workers: Optional[int] = typer.Option(None, parser=opt.WORKERS, help="DataLoader decoding workers [default: 1 on CPU, one per core (max 16) on CUDA]."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16."),
     dtype: str = typer.Option("float32", help="Storage type of features: float32 | float16."),
     decode: str = typer.Option("auto", help="auto (gpu on CUDA) | cpu (workers decode) | gpu (batched nvJPEG on the GPU)."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the forward pass (GPU, long runs)."),
-    seed: int = typer.Option(0, help="Seed of the split and of random init."),
-    val_fraction: float = typer.Option(0.15, help="Share of each class for val, for sources without split folders (0: none)."),
-    test_fraction: float = typer.Option(0.15, help="Share of each class for test, for sources without split folders (0: none)."),
+    seed: int = typer.Option(0, parser=opt.SEED, help="Seed of the split and of random init."),
+    val_fraction: float = typer.Option(0.15, parser=opt.FRACTION, help="Share of each class for val, for sources without split folders (0: none)."),
+    test_fraction: float = typer.Option(0.15, parser=opt.FRACTION, help="Share of each class for test, for sources without split folders (0: none)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
     resume: bool = typer.Option(False, help="Continue an interrupted cache after its last commit (same source and options)."),
-    commit_seconds: float = typer.Option(2.0, help="Commit rows to disk at least this often (a kill loses at most this much work)."),
+    commit_seconds: float = typer.Option(2.0, parser=opt.COMMIT_SECONDS, help="Commit rows to disk at least this often (a kill loses at most this much work)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
     progress: bool = typer.Option(True, help="Show a progress bar on stderr."),
 ) -> None:
@@ -235,11 +281,11 @@ def _render_info(s: dict[str, Any]) -> None:
 def fit(
     cache: Path = typer.Argument(..., help="A featurekit HDF5 cache."),
     head: str = typer.Option(..., help="logistic | linearsvc | svm (RBF SVC)."),
-    out: Path = typer.Option(..., "--out", "-o", help="The joblib file to write (a pickle: share with care)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The head file: NAME.skops (safe to load, shareable) or NAME.joblib (a pickle; cuML heads)."),
     backend: str = typer.Option("sklearn", help="sklearn | cuml | auto (cuML when importable with a CUDA device)."),
     layer: Optional[str] = typer.Option(None, help="Cached layer to fit on [default: penultimate]."),
-    c: Optional[float] = typer.Option(None, "--C", help="Fix C instead of choosing it on the grid."),
-    gamma: Optional[float] = typer.Option(None, help="Fix the RBF gamma (svm) instead of choosing it."),
+    c: Optional[float] = typer.Option(None, "--C", parser=opt.POSITIVE, help="Fix C (> 0) instead of choosing it on the grid."),
+    gamma: Optional[float] = typer.Option(None, parser=opt.POSITIVE, help="Fix the RBF gamma (> 0; svm) instead of choosing it."),
     train_split: str = typer.Option("train", help="Split to train on."),
     eval_split: Optional[str] = typer.Option(None, help="Split to report [default: test, else val]."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
@@ -248,12 +294,14 @@ def fit(
 ) -> None:
     """Fit a head on cached features; C (and gamma) are chosen without touching the reported split.
 
-    Example: featurekit fit birds.h5 --head svm --out birds-svm.joblib --json
+    Example: featurekit fit birds.h5 --head svm --out birds-svm.skops --json
     """
     from featurekit.extract import check_output
-    from featurekit.fit import fit_head, save_head
+    from featurekit.fit import check_head_output, fit_head, save_head
+    from featurekit.heads import resolve_backend
 
     check_output(out, overwrite)
+    check_head_output(out, resolve_backend(backend))
     result = fit_head(cache, head, backend=backend, layer=layer, C=c, gamma=gamma,
                       train_split=train_split, eval_split=eval_split, allow_incomplete=allow_incomplete)
     save_head(result, out)
@@ -280,20 +328,21 @@ def predict(
     out: Path = typer.Option(..., "--out", "-o", help="CSV to write: path,label,prediction,score."),
     split: Optional[str] = typer.Option(None, help="Split to predict [default: the head's reported split]."),
     force: bool = typer.Option(False, help="Predict even if the cache's backbone/layer/preprocessing differ."),
+    trust: bool = typer.Option(False, help="Load a .joblib head: a pickle, which runs the code it holds; only for files you made."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
     allow_incomplete: bool = typer.Option(False, help="Use the committed rows of an interrupted cache."),
     json_out: bool = typer.Option(False, "--json", help="Print a summary as one JSON object on stdout."),
 ) -> None:
     """Predict a cache split with a saved head; writes one CSV row per sample.
 
-    Example: featurekit predict birds-svm.joblib birds.h5 --split test --out preds.csv
+    Example: featurekit predict birds-svm.skops birds.h5 --split test --out preds.csv
     """
     from featurekit.extract import check_output
     from featurekit.fit import predict_to_csv
 
     check_output(out, overwrite)
     summary = predict_to_csv(head_file, cache, out, split=split, force=force,
-                             allow_incomplete=allow_incomplete)
+                             allow_incomplete=allow_incomplete, trust=trust)
     if json_out:
         _print_json(summary)
         return
@@ -359,25 +408,25 @@ def finetune(
     weights: str = typer.Option("imagenet", help="imagenet | none (train from scratch) | PATH."),
     train_layers: str = typer.Option("all", help="all | fc (linear probe) | comma list of layer1..layer4,fc."),
     head: str = typer.Option("linear", help="linear | mlp (hidden layer + BatchNorm + dropout)."),
-    hidden: int = typer.Option(512, help="Hidden width of the mlp head."),
-    dropout: float = typer.Option(0.2, help="Dropout of the mlp head."),
-    epochs: int = typer.Option(10, help="Epochs in all (also when resuming)."),
-    batch_size: int = typer.Option(64, help="Images per step (per process under torchrun)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate [default: adamw 1e-3 from scratch or for fc only, 3e-4 when tuning pretrained blocks; sgd x10]."),
+    hidden: int = typer.Option(512, parser=opt.HIDDEN, help="Hidden width of the mlp head."),
+    dropout: float = typer.Option(0.2, parser=opt.DROPOUT, help="Dropout of the mlp head, in [0, 1)."),
+    epochs: int = typer.Option(10, parser=opt.EPOCHS, help="Epochs in all (also when resuming)."),
+    batch_size: int = typer.Option(64, parser=opt.BATCH_SIZE, help="Images per step (per process under torchrun)."),
+    lr: Optional[float] = typer.Option(None, parser=opt.LEARNING_RATE, help="Learning rate [default: adamw 1e-3 from scratch or for fc only, 3e-4 when tuning pretrained blocks; sgd x10]."),
     optimizer: str = typer.Option("adamw", help="adamw | sgd (momentum 0.9, Nesterov)."),
-    weight_decay: Optional[float] = typer.Option(None, help="[default: 0.05 adamw, 5e-4 sgd]"),
+    weight_decay: Optional[float] = typer.Option(None, parser=opt.WEIGHT_DECAY, help="Weight decay, 0-10 [default: 0.05 adamw, 5e-4 sgd]."),
     scheduler: str = typer.Option("cosine", help="cosine | step (x0.1 every epochs/3) | none."),
     augment: str = typer.Option("standard", help="standard | none (see README)."),
-    image_size: Optional[int] = typer.Option(None, help="Resize shorter side to N and centre-crop N x N [default: the weights' own]."),
+    image_size: Optional[int] = typer.Option(None, parser=opt.IMAGE_SIZE, help="Resize shorter side to N and centre-crop N x N (16-8192) [default: the weights' own]."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader workers."),
-    seed: int = typer.Option(0, help="Seed of the split, the init and the data order."),
-    val_fraction: float = typer.Option(0.15, help="As for extract."),
-    test_fraction: float = typer.Option(0.15, help="As for extract (test is never used here)."),
+    workers: Optional[int] = typer.Option(None, parser=opt.WORKERS, help="DataLoader workers."),
+    seed: int = typer.Option(0, parser=opt.SEED, help="Seed of the split, the init and the data order."),
+    val_fraction: float = typer.Option(0.15, parser=opt.FRACTION, help="As for extract; with split folders but no val/, the share of train held out for val (0: no val; best.pt by train accuracy)."),
+    test_fraction: float = typer.Option(0.15, parser=opt.FRACTION, help="As for extract (test is never used here)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from last.pt."),
     overwrite: bool = typer.Option(False, help="Start over in a folder that holds a run."),
-    early_stop: Optional[int] = typer.Option(None, help="Stop after N epochs without val improvement."),
+    early_stop: Optional[int] = typer.Option(None, parser=opt.PATIENCE, help="Stop after N epochs without val improvement."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
     progress: bool = typer.Option(True, help="Show progress bars on stderr."),
 ) -> None:
@@ -419,13 +468,13 @@ def sparsity(
     layers: Optional[str] = typer.Option(None, help="Comma list of layer1..layer4, penultimate [default: layer1..layer4]."),
     blocks: bool = typer.Option(False, help="Also every residual block's output (after its ReLU)."),
     split: Optional[str] = typer.Option(None, help="Split to measure [default: test, else val, else train]."),
-    max_images: Optional[int] = typer.Option(None, help="A seeded random subset of at most N images."),
-    dead_threshold: float = typer.Option(0.99, help="A channel is dead when zero on at least this share of images x positions."),
-    image_size: Optional[int] = typer.Option(None, help="Resize shorter side to N and centre-crop N x N, for every weights [default: each weights' own]."),
-    batch_size: int = typer.Option(64, help="Images per forward pass."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader decoding workers."),
+    max_images: Optional[int] = typer.Option(None, parser=opt.MAX_IMAGES, help="A seeded random subset of at most N images."),
+    dead_threshold: float = typer.Option(0.99, parser=opt.DEAD_THRESHOLD, help="A channel is dead when zero on at least this share of images x positions, in (0, 1]."),
+    image_size: Optional[int] = typer.Option(None, parser=opt.IMAGE_SIZE, help="Resize shorter side to N and centre-crop N x N (16-8192), for every weights [default: each weights' own]."),
+    batch_size: int = typer.Option(64, parser=opt.BATCH_SIZE, help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, parser=opt.WORKERS, help="DataLoader decoding workers."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    seed: int = typer.Option(0, help="Seed of the split, random init and --max-images subset."),
+    seed: int = typer.Option(0, parser=opt.SEED, help="Seed of the split, random init and --max-images subset."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for sparsity.csv/.json/.png [default: write nothing]."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
     progress: bool = typer.Option(True, help="Show a progress bar on stderr."),

@@ -36,3 +36,26 @@ class HeadError(FeaturekitError):
 
 class DeviceError(FeaturekitError):
     """A device that is not there (CUDA asked for on a machine without it)."""
+
+
+class ResourceError(FeaturekitError):
+    """Not enough memory (host or GPU) for the options given."""
+
+
+def from_runtime(exc: BaseException) -> FeaturekitError | None:
+    """A failure that only shows at run time but is the user's to fix (too large a batch or
+    image size for the memory there is) as one-line error; None for anything else (a bug)."""
+    text = " ".join(str(exc).split())
+    kept = ("whatever was committed is kept (extract: the cache stays incomplete; "
+            "--resume continues it)")
+    if type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text:
+        return ResourceError(f"the GPU ran out of memory; lower --batch-size or --image-size; {kept}")
+    if isinstance(exc, MemoryError):
+        return ResourceError(f"out of memory; lower --batch-size, --image-size or --workers; {kept}")
+    if isinstance(exc, RuntimeError) and "DataLoader worker" in text:
+        detail = text.split("DataLoader worker", 1)[1].split(".")[0]
+        return ResourceError(
+            f"a decoding worker died (DataLoader worker{detail}), most often for lack of memory; "
+            f"lower --batch-size, --image-size or --workers; {kept}"
+        )
+    return None

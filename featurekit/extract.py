@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from featurekit import __version__
-from featurekit.errors import DeviceError, FeaturekitError, OutputError
+from featurekit.errors import CacheError, DeviceError, FeaturekitError, OutputError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODES = ("auto", "cpu", "gpu", "device")  # "device": batched decode on the compute device
@@ -96,6 +96,37 @@ def default_workers(device: str) -> int:
     return 1 if cpus > 1 else 0
 
 
+@dataclass
+class _Plan:
+    """Everything ``extract`` resolved before building anything: options checked, device,
+    precision and decode path chosen, weights file loaded, source listed."""
+
+    src: Any
+    out_path: Path
+    spec: Any
+    model: str | None
+    layers: list[str]
+    pool: str
+    image_size: int | None
+    batch_size: int
+    workers: int
+    device: str
+    precision: str
+    dtype: str
+    decode: str  # "cpu" | "device"
+    compile: bool
+    seed: int
+    val_fraction: float
+    test_fraction: float
+    resume: bool
+    overwrite: bool
+    commit_seconds: float
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
 def extract(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -124,26 +155,86 @@ def extract(
     """Run the backbone once over SOURCE and write the cache ``out``.
 
     Everything a user can get wrong is checked before the model is built: options, output
-    path, weights file, source. With ``resume``, an interrupted cache continues after its last
-    commit (refused when the source or any option differs); a complete one is left as it is.
+    path, weights file, source, whether a batch fits in memory. With ``resume``, an interrupted
+    cache continues after its last commit (refused when the source or any option differs, or
+    when the output is not a featurekit cache: it is never replaced without ``overwrite``); a
+    complete one is left as it is.
     """
-    from featurekit import data, models
+    log = log or _stderr
+    plan = _plan(source, out, model=model, weights=weights, layers=layers, pool=pool,
+                 image_size=image_size, batch_size=batch_size, workers=workers, device=device,
+                 precision=precision, dtype=dtype, decode=decode, compile=compile, seed=seed,
+                 val_fraction=val_fraction, test_fraction=test_fraction, overwrite=overwrite,
+                 resume=resume, commit_seconds=commit_seconds, log=log)
+    backbone, net, dims = _build(plan)
+    options, attrs = _records(plan, backbone)
+    summary = ExtractSummary(
+        out=str(plan.out_path), model=backbone.name, weights=backbone.weights, device=plan.device,
+        precision=plan.precision, layers=dims,
+    )
+    writer = _open_writer(plan, options, attrs, summary.layers, log)
+    if writer == "complete":
+        return _summarise(summary, plan.out_path, 0.0, 0)
+    started = time.perf_counter()
+    try:
+        with writer:
+            seen = _run_pass(plan, backbone, net, writer, summary, progress)
+            summary.zero_fraction = net.zero_fraction()
+            writer.set_attrs(zero_fraction=summary.zero_fraction, zero_counts=net.zero_counts())
+            writer.finish()
+    except KeyboardInterrupt:
+        raise
+    except OSError as exc:  # the writer reports its own failures as OutputError already
+        raise OutputError(
+            f"writing {plan.out_path} failed: {exc}; the partial cache is marked incomplete"
+        ) from None
+    return _summarise(summary, plan.out_path, time.perf_counter() - started, seen)
 
-    # -- cheap checks first: nothing is built or downloaded until these pass
+
+def _plan(source, out, *, model, weights, layers, pool, image_size, batch_size, workers, device,
+          precision, dtype, decode, compile, seed, val_fraction, test_fraction, overwrite,
+          resume, commit_seconds, log) -> _Plan:
+    """Check every option, then resolve device, precision, decode path and batch size, load
+    the weights file and list the source; nothing is built or downloaded here."""
+    from featurekit import _resources, data, models
+    from featurekit import options as opt
+
     if model is not None:
         models.check_model(model)
     layer_list = models.parse_layers(layers)
     models.check_pool(pool)
     if dtype not in DTYPES:
         raise FeaturekitError(f"unknown --dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    if batch_size is not None and batch_size < 1:
-        raise FeaturekitError(f"--batch-size must be positive, got {batch_size}")
-    if workers is not None and workers < 0:
-        raise FeaturekitError(f"--workers must be 0 or more, got {workers}")
     if decode not in DECODES:
         raise FeaturekitError(f"unknown --decode {decode!r}; valid: auto, cpu, gpu")
+    for name, rng, value in (
+        ("--image-size", opt.IMAGE_SIZE, image_size), ("--batch-size", opt.BATCH_SIZE, batch_size),
+        ("--workers", opt.WORKERS, workers), ("--seed", opt.SEED, seed),
+        ("--val-fraction", opt.FRACTION, val_fraction), ("--test-fraction", opt.FRACTION, test_fraction),
+        ("--commit-seconds", opt.COMMIT_SECONDS, commit_seconds),
+    ):
+        rng.check(name, value)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
+    decode = _resolve_decode(decode, dev, log)
+    batch_size = batch_size or (256 if dev.startswith("cuda") else 64)  # CPU gains nothing past 64
+    workers = default_workers(dev) if workers is None else workers
+    out_path = check_output(out, overwrite or resume)
+    spec = models.resolve_weights(weights)
+    size = models.preprocess_for(model, spec, image_size).crop_size
+    _resources.check_batch_fits(image_size=size, batch_size=batch_size, device=dev,
+                                half=prec != "fp32", workers=workers)
+    src = data.open_source(source, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    return _Plan(src=src, out_path=out_path, spec=spec, model=model, layers=layer_list, pool=pool,
+                 image_size=image_size, batch_size=batch_size, workers=workers, device=dev,
+                 precision=prec, dtype=dtype, decode=decode, compile=compile, seed=seed,
+                 val_fraction=val_fraction, test_fraction=test_fraction, resume=resume,
+                 overwrite=overwrite, commit_seconds=commit_seconds)
+
+
+def _resolve_decode(decode: str, dev: str, log) -> str:
+    """``auto``/``gpu``/``cpu`` -> ``device`` (batched decode on the compute device) or ``cpu``;
+    on CUDA, nvJPEG is probed once and ``auto`` falls back to the CPU with a warning."""
     on_cuda = dev.startswith("cuda")
     if decode == "gpu" and not on_cuda:
         raise FeaturekitError("--decode gpu needs a CUDA --device; use --decode cpu")
@@ -154,36 +245,44 @@ def extract(
         if problem and decode == "gpu":
             raise DeviceError(f"--decode gpu: nvJPEG does not work here ({problem}); use --decode cpu")
         if problem:
-            (log or _stderr)(f"warning: nvJPEG does not work here ({problem}); decoding on the CPU")
+            log(f"warning: nvJPEG does not work here ({problem}); decoding on the CPU")
             decode = "cpu"
-    decode = ("device" if on_cuda else "cpu") if decode == "auto" else ("device" if decode == "gpu" else decode)
-    batch_size = batch_size or (256 if on_cuda else 64)  # fill the GPU; CPU gains nothing past 64
-    out_path = check_output(out, overwrite or resume)
-    spec = models.resolve_weights(weights)
-    src = data.open_source(source, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    if decode == "auto":
+        return "device" if on_cuda else "cpu"
+    return "device" if decode == "gpu" else decode
 
-    # -- build
+
+def _build(plan: _Plan):
+    """The backbone with its provenance, the FeatureNet on the device, and each layer's width."""
     import torch
 
-    backbone = models.build_backbone(model, spec, seed=seed, image_size=image_size)
-    net = models.FeatureNet(backbone.model, layer_list, pool)
+    from featurekit import models
+
+    backbone = models.build_backbone(plan.model, plan.spec, seed=plan.seed, image_size=plan.image_size)
+    net = models.FeatureNet(backbone.model, plan.layers, plan.pool)
     # channels_last: cuDNN's fast layout on GPUs, and oneDNN's on CPUs (about 1.8x faster for
     # resnet50 at 224 on 2 cores than the default layout; benchmarks/RESULTS.md)
-    net.to(dev, memory_format=torch.channels_last)
-    dims = net.dims()
-    if compile:
+    net.to(plan.device, memory_format=torch.channels_last)
+    dims = net.dims()  # before compiling: the dry run's shape would be compiled too
+    if plan.compile:
         net.compile()
-    workers = default_workers(dev) if workers is None else workers
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+    return backbone, net, dims
 
+
+def _records(plan: _Plan, backbone) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(options that --resume compares, the cache's root attributes)."""
+    import torch
+
+    src = plan.src
     options = {
         "source_kind": src.kind, "source_fingerprint": src.fingerprint,
         "split_sizes": {k: len(v) for k, v in src.splits.items()}, "model": backbone.name,
         "weights": backbone.weights, "weights_sha256": backbone.weights_sha256,
-        "layers": layer_list, "pool": pool, "preprocess": backbone.preprocess.to_dict(),
-        "precision": prec, "dtype": dtype, "seed": seed, "val_fraction": val_fraction,
-        "test_fraction": test_fraction, "batch_size": batch_size, "device_type": dev.split(":")[0],
-        "decode": decode,
+        "layers": plan.layers, "pool": plan.pool, "preprocess": backbone.preprocess.to_dict(),
+        "precision": plan.precision, "dtype": plan.dtype, "seed": plan.seed,
+        "val_fraction": plan.val_fraction, "test_fraction": plan.test_fraction,
+        "batch_size": plan.batch_size, "device_type": plan.device.split(":")[0],
+        "decode": plan.decode,
     }
     attrs = {
         "featurekit_version": __version__,
@@ -191,154 +290,159 @@ def extract(
         "model": backbone.name,
         "weights": backbone.weights,
         "weights_sha256": backbone.weights_sha256,
-        "layers": layer_list,
-        "pool": pool,
+        "layers": plan.layers,
+        "pool": plan.pool,
         "preprocess": backbone.preprocess.to_dict(),
-        "precision": prec,
-        "dtype": dtype,
+        "precision": plan.precision,
+        "dtype": plan.dtype,
         "classes": src.classes,
         "source": src.describe(),
-        "seed": seed,
-        "device": dev,
-        "decode": "nvjpeg" if decode == "device" and on_cuda else decode,
+        "seed": plan.seed,
+        "device": plan.device,
+        "decode": "nvjpeg" if plan.decode == "device" and plan.on_cuda else plan.decode,
         "torch_version": str(torch.__version__),
         "options": options,
     }
-    summary = ExtractSummary(
-        out=str(out_path), model=backbone.name, weights=backbone.weights, device=dev,
-        precision=prec, layers=dims,
-    )
+    return options, attrs
+
+
+def _open_writer(plan: _Plan, options, attrs, dims, log):
+    """A writer positioned after the last commit (``--resume``), a new one, or "complete"."""
     from featurekit.cache import CacheWriter
+
+    writer = _resumable(plan.out_path, options, plan.commit_seconds, log) if plan.resume else None
+    if writer is not None:
+        return writer
+    try:  # written under a temporary name, renamed over the output once its header is on disk
+        return CacheWriter(plan.out_path, attrs, {s: len(v) for s, v in plan.src.splits.items()},
+                           dims, plan.dtype, commit_seconds=plan.commit_seconds)
+    except OSError as exc:
+        raise OutputError(f"cannot create {plan.out_path}: {exc}") from None
+
+
+def _restore_zero_counts(plan: _Plan, net, done) -> None:
+    """Running zero counts of the committed rows (kept by the split committed last), then on
+    the device, where they grow without a sync per batch."""
+    import torch
+
+    started = [done[n] for n in plan.src.splits  # processing order, not HDF5's alphabetical
+               if done[n]["next_index"] > 0 and "zero_counts" in done[n]]
+    if started:
+        for layer, (zeros, total) in zip(plan.layers, started[-1]["zero_counts"].tolist()):
+            net.zeros[layer], net.total[layer] = int(zeros), int(total)
+    net.zeros = {k: torch.tensor(int(v), dtype=torch.int64, device=plan.device)
+                 for k, v in net.zeros.items()}
+
+
+def _run_pass(plan: _Plan, backbone, net, writer, summary: ExtractSummary, progress: bool) -> int:
+    """The batched forward pass over everything not yet committed; returns images read.
+
+    Three stages side by side: DataLoader workers (and the prefetch thread) ready batches, this
+    thread runs the model, a writer thread does the HDF5 work in batch order."""
+    import torch
+
+    from featurekit import _decode, _pipeline
     from featurekit._progress import progress_bar
 
-    writer = _resumable(out_path, options, commit_seconds, log) if resume else None
-    if writer == "complete":
-        return _summarise(summary, out_path, 0.0, 0)
-    if writer is None:
-        if out_path.exists():  # --overwrite: the old file goes only now that the run can start
-            out_path.unlink()
-        try:
-            writer = CacheWriter(out_path, attrs, {s: len(v) for s, v in src.splits.items()}, dims,
-                                 dtype, commit_seconds=commit_seconds)
-        except OSError as exc:
-            raise OutputError(f"cannot create {out_path}: {exc}") from None
+    src, dev, on_cuda = plan.src, plan.device, plan.on_cuda
     done = writer.progress()
-    # running zero counts of the committed rows: kept by the split committed last
-    started_splits = [done[n] for n in src.splits  # processing order, not HDF5's alphabetical
-                      if done[n]["next_index"] > 0 and "zero_counts" in done[n]]
-    if started_splits:
-        for layer, (zeros, total) in zip(layer_list, started_splits[-1]["zero_counts"].tolist()):
-            net.zeros[layer], net.total[layer] = int(zeros), int(total)
+    _restore_zero_counts(plan, net, done)
+    names = list(src.splits)
+    items = [it for n in names for it in src.splits[n]]
+    sizes = [len(src.splits[n]) for n in names]
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    batches = [  # never straddle two splits; resume after the last commit
+        list(range(starts[k] + i, starts[k] + min(i + plan.batch_size, sizes[k])))
+        for k in range(len(names))
+        for i in range(done[names[k]]["next_index"], sizes[k], plan.batch_size)
+    ]
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
 
-    # running zero counts live on the device (no sync per batch); snapshots go back with features
-    net.zeros = {k: torch.tensor(int(v), dtype=torch.int64, device=dev) for k, v in net.zeros.items()}
+    def write(p) -> None:
+        """Writer thread: one batch's rows and skipped files, then advance past it; what is
+        committed (rows, skipped, zero counts) always ends at a batch boundary."""
+        split, start, good, failures, feats, zeros, totals, event, end = p
+        if event is not None:
+            event.synchronize()  # the batch's copies back to the host are done
+        for i, reason in failures:
+            writer.skip(split, items[i].path, reason)
+        writer.add(split, [items[i].label for i in good], [items[i].path for i in good],
+                   {layer: t.numpy() for layer, t in feats.items()},
+                   [src.stats.get(items[i].path, (0, 0)) for i in good])
+        writer.advance(split, end - start, extra=lambda: {"zero_counts": np.array(
+            [[int(z), int(t)] for z, t in zip(zeros.tolist(), totals)], dtype=np.int64)})
 
-    started = time.perf_counter()
-    try:
-        with writer, progress_bar(enabled=progress) as bar, \
-                (torch.cuda.device(dev) if on_cuda else contextlib.nullcontext()):
-            names = list(src.splits)
-            items = [it for n in names for it in src.splits[n]]
-            sizes = [len(src.splits[n]) for n in names]
-            starts = [sum(sizes[:k]) for k in range(len(sizes))]
-            batches = [
-                list(range(starts[k] + i, starts[k] + min(i + batch_size, sizes[k])))
-                for k in range(len(names))
-                for i in range(done[names[k]]["next_index"], sizes[k], batch_size)
-            ]
-            from featurekit import _decode, _pipeline
-
-            task = bar.add_task("extract", total=len(items),
-                                completed=sum(d["next_index"] for d in done.values()))
-
-            def write(p) -> None:
-                """Writer thread: one batch's rows and skipped files, then advance past it; what
-                is committed (rows, skipped, zero counts) always ends at a batch boundary."""
-                split, start, good, failures, feats, zeros, totals, event, end = p
-                if event is not None:
-                    event.synchronize()  # the batch's copies back to the host are done
-                for i, reason in failures:
-                    writer.skip(split, items[i].path, reason)
-                writer.add(split, [items[i].label for i in good], [items[i].path for i in good],
-                           {layer: t.numpy() for layer, t in feats.items()},
-                           [src.stats.get(items[i].path, (0, 0)) for i in good])
-                writer.advance(split, end - start, extra=lambda: {"zero_counts": np.array(
-                    [[int(z), int(t)] for z, t in zip(zeros.tolist(), totals)], dtype=np.int64)})
-
-            seen, mark = 0, None  # for the steady-state rate, after warm-up
-            warm = max(2 * batch_size, len(items) // 10)
-            stream = torch.cuda.current_stream(dev) if on_cuda else None
-            with _decode.device_batches(
-                src, items, backbone.preprocess, decode, dev,
-                batches,  # never straddle two splits; resume after the last commit
-                workers,
-            ) as ready, _pipeline.Consumer(write) as writing:
-                for positions, good, x, failures in ready:
-                    if mark is None and seen >= warm:
-                        mark = (seen, time.perf_counter())
-                    k = next(k for k in reversed(range(len(names))) if positions[0] >= starts[k])
-                    split, start = names[k], starts[k]
-                    feats, event = {}, None
-                    if x is not None:
-                        with torch.inference_mode(), torch.autocast(
-                            dev.split(":")[0], dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None,
-                        ):
-                            out = net(x)
-                        feats = {layer: t.float().to("cpu", non_blocking=on_cuda)
-                                 for layer, t in out.items()}
-                    # counters as of this batch (the tensors are replaced, never changed, later)
-                    zeros = torch.stack([net.zeros[k] for k in layer_list]).to("cpu", non_blocking=on_cuda)
-                    if on_cuda:
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                    # the writer thread does the HDF5 work while the device runs the next batches
-                    writing.put((split, start, good, failures, feats, zeros,
-                                 [net.total[k] for k in layer_list], event, positions[-1] + 1))
-                    bar.update(task, advance=len(positions), description=f"extract {split}")
-                    seen += len(positions)
-                writing.join()
-            if mark is not None and seen > mark[0]:
-                summary.steady_images_per_second = (seen - mark[0]) / (time.perf_counter() - mark[1])
-            summary.zero_fraction = net.zero_fraction()
-            writer.set_attrs(zero_fraction=summary.zero_fraction, zero_counts=net.zero_counts())
-            writer.finish()
-    except KeyboardInterrupt:
-        raise
-    except OSError as exc:  # the writer reports its own failures as OutputError already
-        raise OutputError(f"writing {out_path} failed: {exc}; the partial cache is marked incomplete") from None
-    return _summarise(summary, out_path, time.perf_counter() - started, seen)
+    seen, mark = 0, None  # for the steady-state rate, after warm-up
+    warm = max(2 * plan.batch_size, len(items) // 10)
+    with progress_bar(enabled=progress) as bar, \
+            (torch.cuda.device(dev) if on_cuda else contextlib.nullcontext()), \
+            _decode.device_batches(src, items, backbone.preprocess, plan.decode, dev, batches,
+                                   plan.workers) as ready, \
+            _pipeline.Consumer(write) as writing:
+        task = bar.add_task("extract", total=len(items),
+                            completed=sum(d["next_index"] for d in done.values()))
+        stream = torch.cuda.current_stream(dev) if on_cuda else None
+        for positions, good, x, failures in ready:
+            if mark is None and seen >= warm:
+                mark = (seen, time.perf_counter())
+            k = next(k for k in reversed(range(len(names))) if positions[0] >= starts[k])
+            feats, event = {}, None
+            if x is not None:
+                with torch.inference_mode(), torch.autocast(
+                    dev.split(":")[0], dtype=autocast_dtype or torch.float32,
+                    enabled=autocast_dtype is not None,
+                ):
+                    out = net(x)
+                feats = {layer: t.float().to("cpu", non_blocking=on_cuda) for layer, t in out.items()}
+            # counters as of this batch (the tensors are replaced, never changed, later)
+            zeros = torch.stack([net.zeros[n] for n in plan.layers]).to("cpu", non_blocking=on_cuda)
+            if on_cuda:
+                event = torch.cuda.Event()
+                event.record(stream)
+            # the writer thread does the HDF5 work while the device runs the next batches
+            writing.put((names[k], starts[k], good, failures, feats, zeros,
+                         [net.total[n] for n in plan.layers], event, positions[-1] + 1))
+            bar.update(task, advance=len(positions), description=f"extract {names[k]}")
+            seen += len(positions)
+        writing.join()
+    if mark is not None and seen > mark[0]:
+        summary.steady_images_per_second = (seen - mark[0]) / (time.perf_counter() - mark[1])
+    return seen
 
 
 def _resumable(out_path: Path, options: dict[str, Any], commit_seconds: float, log):
-    """For --resume: a writer positioned after the last commit, "complete", or None (start over)."""
-    import warnings
-
-    from featurekit.cache import CacheWriter
+    """For --resume: a writer positioned after the last commit, "complete", or None (no output
+    yet). Whatever else is at ``out_path`` is refused, and left byte-identical: the checks read
+    the file read-only before it is opened for writing."""
+    from featurekit.cache import CacheWriter, read_header
 
     if not out_path.exists():
         return None
     try:
-        writer = CacheWriter.reopen(out_path, commit_seconds=commit_seconds)
-        recorded = writer.attr("options")
-        complete = bool(writer.attr("complete"))
-    except Exception as exc:  # unreadable partial: nothing in it can be trusted
-        warnings.warn(f"{out_path} cannot be resumed ({type(exc).__name__}); starting from scratch",
-                      stacklevel=2)
-        return None
+        header = read_header(out_path)
+    except CacheError as exc:
+        raise OutputError(
+            f"--resume: {exc}; it is left as it is: choose another --out, or pass --overwrite "
+            "to replace it"
+        ) from None
+    recorded = header.get("options")
     if recorded != options:
-        writer.close()
         keys = sorted(k for k in set(options) | set(recorded or {})
                       if (recorded or {}).get(k) != options.get(k))
         raise FeaturekitError(
             f"--resume: {out_path} was made from another source or options (different "
             f"{', '.join(keys)}); use the same ones, or --overwrite to start over"
         )
-    if complete:
-        writer.close()
-        (log or _stderr)(f"{out_path} is already complete; nothing to do")
+    if header.get("complete"):
+        log(f"{out_path} is already complete; nothing to do")
         return "complete"
-    return writer
+    try:
+        return CacheWriter.reopen(out_path, commit_seconds=commit_seconds)
+    except Exception as exc:  # a damaged featurekit cache: say so, keep it
+        raise CacheError(
+            f"--resume: {out_path} is a damaged featurekit cache ({type(exc).__name__}: {exc}); "
+            "it is left as it is: pass --overwrite to start over"
+        ) from None
 
 
 def _stderr(message: str) -> None:

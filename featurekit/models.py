@@ -95,8 +95,9 @@ class Preprocess:
         """``--image-size N``: resize the shorter side to N and centre-crop N x N (no margin)."""
         if size is None:
             return self
-        if size < 16:
-            raise ModelError(f"--image-size must be at least 16, got {size}")
+        from featurekit.options import IMAGE_SIZE
+
+        IMAGE_SIZE.check("--image-size", size)
         return Preprocess(size, size, self.mean, self.std, self.interpolation, self.antialias)
 
     def transform(self):
@@ -181,15 +182,9 @@ def resolve_weights(weights: str) -> WeightsSpec:
         raise ModelError(
             f"weights file not found: {weights} (use 'imagenet', 'none' or a state dict file)"
         )
-    import pickle
-
     import torch
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load weights file {weights}: {first}") from None
+    obj = load_torch_file(path, "weights file")
     checkpoint = None
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         checkpoint = obj
@@ -209,6 +204,19 @@ def resolve_weights(weights: str) -> WeightsSpec:
     )
 
 
+def load_torch_file(path: Path, what: str) -> Any:
+    """``torch.load(weights_only=True)``: plain tensors and containers only, no code runs. Any
+    file may hold any bytes, so every failure to load is one line."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # junk bytes fail in struct, zipfile, pickle, ... (or MemoryError)
+        text = " ".join(str(exc).split())
+        first = text.split(". ")[0][:200] if text else type(exc).__name__
+        raise ModelError(f"cannot load {what} {path}: {first}") from None
+
+
 @dataclass
 class Backbone:
     """A built model with its provenance."""
@@ -220,6 +228,19 @@ class Backbone:
     preprocess: Preprocess
 
 
+def preprocess_for(name: str | None, spec: WeightsSpec, image_size: int | None = None) -> Preprocess:
+    """The preprocessing a backbone will use (the checkpoint's, else its DEFAULT weights', with
+    ``--image-size``), known before anything is built; refuses a model the checkpoint is not."""
+    name = name or spec.model_name or DEFAULT_MODEL
+    check_model(name)
+    if spec.model_name and spec.model_name != name:
+        raise ModelError(
+            f"weights {spec.given} are a {spec.model_name} checkpoint, not {name}; "
+            f"use --model {spec.model_name}"
+        )
+    return (spec.preprocess or default_preprocess(name)).with_image_size(image_size)
+
+
 def build_backbone(
     name: str | None, spec: WeightsSpec, *, seed: int = 0, image_size: int | None = None
 ) -> Backbone:
@@ -228,13 +249,7 @@ def build_backbone(
     from torchvision import models
 
     name = name or spec.model_name or DEFAULT_MODEL
-    check_model(name)
-    if spec.model_name and spec.model_name != name:
-        raise ModelError(
-            f"weights {spec.given} are a {spec.model_name} checkpoint, not {name}; "
-            f"use --model {spec.model_name}"
-        )
-    preprocess = (spec.preprocess or default_preprocess(name)).with_image_size(image_size)
+    preprocess = preprocess_for(name, spec, image_size)
     sha = spec.sha256
     torch.manual_seed(seed)
     if spec.kind == "imagenet":

@@ -198,19 +198,40 @@ def test_resume_cases(tmp_path, image_folder, runner):
     before = out.read_bytes()
     r = invoke(runner, "extract", image_folder, "--out", out, *TINY, "--resume")
     assert r.exit_code == 0 and "already complete" in r.stderr and out.read_bytes() == before
-    # other options, model or source: refused with one line
+    # other options, model or source: refused with one line, the file byte-identical (also an
+    # interrupted one, whose uncommitted tail a reopen for writing would clear)
+    with h5py.File(out, "a") as f:
+        f.attrs["complete"] = False
+    before = out.read_bytes()
     for extra, key in ((["--layers", "layer3"], "layers"), (["--seed", "3"], "seed"),
                        (["--batch-size", "7"], "batch_size")):
         r = invoke(runner, "extract", image_folder, "--out", out, *TINY, "--resume", *extra)
         assert r.exit_code == 2 and r.stderr.count("\n") == 1 and key in r.stderr, r.stderr
+        assert out.read_bytes() == before
     make_image(image_folder / "cat" / "new.jpg", np.random.default_rng(5))
     r = invoke(runner, "extract", image_folder, "--out", out, *TINY, "--resume")
-    assert r.exit_code == 2 and "source_fingerprint" in r.stderr
-    # an unreadable partial: starts from scratch
-    out.write_bytes(b"garbage")
-    r = invoke(runner, "extract", image_folder, "--out", out, *TINY, "--resume")
-    assert r.exit_code == 0 and "starting from scratch" in r.stderr
-    with open_cache(out) as c:
+    assert r.exit_code == 2 and "source_fingerprint" in r.stderr and out.read_bytes() == before
+    # what is not a featurekit cache (a text file, another program's HDF5 file, a truncated
+    # cache) is never replaced by --resume: one line, exit 2, byte-identical
+    text = tmp_path / "draft.txt"
+    text.write_text("my thesis, chapter 3\n")
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w", libver="latest") as f:
+        f["x"] = np.arange(5)
+        f.attrs["owner"] = "another program"
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(before[:3000])
+    for victim in (text, foreign, truncated):
+        kept = victim.read_bytes()
+        r = invoke(runner, "extract", image_folder, "--out", victim, *TINY, "--resume")
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert "not a featurekit cache" in r.stderr and "--overwrite" in r.stderr, r.stderr
+        assert victim.read_bytes() == kept
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # only --overwrite replaces it
+    r = invoke(runner, "extract", image_folder, "--out", text, *TINY, "--overwrite")
+    assert r.exit_code == 0, r.stderr
+    with open_cache(text) as c:
         assert c.complete and sum(c.n_rows(s) for s in c.splits) == 19
 
 
@@ -220,13 +241,13 @@ def test_incomplete_cache_is_refused_or_marked(tmp_path, image_folder, runner):
             workers=0, progress=False)
     with h5py.File(out, "a") as f:
         f.attrs["complete"] = False
-    for cmd in (["fit", out, "--head", "logistic", "--C", "1", "--out", tmp_path / "h.joblib"],
+    for cmd in (["fit", out, "--head", "logistic", "--C", "1", "--out", tmp_path / "h.skops"],
                 ["bench", out]):
         r = invoke(runner, *cmd)
         assert r.exit_code == 2 and "incomplete" in r.stderr and "--allow-incomplete" in r.stderr
     r = invoke(runner, "info", out)
     assert r.exit_code == 0 and "INCOMPLETE" in r.stdout
-    r = invoke(runner, "fit", out, "--head", "logistic", "--C", "1", "--out", tmp_path / "h.joblib",
+    r = invoke(runner, "fit", out, "--head", "logistic", "--C", "1", "--out", tmp_path / "h.skops",
                "--allow-incomplete")
     assert r.exit_code == 0, r.stderr
 

@@ -1,0 +1,113 @@
+"""Up-front memory checks: refuse a batch that cannot fit before any image is read.
+
+The estimates are *lower bounds* (memory the pass needs at the very least), so a run that would
+fit is never refused; what slips past them (a worker killed, CUDA out of memory) is turned into
+one line by :func:`featurekit.errors.from_runtime`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from featurekit.errors import ResourceError
+
+GiB = 1 << 30
+
+
+def available_bytes(device: str) -> int | None:
+    """Free memory for tensors on ``device`` (host: MemAvailable, capped by the cgroup limit);
+    None when it cannot be known."""
+    if device.startswith("cuda"):
+        import torch
+
+        try:
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except Exception:  # no driver details: do not guess
+            return None
+    return _host_available()
+
+
+def _host_available() -> int | None:
+    found = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # a container's own limit (cgroup v2) can be far below the machine's memory
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            room = int(limit) - used
+            found = room if found is None else min(found, room)
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def stem_bytes(image_size: int, half: bool) -> int:
+    """Per image, the least a ResNet forward pass holds at once: the stem's BatchNorm reads the
+    64-channel stride-2 convolution output and writes one of the same size (every torchvision
+    ResNet-family model has this stem)."""
+    side = (image_size + 1) // 2
+    return 2 * 64 * side * side * (2 if half else 4)
+
+
+def input_bytes(image_size: int) -> int:
+    """One preprocessed image: float32, 3 x N x N."""
+    return 3 * image_size * image_size * 4
+
+
+def check_batch_fits(
+    *, image_size: int, batch_size: int, device: str, half: bool = False, workers: int = 0,
+    per_image_extra: int = 0, what: str = "the forward pass",
+) -> None:
+    """Refuse, with one line, a batch whose lower-bound footprint exceeds the free memory.
+
+    On CUDA the activations go to the GPU and the decoded batches in flight to the host; on the
+    CPU both go to the host. ``per_image_extra``: more bytes per image the caller knows it
+    keeps (training keeps every activation for the backward pass).
+    """
+    per_image = stem_bytes(image_size, half) + input_bytes(image_size) + per_image_extra
+    in_flight = (2 * workers + 1) * input_bytes(image_size)  # DataLoader prefetch: 2 per worker
+    on_cuda = device.startswith("cuda")
+    needs = {device: batch_size * per_image} if on_cuda else {"cpu": batch_size * (per_image + in_flight)}
+    if on_cuda:
+        needs["cpu"] = batch_size * in_flight
+    for where, need in needs.items():
+        free = available_bytes(where)
+        if free is None or need <= free:
+            continue
+        per = need // batch_size
+        fits = max(0, free // per) if per else 0
+        hint = f"--batch-size {fits} or less" if fits else "a smaller --image-size"
+        raise ResourceError(
+            f"--image-size {image_size} with --batch-size {batch_size} needs at least "
+            f"{need / GiB:.1f} GiB on {where} for {what}, but {free / GiB:.1f} GiB are free; "
+            f"use {hint}"
+        )
+
+
+def training_bytes_per_image(model_name: str, image_size: int, half: bool) -> int:
+    """Per image, the convolution outputs a training step keeps for its backward pass (each is
+    the saved input of the BatchNorm after it): measured on the meta device at 64 px, where
+    it costs no memory, and scaled by the image area."""
+    import torch
+    from torchvision import models
+
+    with torch.device("meta"):
+        model = models.get_model(model_name, weights=None)
+    total = 0
+
+    def count(module, inputs, output) -> None:
+        nonlocal total
+        total += output.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.empty(1, 3, 64, 64, device="meta"))
+    for h in hooks:
+        h.remove()
+    return int(total * (image_size / 64) ** 2 * (2 if half else 4))

@@ -293,6 +293,14 @@ def _csv_source(spec: str, path: Path, seed: int, val_fraction: float, test_frac
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise SourceError(f"cannot read CSV source {spec}: {exc}") from None
+    try:
+        return _parse_csv(spec, path, text, seed, val_fraction, test_fraction)
+    except csv.Error as exc:
+        raise SourceError(f"CSV source {spec} is not valid CSV: {exc}") from None
+
+
+def _parse_csv(spec: str, path: Path, text: str, seed: int, val_fraction: float,
+               test_fraction: float) -> Source:
     reader = csv.DictReader(io.StringIO(text))
     fields = [f.strip() for f in (reader.fieldnames or [])]
     if "path" not in fields or "label" not in fields:
@@ -308,6 +316,8 @@ def _csv_source(spec: str, path: Path, seed: int, val_fraction: float, test_frac
         p, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
         if not p or not label:
             raise SourceError(f"CSV source {spec}, line {lineno}: empty path or label")
+        if "\0" in p or "\0" in label:
+            raise SourceError(f"CSV source {spec}, line {lineno}: a NUL character in path or label")
         split = (row.get("split") or "").strip() if has_split else "train"
         if split not in SPLITS:
             raise SourceError(

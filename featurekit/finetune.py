@@ -277,20 +277,12 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    import pickle
-
-    import torch
-
-    from featurekit.models import CHECKPOINT_FORMAT
+    from featurekit.models import CHECKPOINT_FORMAT, load_torch_file
 
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"checkpoint not found: {p}")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load checkpoint {p}: {first}") from None
+    ckpt = load_torch_file(p, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{p} is not a featurekit checkpoint")
     return ckpt

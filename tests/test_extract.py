@@ -318,7 +318,7 @@ def test_decode_paths_agree(tmp_path, digits_jpegs):
             assert cos.mean() >= 0.999, cos.mean()
         yt, xt = cb.labels("test"), cb.features("test", "penultimate")
     result = fit_head(a, "svm")
-    head = tmp_path / "h.joblib"
+    head = tmp_path / "h.skops"
     save_head(result, head)
     other = float(np.mean(load_head(head)["head"].predict(xt) == yt))
     assert abs(other - result.report["accuracy"]) <= 0.005, (other, result.report["accuracy"])

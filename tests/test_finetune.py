@@ -202,7 +202,7 @@ def test_digits_acceptance(tmp_path, runner):
     r = invoke(runner, "extract", "digits", "--model", "resnet18", "--weights", run / "best.pt",
                "--image-size", "32", "--device", "cpu", "--out", tmp_path / "ft.h5", "--no-progress")
     assert r.exit_code == 0, r.stderr
-    r = invoke(runner, "fit", tmp_path / "ft.h5", "--head", "svm", "--out", tmp_path / "h.joblib", "--json")
+    r = invoke(runner, "fit", tmp_path / "ft.h5", "--head", "svm", "--out", tmp_path / "h.skops", "--json")
     assert json.loads(r.stdout)["accuracy"] >= 0.93
 
 

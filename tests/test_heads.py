@@ -129,7 +129,7 @@ def digits_cache(tmp_path_factory):
 @pytest.mark.parametrize("head", ["logistic", "linearsvc", "svm"])
 def test_fit_and_predict_on_digits(digits_cache, tmp_path, runner, head):
     """Acceptance: >= 0.90 on the held-out split; predict's CSV reproduces the accuracy."""
-    model = tmp_path / "h.joblib"
+    model = tmp_path / "h.skops"
     r = invoke(runner, "fit", digits_cache, "--head", head, "--out", model, "--json")
     assert r.exit_code == 0, r.stderr
     rep = json.loads(r.stdout)
@@ -157,7 +157,7 @@ def test_class_names_round_trip(tmp_path, image_folder, runner):
     cache = tmp_path / "c.h5"
     extract(image_folder, cache, model="resnet18", weights="none", image_size=32, device="cpu",
             workers=0, progress=False, val_fraction=0.0, test_fraction=0.34)
-    model, preds = tmp_path / "h.joblib", tmp_path / "p.csv"
+    model, preds = tmp_path / "h.skops", tmp_path / "p.csv"
     r = invoke(runner, "fit", cache, "--head", "logistic", "--C", "1.0", "--out", model, "--json")
     assert r.exit_code == 0, r.stderr
     rep = json.loads(r.stdout)
@@ -203,7 +203,7 @@ def test_predict_refuses_another_backbone(tmp_path, image_folder, runner):
             workers=0, progress=False)
     extract(image_folder, b, model="resnet34", weights="none", image_size=32, device="cpu",
             workers=0, progress=False)
-    model = tmp_path / "h.joblib"
+    model = tmp_path / "h.skops"
     assert invoke(runner, "fit", a, "--head", "svm", "--C", "1", "--gamma", "0.01", "--out", model).exit_code == 0
     r = invoke(runner, "predict", model, b, "--out", tmp_path / "p.csv")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "different model" in r.stderr
@@ -219,18 +219,22 @@ def test_predict_refuses_another_backbone(tmp_path, image_folder, runner):
 
 
 def test_fit_errors(digits_cache, tmp_path, runner):
-    r = invoke(runner, "fit", digits_cache, "--head", "forest", "--out", tmp_path / "h.joblib")
+    r = invoke(runner, "fit", digits_cache, "--head", "forest", "--out", tmp_path / "h.skops")
     assert r.exit_code == 2 and "valid heads" in r.stderr
-    r = invoke(runner, "fit", digits_cache, "--head", "svm", "--layer", "layer9", "--out", tmp_path / "h.joblib")
+    r = invoke(runner, "fit", digits_cache, "--head", "svm", "--layer", "layer9", "--out", tmp_path / "h.skops")
     assert r.exit_code == 2 and "no layer 'layer9'" in r.stderr
-    r = invoke(runner, "fit", digits_cache, "--head", "svm", "--eval-split", "train", "--out", tmp_path / "h.joblib")
+    r = invoke(runner, "fit", digits_cache, "--head", "svm", "--eval-split", "train", "--out", tmp_path / "h.skops")
     assert r.exit_code == 2 and "training split" in r.stderr
-    r = invoke(runner, "predict", tmp_path / "missing.joblib", digits_cache, "--out", tmp_path / "p.csv")
+    r = invoke(runner, "predict", tmp_path / "missing.skops", digits_cache, "--out", tmp_path / "p.csv")
     assert r.exit_code == 2 and "head file not found" in r.stderr
     junk = tmp_path / "junk.joblib"
     junk.write_bytes(b"not a pickle")
-    r = invoke(runner, "predict", junk, digits_cache, "--out", tmp_path / "p.csv")
+    r = invoke(runner, "predict", junk, digits_cache, "--out", tmp_path / "p.csv", "--trust")
     assert r.exit_code == 2 and "cannot load head file" in r.stderr
+    junk = tmp_path / "junk.skops"
+    junk.write_bytes(b"not a zip")
+    r = invoke(runner, "predict", junk, digits_cache, "--out", tmp_path / "p.csv")
+    assert r.exit_code == 2 and "not a skops head file" in r.stderr
 
 
 def test_bench_writes_tables_and_plot(digits_cache, tmp_path, runner, monkeypatch):

@@ -219,3 +219,83 @@ def test_cache_row_mismatch_and_garbage(tmp_path, image_folder, runner):
         f["x"] = [1, 2]
     r = invoke(runner, "info", tmp_path / "other.h5")
     assert_user_error(r, "not a featurekit cache")
+
+
+# ---------------------------------------------------------------- memory: up front and at run time
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_any_work(tmp_path, runner):
+    r = invoke(runner, "extract", "digits", "--out", tmp_path / "x.h5", "--model", "resnet18",
+               "--weights", "none", "--device", "cpu", "--image-size", "8192", "--batch-size", "4096")
+    assert_user_error(r, "--image-size 8192 with --batch-size 4096 needs at least", "GiB")
+    assert not list(tmp_path.iterdir())
+
+
+def test_memory_check_suggests_the_batch_that_fits(monkeypatch):
+    from featurekit import _resources
+    from featurekit.errors import ResourceError
+
+    monkeypatch.setattr(_resources, "available_bytes", lambda device: 1 << 30)
+    per_image = _resources.stem_bytes(224, False) + 2 * _resources.input_bytes(224)
+    fits = (1 << 30) // per_image
+    with pytest.raises(ResourceError, match=rf"--batch-size {fits} or less"):
+        _resources.check_batch_fits(image_size=224, batch_size=fits + 1, device="cpu")
+    _resources.check_batch_fits(image_size=224, batch_size=fits, device="cpu")  # fits: no error
+    # the estimate is a lower bound: a real resnet18 pass at 64 px, batch 16, fits in it
+    monkeypatch.setattr(_resources, "available_bytes", lambda device: None)  # unknown: no refusal
+    _resources.check_batch_fits(image_size=8192, batch_size=65536, device="cpu")
+
+
+def test_out_of_memory_mid_pass_is_one_line_and_resumable(tmp_path, image_folder, runner, monkeypatch):
+    import torch
+
+    from featurekit import models
+
+    real, calls = models.FeatureNet.__call__, []
+
+    def flaky(self, x, count_zeros=True):
+        calls.append(count_zeros)  # count_zeros=False: the dry run that measures layer widths
+        if calls.count(True) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(self, x, count_zeros)
+
+    monkeypatch.setattr(models.FeatureNet, "__call__", flaky)
+    out = tmp_path / "x.h5"
+    r = invoke(runner, "extract", image_folder, "--out", out, *TINY, "--batch-size", "2",
+               "--commit-seconds", "0")
+    assert_user_error(r, "ran out of memory", "--batch-size", "--resume")
+    with open_cache(out, allow_incomplete=True) as c:
+        assert not c.complete and 0 < sum(c.n_rows(s) for s in c.splits) <= 4
+    monkeypatch.setattr(models.FeatureNet, "__call__", real)
+    r = invoke(runner, "extract", image_folder, "--out", out, *TINY, "--batch-size", "2",
+               "--commit-seconds", "0", "--resume")
+    assert r.exit_code == 0, r.stderr
+    with open_cache(out) as c:
+        assert sum(c.n_rows(s) for s in c.splits) == 18
+
+
+def test_a_killed_decoding_worker_is_one_line(tmp_path, image_folder, runner, monkeypatch):
+    import os
+    import signal
+
+    import torch
+
+    from featurekit import _decode
+
+    def die(self, i):
+        if torch.utils.data.get_worker_info() is not None:  # in the worker: as the OOM killer does
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    monkeypatch.setattr(_decode.CpuDataset, "__getitem__", die)
+    args = [a for a in TINY if a not in ("--workers", "0")]
+    r = invoke(runner, "extract", image_folder, "--out", tmp_path / "x.h5", *args, "--workers", "1")
+    assert_user_error(r, "decoding worker died", "killed by signal", "--workers")
+
+
+def test_runtime_errors_that_are_not_the_users_stay_tracebacks():
+    from featurekit.errors import from_runtime
+
+    assert from_runtime(ValueError("a bug")) is None
+    assert from_runtime(RuntimeError("shape mismatch")) is None
+    assert "GPU ran out of memory" in str(from_runtime(RuntimeError("CUDA out of memory. Tried")))
+    assert "out of memory" in str(from_runtime(MemoryError()))

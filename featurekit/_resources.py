@@ -89,10 +89,12 @@ def check_batch_fits(
         )
 
 
-def training_bytes_per_image(model_name: str, image_size: int, half: bool) -> int:
-    """Per image, the convolution outputs a training step keeps for its backward pass (each is
-    the saved input of the BatchNorm after it): measured on the meta device at 64 px, where
-    it costs no memory, and scaled by the image area."""
+def training_bytes_per_image(model_name: str, image_size: int, half: bool,
+                             stages: list[str]) -> int:
+    """Per image, the convolution outputs of the trained ``stages`` (``conv1`` is the stem,
+    ``layer1``..``layer4``) that a training step keeps for its backward pass (each is the saved
+    input of the BatchNorm after it): measured on the meta device at 64 px, where it costs no
+    memory, and scaled by the image area."""
     import torch
     from torchvision import models
 
@@ -104,8 +106,8 @@ def training_bytes_per_image(model_name: str, image_size: int, half: bool) -> in
         nonlocal total
         total += output.numel()
 
-    hooks = [m.register_forward_hook(count) for m in model.modules()
-             if isinstance(m, torch.nn.Conv2d)]
+    hooks = [m.register_forward_hook(count) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Conv2d) and name.split(".")[0] in stages]
     with torch.no_grad():
         model(torch.empty(1, 3, 64, 64, device="meta"))
     for h in hooks:

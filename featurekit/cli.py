@@ -87,7 +87,8 @@ def _handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except FeaturekitError as exc:
-            _err("error: " + " ".join(str(exc).split()))  # one line, whatever a library said
+            if not getattr(exc, "quiet", False):  # under torchrun, rank 0 alone says it
+                _err("error: " + " ".join(str(exc).split()))  # one line, whatever a library said
             if getattr(exc, "hard_exit", False):  # a broken HDF5 file: skip its exit handlers
                 import os
 
@@ -452,7 +453,11 @@ def finetune(
     if json_out:
         _print_json(summary)
         return
-    _err(f"best val accuracy {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']} -> {out}/best.pt")
+    if summary["best_by"] == "val_acc":
+        _err(f"best val accuracy {summary['best_acc']:.4f} at epoch {summary['best_epoch']} -> {out}/best.pt")
+    else:
+        _err(f"best by train accuracy (no val split): {summary['best_acc']:.4f} at epoch "
+             f"{summary['best_epoch']} -> {out}/best.pt")
 
 
 # --------------------------------------------------------------------------- sparsity

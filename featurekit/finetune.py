@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from featurekit import __version__
+from featurekit import __version__, _dist
 from featurekit.errors import FeaturekitError, ModelError, OutputError
 
 STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4", "fc")  # conv1 = stem (conv1 + bn1)
@@ -200,7 +200,7 @@ def _as_list(batch):
     return batch
 
 
-def _decodable(source, items, workers: int, dist_info: _Dist, bar=None) -> tuple[list, list[tuple[str, str]]]:
+def _decodable(source, items, workers: int, dist_info, bar=None) -> tuple[list, list[tuple[str, str]]]:
     """The items that decode, and (path, reason) for those that do not.
 
     Every image is decoded once before training, so that a damaged file is reported up front
@@ -218,51 +218,10 @@ def _decodable(source, items, workers: int, dist_info: _Dist, bar=None) -> tuple
         bad.extend((i, reason) for i, reason in batch if reason)
         if task is not None:
             bar.advance(task, len(batch))
-    if dist_info.world > 1:
-        import torch.distributed as dist
-
-        gathered: list[Any] = [None] * dist_info.world
-        dist.all_gather_object(gathered, bad)
-        bad = [b for part in gathered for b in part]
+    bad = [b for part in _dist.all_gather(bad, dist_info) for b in part]
     reasons = dict(bad)
     return ([it for i, it in enumerate(items) if i not in reasons],
             [(items[i].path, reasons[i]) for i in sorted(reasons)])
-
-
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device: str) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _all_sum(values: list[float], dist_info: _Dist, device) -> list[float]:
-    if dist_info.world == 1:
-        return values
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -285,6 +244,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     ckpt = load_torch_file(p, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{p} is not a featurekit checkpoint")
+    expected = {"state_dict": dict, "optimizer": dict, "scheduler": dict, "options": dict,
+                "classes": list, "metrics": list, "epoch": int, "best_epoch": int,
+                "best_acc": (int, float)}
+    bad = [k for k, t in expected.items() if not isinstance(ckpt.get(k), t)]
+    if bad:
+        raise ModelError(f"{p} is a damaged featurekit checkpoint (no valid {', '.join(bad)})")
     return ckpt
 
 
@@ -326,6 +291,39 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
 
 # --------------------------------------------------------------------------- the run
 
+RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "curves.png")
+
+
+@dataclass
+class _Run:
+    """What a run resolved before building anything."""
+
+    opts: FinetuneOptions
+    src: Any
+    val_split: dict[str, Any]  # where val comes from: given, seeded, held out of train, none
+    run_dir: Path
+    device: str
+    dist: _dist.Dist
+    spec: Any
+    workers: int
+    resume_from: dict[str, Any] | None
+    log: Any
+
+    @property
+    def has_val(self) -> bool:
+        return bool(self.src.splits.get("val"))
+
+
+@dataclass
+class _Progress:
+    """The state carried from epoch to epoch (and through checkpoints)."""
+
+    rows: list[dict[str, Any]]
+    start_epoch: int = 1
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    stale: int = 0
+
 
 def finetune(
     source: str | os.PathLike[str],
@@ -357,11 +355,39 @@ def finetune(
     progress: bool = True,
     log=print,
 ) -> dict[str, Any]:
-    """Train; returns a summary (best epoch and val accuracy, files written)."""
+    """Train; returns a summary (best epoch and accuracy, what it was chosen by, files)."""
+    run = _plan(source, out, model=model, weights=weights, train_layers=train_layers, head=head,
+                hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
+                optimizer=optimizer, weight_decay=weight_decay, scheduler=scheduler,
+                augment=augment, image_size=image_size, precision=precision, device=device,
+                workers=workers, seed=seed, val_fraction=val_fraction,
+                test_fraction=test_fraction, resume=resume, overwrite=overwrite,
+                early_stop=early_stop, log=log)
+    backbone, net, counts = _build(run)
+    train_ds, val_ds = _datasets(run, backbone, progress)
+    opt, sched = _optimizer(run, net)
+    state = _restore(run, net, opt, sched)
+    if state.start_epoch > run.opts.epochs:
+        if run.dist.main:
+            log(f"{run.run_dir} already ran {run.opts.epochs} epochs; nothing to do")
+        return _summary(run, state, counts, 0)
+    if run.dist.main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+    epochs_run = _train(run, backbone, net, opt, sched, state, train_ds, val_ds, progress)
+    _dist.barrier(run.dist)
+    return _summary(run, state, counts, epochs_run)
+
+
+def _plan(source, out, *, model, weights, train_layers, head, hidden, dropout, epochs,
+          batch_size, lr, optimizer, weight_decay, scheduler, augment, image_size, precision,
+          device, workers, seed, val_fraction, test_fraction, resume, overwrite, early_stop,
+          log) -> _Run:
+    """Check every option, join the process group (one GPU per rank), decide on resuming (rank
+    0 reads last.pt once and shares it), list the source and its val split."""
     from featurekit import data, models
+    from featurekit import options as opt
     from featurekit.extract import default_workers, resolve_device, resolve_precision
 
-    # -- cheap checks first
     if model is not None:
         models.check_model(model)
     layers = parse_train_layers(train_layers)
@@ -369,34 +395,33 @@ def finetune(
                                ("--scheduler", scheduler, SCHEDULERS), ("--augment", augment, AUGMENTS)):
         if value not in valid:
             raise FeaturekitError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-    if epochs < 1 or batch_size < 1:
-        raise FeaturekitError("--epochs and --batch-size must be positive")
+    for name, rng, value in (
+        ("--hidden", opt.HIDDEN, hidden), ("--dropout", opt.DROPOUT, dropout),
+        ("--epochs", opt.EPOCHS, epochs), ("--batch-size", opt.BATCH_SIZE, batch_size),
+        ("--lr", opt.LEARNING_RATE, lr), ("--weight-decay", opt.WEIGHT_DECAY, weight_decay),
+        ("--image-size", opt.IMAGE_SIZE, image_size), ("--workers", opt.WORKERS, workers),
+        ("--seed", opt.SEED, seed), ("--val-fraction", opt.FRACTION, val_fraction),
+        ("--test-fraction", opt.FRACTION, test_fraction), ("--early-stop", opt.PATIENCE, early_stop),
+    ):
+        rng.check(name, value)
     if batch_size == 1 and (layers != ["fc"] or head == "mlp"):
         raise FeaturekitError("--batch-size 1 cannot train BatchNorm layers; use 2 or more "
                               "(or --train-layers fc with the linear head)")
-    dev = resolve_device(device)
-    dist_info = _init_distributed(dev)
-    if dev == "cuda" and dist_info.world > 1:
-        dev = f"cuda:{dist_info.local_rank}"
+    dist_info, dev = _dist.init(resolve_device(device))
     prec = resolve_precision(precision, dev)
     run_dir = Path(out)
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    resume_from = None
-    if resume and last_path.exists():
-        resume_from = load_checkpoint(last_path)
-    elif last_path.exists() and not overwrite:
-        raise OutputError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise OutputError(f"--out {run_dir} is a file; give a folder")
+    resume_from = _dist.decide(dist_info, lambda: _resume_checkpoint(run_dir, resume, overwrite))
     spec = models.resolve_weights(weights)
+    name = model or spec.model_name or models.DEFAULT_MODEL
+    size = models.preprocess_for(name, spec, image_size).crop_size
+    n_workers = default_workers(dev) if workers is None else workers
+    _check_memory(name, layers, size, batch_size, dev, prec, n_workers)
     src = data.open_source(source, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
     if "train" not in src.splits:
         raise FeaturekitError(f"source {source} has no train split")
-
-    import torch
-
+    val_split = _val_split(src, val_fraction, seed)
     opts = FinetuneOptions(
-        model=model or spec.model_name or models.DEFAULT_MODEL, weights=weights, train_layers=layers,
+        model=name, weights=weights, train_layers=layers,
         head=head, hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size,
         lr=lr if lr is not None else default_lr(optimizer, weights, layers), optimizer=optimizer,
         weight_decay=weight_decay if weight_decay is not None else (0.05 if optimizer == "adamw" else 5e-4),
@@ -404,179 +429,313 @@ def finetune(
         val_fraction=val_fraction, test_fraction=test_fraction, early_stop=early_stop,
     )
     if resume_from is not None:
-        saved = resume_from.get("options", {})
-        differ = [k for k in FinetuneOptions.RESUME_KEYS if saved.get(k) != asdict(opts).get(k)]
-        if differ:
-            raise FeaturekitError(
-                f"--resume: options differ from the run in {run_dir} ({', '.join(differ)}); use the "
-                "same options, or a new --out"
-            )
-        if resume_from.get("classes") != src.classes:
-            raise FeaturekitError(f"--resume: the source's classes differ from the run in {run_dir}")
+        _check_resume_options(resume_from, opts, src, run_dir)
+    return _Run(opts=opts, src=src, val_split=val_split, run_dir=run_dir, device=dev,
+                dist=dist_info, spec=spec, workers=n_workers, resume_from=resume_from, log=log)
 
-    # -- build
-    backbone = models.build_backbone(opts.model, spec, seed=seed, image_size=image_size)
-    net = build_model(backbone.model, len(src.classes), head, hidden, dropout)
-    trainable, total = freeze(net, layers)
-    if dist_info.main:
-        log(f"{opts.model}: training {', '.join(layers)}; trainable parameters {trainable:,} of "
-            f"{total:,} ({trainable / total:.1%})")
-    net.to(dev, memory_format=torch.channels_last)
-    n_workers = default_workers(dev) if workers is None else workers
+
+def _resume_checkpoint(run_dir: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """last.pt to continue from (``--resume``), or None to start; refuses a folder holding a
+    run (or files of a run's names) unless --resume or --overwrite says what to do with it."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise OutputError(f"--out {run_dir} is a file; give a folder")
+    last = run_dir / "last.pt"
+    if resume and last.exists():
+        return load_checkpoint(last)
+    present = [n for n in RUN_FILES if (run_dir / n).exists()]
+    if present and not overwrite:
+        raise OutputError(
+            f"{run_dir} already holds {', '.join(present)}; pass --resume to continue the run "
+            "(needs last.pt), --overwrite to replace them, or another --out"
+        )
+    return None
+
+
+def _check_resume_options(resume_from: dict[str, Any], opts: FinetuneOptions, src, run_dir) -> None:
+    saved = resume_from.get("options", {})
+    differ = [k for k in FinetuneOptions.RESUME_KEYS if saved.get(k) != asdict(opts).get(k)]
+    if differ:
+        raise FeaturekitError(
+            f"--resume: options differ from the run in {run_dir} ({', '.join(differ)}); use the "
+            "same options, or a new --out"
+        )
+    if resume_from.get("classes") != src.classes:
+        raise FeaturekitError(f"--resume: the source's classes differ from the run in {run_dir}")
+
+
+def _val_split(src, val_fraction: float, seed: int) -> dict[str, Any]:
+    """Where validation comes from. A source with split folders but no ``val/`` gives a seeded,
+    stratified share of train (``--val-fraction``); ``test`` is never touched. Changes
+    ``src.splits`` in place."""
+    from featurekit.data import split_items
+
+    if src.splits.get("val"):
+        return {"origin": src.split_origin, "images": len(src.splits["val"])}
+    if val_fraction == 0:
+        return {"origin": "none", "images": 0}
+    if src.split_origin == "given":  # seeded sources already hold val_fraction of their images
+        held = split_items(src.splits["train"], len(src.classes), val_fraction, 0.0, seed)
+        if held.get("val"):
+            src.splits["train"], src.splits["val"] = held["train"], held["val"]
+            return {"origin": "held out of train", "fraction": val_fraction, "seed": seed,
+                    "images": len(held["val"])}
+    return {"origin": "none", "images": 0}
+
+
+def _check_memory(name: str, layers: list[str], size: int, batch_size: int, dev: str, prec: str,
+                  workers: int) -> None:
+    from featurekit import _resources
+
+    half = prec != "fp32"
+    trained = [s for s in layers if s != "fc"]  # frozen stages keep no activations for backward
+    extra = _resources.training_bytes_per_image(name, size, half, trained) if trained else 0
+    _resources.check_batch_fits(image_size=size, batch_size=batch_size, device=dev, half=half,
+                                workers=workers, per_image_extra=extra, what="a training step")
+
+
+def _build(run: _Run):
+    """Backbone (with its preprocessing), the network with its head on the device, frozen
+    where it does not train; (trainable, total) parameter counts."""
+    import torch
+
+    from featurekit import models
+
+    opts = run.opts
+    backbone = models.build_backbone(opts.model, run.spec, seed=opts.seed, image_size=opts.image_size)
+    net = build_model(backbone.model, len(run.src.classes), opts.head, opts.hidden, opts.dropout)
+    trainable, total = freeze(net, opts.train_layers)
+    if run.dist.main:
+        run.log(f"{opts.model}: training {', '.join(opts.train_layers)}; trainable parameters "
+                f"{trainable:,} of {total:,} ({trainable / total:.1%})")
+        origin = run.val_split["origin"]
+        if origin == "none":
+            run.log("no val split: best.pt is chosen by train accuracy (--val-fraction > 0 "
+                    "holds out a share of train)")
+        elif origin == "held out of train":
+            run.log(f"no val/ folder: {run.val_split['images']} training images "
+                    f"({opts.val_fraction:g} of each class, seed {opts.seed}) are held out for val")
+    net.to(run.device, memory_format=torch.channels_last)
+    return backbone, net, (trainable, total)
+
+
+def _datasets(run: _Run, backbone, progress: bool):
+    """Train and val datasets of the images that decode (checked once, up front, across ranks)."""
     from featurekit._progress import progress_bar
 
-    with progress_bar(enabled=progress and dist_info.main, unit="img") as bar:
-        train_items, bad_train = _decodable(src, src.splits["train"], n_workers, dist_info, bar)
-        val_items, bad_val = _decodable(src, src.splits.get("val", []), n_workers, dist_info, bar)
-    if dist_info.main and (bad_train or bad_val):
-        log(f"skipping {len(bad_train) + len(bad_val)} undecodable file(s), e.g. "
-            f"{(bad_train + bad_val)[0][0]}: {(bad_train + bad_val)[0][1]}")
+    src = run.src
+    with progress_bar(enabled=progress and run.dist.main, unit="img") as bar:
+        train_items, bad_train = _decodable(src, src.splits["train"], run.workers, run.dist, bar)
+        val_items, bad_val = _decodable(src, src.splits.get("val", []), run.workers, run.dist, bar)
+    bad = bad_train + bad_val
+    if run.dist.main and bad:
+        run.log(f"skipping {len(bad)} undecodable file(s), e.g. {bad[0][0]}: {bad[0][1]}")
     if len(train_items) < 2:
         raise FeaturekitError(f"finetune needs at least 2 decodable training images, got {len(train_items)}")
-    train_ds = _Labelled(src, train_items, train_transform(backbone.preprocess, augment))
-    val_ds = _Labelled(src, val_items, backbone.preprocess.transform())
+    return (_Labelled(src, train_items, train_transform(backbone.preprocess, run.opts.augment)),
+            _Labelled(src, val_items, backbone.preprocess.transform()))
+
+
+def _optimizer(run: _Run, net):
+    import torch
+
+    o = run.opts
     params = [p for p in net.parameters() if p.requires_grad]
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    if o.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     else:
-        opt = torch.optim.SGD(params, lr=opts.lr, momentum=0.9, weight_decay=opts.weight_decay, nesterov=True)
-    if scheduler == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    elif scheduler == "step":
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, epochs // 3), gamma=0.1)
+        opt = torch.optim.SGD(params, lr=o.lr, momentum=0.9, weight_decay=o.weight_decay, nesterov=True)
+    if o.scheduler == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=o.epochs)
+    elif o.scheduler == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, o.epochs // 3), gamma=0.1)
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
-    rows: list[dict[str, Any]] = []
-    start_epoch, best_acc, best_epoch, stale = 1, -1.0, 0, 0
-    if resume_from is not None:
-        net.load_state_dict(resume_from["state_dict"])
-        opt.load_state_dict(resume_from["optimizer"])
-        sched.load_state_dict(resume_from["scheduler"])
-        if isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
-            sched.T_max = epochs  # --epochs may be raised on resume
-        rows = list(resume_from.get("metrics", []))
-        start_epoch = int(resume_from["epoch"]) + 1
-        best_acc, best_epoch = float(resume_from["best_acc"]), int(resume_from["best_epoch"])
-        stale = int(resume_from.get("stale", 0))
-        if dist_info.main:
-            log(f"resuming {run_dir} after epoch {start_epoch - 1} (best {best_acc:.4f} at epoch {best_epoch})")
-        if start_epoch > epochs:
-            if dist_info.main:
-                log(f"{run_dir} already ran {epochs} epochs; nothing to do")
-            return {"run_dir": str(run_dir), "epochs_run": 0, "best_epoch": best_epoch,
-                    "best_val_acc": best_acc, "trainable": trainable, "total": total}
-    if dist_info.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    model_for_step = net
-    if dist_info.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    return opt, sched
 
-        model_for_step = DDP(net, device_ids=[dist_info.local_rank] if dev.startswith("cuda") else None)
 
-    on_cuda = dev.startswith("cuda")
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
-    scaler = torch.amp.GradScaler(enabled=prec == "fp16" and on_cuda)
-    loss_fn = torch.nn.CrossEntropyLoss()
+def _restore(run: _Run, net, opt, sched) -> _Progress:
+    """Weights, optimizer, scheduler and progress of the run being resumed (or a fresh start)."""
+    import torch
 
-    def batches(ds, sampler, drop_last=False):
-        return torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, sampler=sampler, num_workers=n_workers,
-            pin_memory=on_cuda, drop_last=drop_last, prefetch_factor=4 if n_workers else None,
-        )
+    ckpt = run.resume_from
+    if ckpt is None:
+        return _Progress(rows=[])
+    try:
+        net.load_state_dict(ckpt["state_dict"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"--resume: {run.run_dir / 'last.pt'} does not fit this run: "
+                         f"{' '.join(str(exc).split())[:200]}") from None
+    if isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
+        sched.T_max = run.opts.epochs  # --epochs may be raised on resume
+    state = _Progress(rows=list(ckpt["metrics"]), start_epoch=int(ckpt["epoch"]) + 1,
+                      best_acc=float(ckpt["best_acc"]), best_epoch=int(ckpt["best_epoch"]),
+                      stale=int(ckpt.get("stale", 0)))
+    if run.dist.main:
+        run.log(f"resuming {run.run_dir} after epoch {state.start_epoch - 1} "
+                f"(best {state.best_acc:.4f} at epoch {state.best_epoch})")
+    return state
 
+
+def _loader(run: _Run, ds, sampler, drop_last: bool = False):
+    import torch
+
+    return torch.utils.data.DataLoader(
+        ds, batch_size=run.opts.batch_size, sampler=sampler, num_workers=run.workers,
+        pin_memory=run.device.startswith("cuda"), drop_last=drop_last,
+        prefetch_factor=4 if run.workers else None,
+    )
+
+
+def _train(run: _Run, backbone, net, opt, sched, state: _Progress, train_ds, val_ds,
+           progress: bool) -> int:
+    """The epochs from ``state.start_epoch``; each ends with its checkpoint. Returns epochs run."""
+    import torch
     from torch.utils.data.distributed import DistributedSampler
 
+    o, d = run.opts, run.dist
+    step_model = net
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        step_model = DDP(net, device_ids=[torch.device(run.device).index]
+                         if run.device.startswith("cuda") else None)
     # shuffles by (seed, epoch); shards across ranks under torchrun (one rank: the whole set)
-    train_sampler = DistributedSampler(train_ds, num_replicas=dist_info.world, rank=dist_info.rank,
-                                       shuffle=True, seed=seed)
-    val_shard = list(range(dist_info.rank, len(val_ds), dist_info.world))  # exact, no padding
+    sampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=o.seed)
+    val_shard = list(range(d.rank, len(val_ds), d.world))  # exact, no padding
+    epochs_run = 0
+    for epoch in range(state.start_epoch, o.epochs + 1):
+        t0 = time.perf_counter()
+        # reseed from (seed, epoch): augmentation, dropout and shuffling repeat exactly on resume
+        torch.manual_seed(o.seed * 100_003 + epoch)
+        random.seed(o.seed * 100_003 + epoch)
+        sampler.set_epoch(epoch)
+        lr_now = opt.param_groups[0]["lr"]
+        train_loss, train_acc = _train_epoch(run, net, step_model, opt, train_ds, sampler, epoch, progress)
+        _dist.broadcast_buffers(net, d)  # val and the checkpoint see rank 0's BatchNorm statistics
+        sched.step()
+        val_loss, val_acc = _evaluate(run, net, val_ds, val_shard) if len(val_ds) else (None, None)
+        row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+               "val_loss": val_loss, "val_acc": val_acc, "lr": lr_now,
+               "seconds": time.perf_counter() - t0}
+        _record(run, backbone, net, opt, sched, state, row)
+        epochs_run += 1
+        if o.early_stop and state.stale >= o.early_stop:
+            if d.main:
+                run.log(f"early stop: no {'val' if run.has_val else 'train'} improvement for "
+                        f"{o.early_stop} epochs")
+            break
+    return epochs_run
+
+
+def _autocast(run: _Run):
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.opts.precision)
+    return torch.autocast(run.device.split(":")[0], dtype=dtype or torch.float32,
+                          enabled=dtype is not None)
+
+
+def _train_epoch(run: _Run, net, step_model, opt, train_ds, sampler, epoch: int,
+                 progress: bool) -> tuple[float, float]:
+    """One pass over this rank's shard; (loss, accuracy) summed over every rank."""
+    import torch
+
+    from featurekit._progress import progress_bar
+
+    o, dev = run.opts, run.device
+    scaler = torch.amp.GradScaler(enabled=o.precision == "fp16" and dev.startswith("cuda"))
+    loss_fn = torch.nn.CrossEntropyLoss()
     # a last batch of one image cannot train BatchNorm (one value per channel after layer4 at
     # small sizes, or in the mlp head): leave that image out of this epoch (shuffled: another
     # one each epoch)
-    drop_single = len(train_sampler) % batch_size == 1
+    drop_single = len(sampler) % o.batch_size == 1
+    set_train_mode(net, o.train_layers)
+    sums = [0.0, 0.0, 0.0]  # loss*n, correct, n
+    with progress_bar(enabled=progress and run.dist.main, unit="img") as bar:
+        task = bar.add_task(f"epoch {epoch}/{o.epochs}", total=len(sampler) - drop_single)
+        for x, y in _loader(run, train_ds, sampler, drop_last=drop_single):
+            x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(dev, non_blocking=True)
+            with _autocast(run):
+                logits = step_model(x)
+                loss = loss_fn(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sums[0] += float(loss.detach()) * len(y)
+            sums[1] += float((logits.argmax(1) == y).sum())
+            sums[2] += len(y)
+            bar.advance(task, len(y))
+    loss_sum, correct, n = _dist.all_sum(sums, run.dist, dev)
+    return loss_sum / n, correct / n
 
-    epochs_run = 0
-    for epoch in range(start_epoch, epochs + 1):
-        t0 = time.perf_counter()
-        # reseed from (seed, epoch): augmentation, dropout and shuffling repeat exactly on resume
-        torch.manual_seed(seed * 100_003 + epoch)
-        random.seed(seed * 100_003 + epoch)
-        train_sampler.set_epoch(epoch)
-        set_train_mode(net, layers)
-        sums = [0.0, 0.0, 0.0]  # loss*n, correct, n
-        with progress_bar(enabled=progress and dist_info.main, unit="img") as bar:
-            task = bar.add_task(f"epoch {epoch}/{epochs}", total=len(train_sampler) - drop_single)
-            for x, y in batches(train_ds, train_sampler, drop_last=drop_single):
-                x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                y = y.to(dev, non_blocking=True)
-                with torch.autocast(dev.split(":")[0], dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None):
-                    logits = model_for_step(x)
-                    loss = loss_fn(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sums[0] += float(loss.detach()) * len(y)
-                sums[1] += float((logits.argmax(1) == y).sum())
-                sums[2] += len(y)
-                bar.advance(task, len(y))
-        lr_now = opt.param_groups[0]["lr"]
-        sched.step()
-        tl, tc, tn = _all_sum(sums, dist_info, dev)
-        val_loss = val_acc = None
-        if len(val_ds):
-            net.eval()
-            vs = [0.0, 0.0, 0.0]
-            with torch.inference_mode():
-                for x, y in batches(val_ds, val_shard):
-                    x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                    y = y.to(dev, non_blocking=True)
-                    with torch.autocast(dev.split(":")[0], dtype=autocast_dtype or torch.float32,
-                                        enabled=autocast_dtype is not None):
-                        logits = net(x).float()
-                    vs[0] += float(loss_fn(logits, y)) * len(y)
-                    vs[1] += float((logits.argmax(1) == y).sum())
-                    vs[2] += len(y)
-            vl, vc, vn = _all_sum(vs, dist_info, dev)
-            val_loss, val_acc = vl / vn, vc / vn
-        row = {"epoch": epoch, "train_loss": tl / tn, "train_acc": tc / tn, "val_loss": val_loss,
-               "val_acc": val_acc, "lr": lr_now, "seconds": time.perf_counter() - t0}
-        rows.append(row)
-        score = val_acc if val_acc is not None else row["train_acc"]  # no val split: by train
-        improved = score > best_acc
-        if improved:
-            best_acc, best_epoch, stale = score, epoch, 0
-        else:
-            stale += 1
-        epochs_run += 1
-        if dist_info.main:
-            ckpt = {
-                "format": "featurekit-checkpoint", "format_version": 1,
-                "featurekit_version": __version__, "model": opts.model,
-                "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                "classes": list(src.classes), "preprocess": backbone.preprocess.to_dict(),
-                "train_layers": layers, "head": head, "epoch": epoch, "best_acc": best_acc,
-                "best_epoch": best_epoch, "stale": stale, "options": asdict(opts),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": {"torch": torch.get_rng_state()}, "metrics": rows,
-            }
-            _atomic_save(ckpt, last_path)
-            if improved:
-                _atomic_save(ckpt, best_path)
-            _write_metrics(run_dir / "metrics.csv", rows)
-            plot_curves(rows, run_dir / "curves.png")
-            va = "-" if val_acc is None else f"{val_acc:.4f}"
-            log(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}, "
-                f"val acc {va}, lr {lr_now:.2e}, {row['seconds']:.1f} s" + ("  * best" if improved else ""))
-        if early_stop and stale >= early_stop:
-            if dist_info.main:
-                log(f"early stop: no val improvement for {early_stop} epochs")
-            break
-    if dist_info.world > 1:
-        import torch.distributed as dist
 
-        dist.barrier()
-    return {"run_dir": str(run_dir), "epochs_run": epochs_run, "best_epoch": best_epoch,
-            "best_val_acc": best_acc, "trainable": trainable, "total": total,
-            "files": [str(run_dir / n) for n in ("best.pt", "last.pt", "metrics.csv", "curves.png")]}
+def _evaluate(run: _Run, net, val_ds, shard) -> tuple[float, float]:
+    """(loss, accuracy) on val, each rank on its share, summed."""
+    import torch
+
+    dev = run.device
+    loss_fn = torch.nn.CrossEntropyLoss()
+    net.eval()
+    sums = [0.0, 0.0, 0.0]
+    with torch.inference_mode():
+        for x, y in _loader(run, val_ds, shard):
+            x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(dev, non_blocking=True)
+            with _autocast(run):
+                logits = net(x).float()
+            sums[0] += float(loss_fn(logits, y)) * len(y)
+            sums[1] += float((logits.argmax(1) == y).sum())
+            sums[2] += len(y)
+    loss_sum, correct, n = _dist.all_sum(sums, run.dist, dev)
+    return loss_sum / n, correct / n
+
+
+def _record(run: _Run, backbone, net, opt, sched, state: _Progress, row: dict[str, Any]) -> None:
+    """Fold an epoch into the progress; rank 0 writes last.pt (best.pt when it improved),
+    metrics.csv and curves.png, each replaced atomically."""
+    import torch
+
+    state.rows.append(row)
+    score = row["val_acc"] if row["val_acc"] is not None else row["train_acc"]  # no val: by train
+    improved = score > state.best_acc
+    if improved:
+        state.best_acc, state.best_epoch, state.stale = score, row["epoch"], 0
+    else:
+        state.stale += 1
+    if not run.dist.main:
+        return
+    ckpt = {
+        "format": "featurekit-checkpoint", "format_version": 1,
+        "featurekit_version": __version__, "model": run.opts.model,
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "classes": list(run.src.classes), "preprocess": backbone.preprocess.to_dict(),
+        "train_layers": run.opts.train_layers, "head": run.opts.head, "epoch": row["epoch"],
+        "best_acc": state.best_acc, "best_by": "val_acc" if run.has_val else "train_acc",
+        "best_epoch": state.best_epoch, "stale": state.stale, "options": asdict(run.opts),
+        "val_split": run.val_split, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "rng": {"torch": torch.get_rng_state()}, "metrics": state.rows,
+    }
+    _atomic_save(ckpt, run.run_dir / "last.pt")
+    if improved:
+        _atomic_save(ckpt, run.run_dir / "best.pt")
+    _write_metrics(run.run_dir / "metrics.csv", state.rows)
+    plot_curves(state.rows, run.run_dir / "curves.png")
+    va = "-" if row["val_acc"] is None else f"{row['val_acc']:.4f}"
+    run.log(f"epoch {row['epoch']}/{run.opts.epochs}: train loss {row['train_loss']:.4f} acc "
+            f"{row['train_acc']:.4f}, val acc {va}, lr {row['lr']:.2e}, {row['seconds']:.1f} s"
+            + ("  * best" if improved else ""))
+
+
+def _summary(run: _Run, state: _Progress, counts: tuple[int, int], epochs_run: int) -> dict[str, Any]:
+    by_val = run.has_val
+    return {
+        "run_dir": str(run.run_dir), "epochs_run": epochs_run, "best_epoch": state.best_epoch,
+        "best_acc": state.best_acc, "best_by": "val_acc" if by_val else "train_acc",
+        "best_val_acc": state.best_acc if by_val else None, "val_split": run.val_split,
+        "trainable": counts[0], "total": counts[1],
+        "files": [str(run.run_dir / n) for n in RUN_FILES],
+    }

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,9 +121,26 @@ def test_killed_run_resumes_from_its_last_epoch(tmp_path, image_folder):
     assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
 
+def _torchrun(args: list, tmp_path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Two gloo ranks on this machine, each recording its weights and checkpoint reads."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous (port 0 makes torchrun hang)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={port}",
+         str(Path(__file__).with_name("_ddp_rank.py")), str(tmp_path), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )
+
+
 def test_two_process_gloo_run(tmp_path, image_folder):
-    """torchrun with two ranks; undecodable files are found by both ranks together (each checks
-    its share) and reported once, by rank 0."""
+    """torchrun with two ranks: undecodable files are found by both ranks together and reported
+    once; both ranks end with identical weights; --resume reads last.pt once (rank 0) and
+    shares it."""
     from featurekit.data import open_source
 
     run = tmp_path / "ddp"
@@ -131,20 +149,10 @@ def test_two_process_gloo_run(tmp_path, image_folder):
     src = open_source(image_folder)
     checked = [it.path for s in ("train", "val") for it in src.splits[s] if "broken" in it.path]
     assert checked  # some land in the splits finetune checks (test is not read)
-    import socket
-
-    with socket.socket() as s:  # a free port for the rendezvous (port 0 makes torchrun hang)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={port}",
-         "-m", "featurekit", "finetune", str(image_folder), "--out", str(run), "--model",
-         "resnet18", "--weights", "none", "--image-size", "32", "--epochs", "1", "--device", "cpu",
-         "--batch-size", "4", "--workers", "0", "--no-progress", "--json"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
+    args = ["finetune", image_folder, "--out", run, "--model", "resnet18", "--weights", "none",
+            "--image-size", "32", "--epochs", "1", "--device", "cpu", "--batch-size", "4",
+            "--workers", "0", "--no-progress", "--json"]
+    r = _torchrun(args, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count(f"skipping {len(checked)} undecodable file(s)") == 1, r.stderr[-3000:]
     summary = json.loads(r.stdout)  # rank 0 alone prints
@@ -152,6 +160,106 @@ def test_two_process_gloo_run(tmp_path, image_folder):
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert len(rows) == 1 and 0.0 <= float(rows[0]["val_acc"]) <= 1.0
     assert load_checkpoint(run / "best.pt")["epoch"] == 1
+
+    def ranks_agree() -> None:
+        a, b = (torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in (0, 1))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        saved = load_checkpoint(run / "last.pt")["state_dict"]
+        assert all(torch.equal(a[k], saved[k]) for k in a)
+
+    ranks_agree()
+    r = _torchrun([*args[:-1], "--epochs", "2", "--resume"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    loads = [json.loads((tmp_path / f"rank{k}-loads.json").read_text()) for k in (0, 1)]
+    assert loads == [[str(run / "last.pt")], []]  # read once, by rank 0
+    assert [int(x["epoch"]) for x in csv.DictReader(open(run / "metrics.csv"))] == [1, 2]
+    ranks_agree()
+    # a refusal decided by rank 0 is one line, printed once, and every rank stops
+    r = _torchrun(args[:-1], tmp_path)
+    assert r.returncode != 0
+    assert r.stderr.count("already holds") == 1 and "Traceback" not in r.stderr.split("error:")[0]
+
+
+def test_rank_device_binding_without_gpus(monkeypatch):
+    from featurekit import _dist
+    from featurekit.errors import DeviceError
+
+    assert [_dist.rank_device("cuda", k, 4, 4) for k in range(4)] == [f"cuda:{k}" for k in range(4)]
+    assert _dist.rank_device("cpu", 3, 4, 0) == "cpu"
+    assert _dist.rank_device("cuda:1", 0, 1, 2) == "cuda:1"  # one process keeps its device
+    with pytest.raises(DeviceError, match="--device cuda or auto"):
+        _dist.rank_device("cuda:0", 1, 2, 2)  # every rank on cuda:0 is what this prevents
+    with pytest.raises(DeviceError, match="--nproc_per_node"):
+        _dist.rank_device("cuda", 2, 3, 2)
+    # init binds the device before joining the group, and names it to the process group
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda **kw: calls.append(("init", kw["backend"], str(kw.get("device_id")))))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    d, dev = _dist.init("cuda")
+    assert dev == "cuda:1" and d.local_rank == 1 and not d.main
+    assert calls == [("set_device", "cuda:1"), ("init", "nccl", "cuda:1")]
+
+
+def test_val_is_held_out_of_train_when_there_is_no_val_folder(tmp_path, image_folder, runner):
+    """A source with train/ and test/ only: val comes from train (seeded, stratified), test is
+    untouched, every epoch has val_acc; --val-fraction 0 trains by train accuracy and says so."""
+    import shutil
+
+    root = tmp_path / "split"
+    for split, picks in (("train", range(0, 5)), ("test", range(5, 6))):
+        for cls in ("cat", "dog", "owl"):
+            (root / split / cls).mkdir(parents=True)
+            for i in picks:
+                for f in (image_folder / cls).glob(f"{cls}_{i}.*"):
+                    shutil.copy(f, root / split / cls / f.name)
+    run = tmp_path / "run"
+    base = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--device", "cpu",
+            "--workers", "0", "--no-progress", "--batch-size", "4", "--epochs", "2"]
+    r = invoke(runner, "finetune", root, "--out", run, *base, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert "held out for val" in r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["best_by"] == "val_acc" and summary["best_val_acc"] is not None
+    assert summary["val_split"] == {"origin": "held out of train", "fraction": 0.15, "seed": 0,
+                                    "images": 3}  # one per class: 5 x 0.15 rounds to 1
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert len(rows) == 2 and all(row["val_acc"] != "" for row in rows)
+    ckpt = load_checkpoint(run / "best.pt")
+    assert ckpt["val_split"]["origin"] == "held out of train" and ckpt["best_by"] == "val_acc"
+    # same seed: the same held-out images (resume relies on it)
+    r = invoke(runner, "finetune", root, "--out", run, *base, "--epochs", "3", "--resume", "--json")
+    assert r.exit_code == 0, r.stderr
+    # no val at all
+    r = invoke(runner, "finetune", root, "--out", tmp_path / "r0", *base, "--val-fraction", "0")
+    assert r.exit_code == 0, r.stderr
+    assert "best.pt is chosen by train accuracy" in r.stderr
+    assert "best by train accuracy (no val split)" in r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "r0" / "metrics.csv")))
+    assert all(row["val_acc"] == "" for row in rows)
+
+
+def test_files_of_a_run_are_never_replaced_unasked(tmp_path, image_folder, runner):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "metrics.csv").write_text("my own numbers\n")
+    base = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--device", "cpu",
+            "--workers", "0", "--no-progress", "--epochs", "1"]
+    r = invoke(runner, "finetune", image_folder, "--out", out, *base)
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "metrics.csv" in r.stderr
+    r = invoke(runner, "finetune", image_folder, "--out", out, *base, "--resume")
+    assert r.exit_code == 2 and "needs last.pt" in r.stderr
+    assert (out / "metrics.csv").read_text() == "my own numbers\n"
+    r = invoke(runner, "finetune", image_folder, "--out", out, *base, "--overwrite")
+    assert r.exit_code == 0, r.stderr
 
 
 def test_checkpoint_is_safe_and_feeds_extract(tmp_path, image_folder):

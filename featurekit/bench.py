@@ -13,6 +13,7 @@ from typing import Any
 
 from featurekit.errors import HeadError
 
+OUTPUT_FILES = ["results.csv", "results.json", "results.md", "results.png"]
 COLUMNS = ["head", "backend", "layer", "status", "params", "accuracy", "balanced_accuracy",
            "macro_f1", "top5_accuracy", "fit_seconds", "predict_seconds", "selection_seconds",
            "n_train", "n_eval", "eval_split"]
@@ -35,9 +36,12 @@ def run_bench(
     train_split: str = "train",
     eval_split: str | None = None,
     allow_incomplete: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Fit every head x backend x layer; write results.{csv,json,md} and results.png in ``out``."""
+    """Fit every head x backend x layer; write results.{csv,json,md} and results.png in ``out``
+    (refusing to replace existing ones unless ``overwrite``)."""
     from featurekit.cache import open_cache
+    from featurekit.extract import check_output_folder
     from featurekit.fit import choose_splits, fit_on_arrays
     from featurekit.heads import BACKENDS, HEADS, list_backends
 
@@ -54,9 +58,7 @@ def run_bench(
         from featurekit.heads import resolve_backend
 
         backend_list = [resolve_backend("auto") if b == "auto" else b for b in backend_list]
-    out_dir = Path(out) if out is not None else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_folder(out, OUTPUT_FILES, overwrite) if out is not None else None
 
     rows: list[dict[str, Any]] = []
     with open_cache(cache_path, allow_incomplete=allow_incomplete) as cache:
@@ -84,6 +86,7 @@ def run_bench(
     result = {"cache": str(cache_path), "train_split": train, "eval_split": evaluate,
               "selection": "val split" if select else "k-fold cv on train", "results": rows}
     if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
         result["files"] = write_outputs(result, out_dir)
     return result
 
@@ -97,7 +100,7 @@ def _cell(row: dict[str, Any], col: str) -> str:
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> dict[str, str]:
     rows = result["results"]
-    files = {name: out_dir / name for name in ("results.csv", "results.json", "results.md", "results.png")}
+    files = {name: out_dir / name for name in OUTPUT_FILES}
     with open(files["results.csv"], "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)

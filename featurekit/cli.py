@@ -362,6 +362,7 @@ def bench(
     train_split: str = typer.Option("train", help="Split to train on."),
     eval_split: Optional[str] = typer.Option(None, help="Split to report [default: test, else val]."),
     allow_incomplete: bool = typer.Option(False, help="Use the committed rows of an interrupted cache."),
+    overwrite: bool = typer.Option(False, help="Replace results.* already in --out."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout."),
 ) -> None:
     """Compare every head x backend x layer under the same selection protocol.
@@ -372,7 +373,7 @@ def bench(
 
     result = run_bench(cache, heads=heads, backends=backends, layers=layers, out=out,
                        train_split=train_split, eval_split=eval_split,
-                       allow_incomplete=allow_incomplete)
+                       allow_incomplete=allow_incomplete, overwrite=overwrite)
     if json_out:
         _print_json(result)
         return
@@ -481,6 +482,7 @@ def sparsity(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     seed: int = typer.Option(0, parser=opt.SEED, help="Seed of the split, random init and --max-images subset."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for sparsity.csv/.json/.png [default: write nothing]."),
+    overwrite: bool = typer.Option(False, help="Replace sparsity.* already in --out."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
     progress: bool = typer.Option(True, help="Show a progress bar on stderr."),
 ) -> None:
@@ -488,9 +490,11 @@ def sparsity(
 
     Example: featurekit sparsity ./birds --weights imagenet --compare runs/r50/best.pt --out sparsity/
     """
+    from featurekit.sparsity import check_outputs, write_outputs
     from featurekit.sparsity import sparsity as run
-    from featurekit.sparsity import write_outputs
 
+    if out is not None:
+        check_outputs(out, overwrite)
     extra = [w.strip() for item in (compare or []) for w in item.split(",") if w.strip()]
     result = run(source, model=model, weights=weights, compare=extra, layers=layers, blocks=blocks,
                  split=split, max_images=max_images, dead_threshold=dead_threshold,
@@ -526,6 +530,7 @@ def sparsity(
 @_handles_errors
 def demo(
     out: Optional[Path] = typer.Option(None, help="Folder for the demo's files [default: a new temporary folder]."),
+    overwrite: bool = typer.Option(False, help="Replace the files of an earlier demo in --out."),
 ) -> None:
     """Offline end-to-end run: extract scikit-learn's digits with an untrained resnet18, bench three heads.
 
@@ -533,7 +538,7 @@ def demo(
     """
     from featurekit.demo import run_demo
 
-    result = run_demo(out)
+    result = run_demo(out, overwrite=overwrite)
     _render_info(result["info"])
     _render_bench(result["bench"])
     _err(f"demo files are in {result['out']}")

@@ -7,21 +7,25 @@ from pathlib import Path
 from typing import Any
 
 
-def run_demo(out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+def run_demo(out: str | Path | None = None, progress: bool = True,
+             overwrite: bool = False) -> dict[str, Any]:
     """Extract digits with an untrained resnet18 at 64 px into ``out``, describe the cache, and
-    bench the three heads on it (results.{csv,json,md,png} in ``out/bench``)."""
-    from featurekit.bench import run_bench
+    bench the three heads on it (results.{csv,json,md,png} in ``out/bench``). Files of an
+    earlier demo in ``out`` are replaced only with ``overwrite``."""
+    from featurekit.bench import OUTPUT_FILES, run_bench
     from featurekit.cache import open_cache
-    from featurekit.extract import extract
+    from featurekit.extract import check_output_folder, extract
 
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="featurekit-demo-"))
+    check_output_folder(folder, ["digits.h5", *(f"bench/{n}" for n in OUTPUT_FILES)], overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     cache = folder / "digits.h5"
     extract(
         "digits", cache, model="resnet18", weights="none", image_size=64,
-        layers="penultimate,layer3", device="cpu", overwrite=True, progress=progress,
+        layers="penultimate,layer3", device="cpu", overwrite=overwrite, progress=progress,
     )
     with open_cache(cache) as c:
         info = c.summary()
-    bench = run_bench(cache, heads="logistic,linearsvc,svm", out=folder / "bench")
+    bench = run_bench(cache, heads="logistic,linearsvc,svm", out=folder / "bench",
+                      overwrite=overwrite)
     return {"out": str(folder), "cache": str(cache), "info": info, "bench": bench}

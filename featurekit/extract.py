@@ -87,6 +87,22 @@ def check_output(out: str | os.PathLike[str], overwrite: bool) -> Path:
     return p
 
 
+def check_output_folder(out: str | os.PathLike[str], names: list[str], overwrite: bool) -> Path:
+    """A folder a command writes ``names`` into: refuses a file in its place and, unless
+    ``overwrite``, any of those names already there (the command never replaces files it was
+    not asked to)."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--out {folder} is a file; give a folder")
+    present = [n for n in names if (folder / n).exists()]
+    if present and not overwrite:
+        raise OutputError(
+            f"{folder} already holds {', '.join(present)}; pass --overwrite to replace "
+            f"{'them' if len(present) > 1 else 'it'}, or choose another --out"
+        )
+    return folder
+
+
 def default_workers(device: str) -> int:
     """Decoding workers: one per core on a GPU machine (cap 16); on the CPU the forward pass
     already uses every core, so one worker overlaps decoding with compute."""

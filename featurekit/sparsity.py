@@ -159,16 +159,29 @@ def sparsity(
     if layers:
         layer_list = [s.strip() for s in layers.split(",")] if isinstance(layers, str) else list(layers)
         layer_list = [s for s in layer_list if s]
-    if not 0.0 < dead_threshold <= 1.0:
-        raise FeaturekitError(f"--dead-threshold must be in (0, 1], got {dead_threshold}")
-    if max_images is not None and max_images < 1:
-        raise FeaturekitError(f"--max-images must be positive, got {max_images}")
+    from featurekit import options as opt
+
+    for name, rng, value in (
+        ("--dead-threshold", opt.DEAD_THRESHOLD, dead_threshold),
+        ("--max-images", opt.MAX_IMAGES, max_images), ("--image-size", opt.IMAGE_SIZE, image_size),
+        ("--batch-size", opt.BATCH_SIZE, batch_size), ("--workers", opt.WORKERS, workers),
+        ("--seed", opt.SEED, seed), ("--val-fraction", opt.FRACTION, val_fraction),
+        ("--test-fraction", opt.FRACTION, test_fraction),
+    ):
+        rng.check(name, value)
     all_weights = [weights, *(compare or [])]
     if len(set(all_weights)) != len(all_weights):
         raise FeaturekitError("the same weights are given twice")
     specs = [models.resolve_weights(w) for w in all_weights]  # every file checked before any pass
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
+    n_workers = default_workers(dev) if workers is None else workers
+    from featurekit import _resources
+
+    for spec in specs:
+        size = models.preprocess_for(model if spec.model_name is None else None, spec, image_size).crop_size
+        _resources.check_batch_fits(image_size=size, batch_size=batch_size, device=dev,
+                                    half=prec != "fp32", workers=n_workers)
     src = data.open_source(source, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
     split = _pick_split(src, split)
     items = src.splits[split]
@@ -183,7 +196,6 @@ def sparsity(
     from featurekit._progress import progress_bar
 
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
-    n_workers = default_workers(dev) if workers is None else workers
     # every model is built before any pass: a bad checkpoint fails in seconds, not after a pass
     nets, names = [], []
     for given, spec in zip(all_weights, specs):
@@ -238,11 +250,21 @@ def sparsity(
     }
 
 
+OUTPUT_FILES = ["sparsity.csv", "sparsity.json", "sparsity.png"]
+
+
+def check_outputs(out_dir: str | os.PathLike[str], overwrite: bool) -> None:
+    """Before the pass: the folder may not hold these files already (unless ``overwrite``)."""
+    from featurekit.extract import check_output_folder
+
+    check_output_folder(out_dir, OUTPUT_FILES, overwrite)
+
+
 def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, str]:
     """sparsity.csv, sparsity.json and sparsity.png (grouped bars, one colour per weights)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {n: out / n for n in ("sparsity.csv", "sparsity.json", "sparsity.png")}
+    files = {n: out / n for n in OUTPUT_FILES}
     keys = ("zero_fraction", "dead_channel_fraction", "mean_activation")
     with open(files["sparsity.csv"], "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)

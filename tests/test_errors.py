@@ -299,3 +299,29 @@ def test_runtime_errors_that_are_not_the_users_stay_tracebacks():
     assert from_runtime(RuntimeError("shape mismatch")) is None
     assert "GPU ran out of memory" in str(from_runtime(RuntimeError("CUDA out of memory. Tried")))
     assert "out of memory" in str(from_runtime(MemoryError()))
+
+
+def test_folder_outputs_are_never_replaced_unasked(tmp_path, image_folder, runner):
+    """bench, sparsity and demo refuse a folder that holds files of their names (before any
+    work), and replace them only with --overwrite."""
+    cache = _cache(tmp_path, image_folder)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("results.csv", "sparsity.png", "digits.h5"):
+        (out / name).write_text("mine\n")
+    cases = (
+        (["bench", cache, "--heads", "logistic", "--out", out], "results.csv"),
+        (["sparsity", image_folder, "--model", "resnet18", "--weights", "none", "--image-size",
+          "32", "--device", "cpu", "--workers", "0", "--no-progress", "--out", out], "sparsity.png"),
+        (["demo", "--out", out], "digits.h5"),
+    )
+    for args, name in cases:
+        r = invoke(runner, *args)
+        assert_user_error(r, name, "--overwrite")
+        assert (out / name).read_text() == "mine\n"
+    for args, name in cases[:2]:
+        r = invoke(runner, *args, "--overwrite")
+        assert r.exit_code == 0, r.stderr
+        assert (out / name).read_bytes() != b"mine\n"
+    (tmp_path / "afile").write_text("x")
+    assert_user_error(invoke(runner, "bench", cache, "--out", tmp_path / "afile"), "is a file")

@@ -17,10 +17,11 @@ from featurekit.extract import extract
 from featurekit.fit import metrics
 from tests.conftest import invoke
 
-SKLEARN_HEADS = [heads.create_head(h, "sklearn") for h in heads.HEADS]
+# every registered (head, backend) that works on this machine
+ALL_HEADS = [heads.create_head(h, b) for b in heads.list_backends() for h in heads.list_heads(b)]
 
 
-@parametrize_with_checks(SKLEARN_HEADS, expected_failed_checks=heads.expected_failed_checks)
+@parametrize_with_checks(ALL_HEADS, expected_failed_checks=heads.expected_failed_checks)
 def test_sklearn_conformance(estimator, check):
     check(estimator)
 
@@ -61,9 +62,11 @@ def test_auto_backend_selection(monkeypatch):
     assert heads.resolve_backend("auto") == "cuml"
 
 
-def test_cuml_backend_wiring_with_a_stand_in(monkeypatch):
-    """Registration and the cuML heads' wiring, with scikit-learn standing in for cuML's
-    modules (the real cuML is tested by test_cuml_heads_when_available on GPU machines)."""
+def _cuml_stand_in(monkeypatch, calls: list) -> None:
+    """scikit-learn standing in for cuML's modules, accepting and recording cuML's own
+    parameters and output-type contexts (the real cuML is tested by
+    test_cuml_heads_when_available on GPU machines)."""
+    import contextlib
     import sys
     import types
 
@@ -71,23 +74,100 @@ def test_cuml_backend_wiring_with_a_stand_in(monkeypatch):
     import sklearn.preprocessing
     import sklearn.svm
 
-    monkeypatch.setitem(sys.modules, "cuml", types.ModuleType("cuml"))
-    monkeypatch.setitem(sys.modules, "cuml.linear_model", sklearn.linear_model)
-    monkeypatch.setitem(sys.modules, "cuml.svm", sklearn.svm)
-    monkeypatch.setitem(sys.modules, "cuml.preprocessing", sklearn.preprocessing)
+    class LogisticRegression(sklearn.linear_model.LogisticRegression):
+        def __init__(self, C=1.0, max_iter=100, tol=1e-4, output_type=None):
+            super().__init__(C=C, max_iter=max_iter, tol=tol)
+            self.output_type = output_type
+
+        def fit(self, X, y):
+            calls.append(("logistic", X.dtype, self.output_type))
+            return super().fit(X, y)
+
+    class LinearSVC(sklearn.svm.LinearSVC):
+        def __init__(self, C=1.0, max_iter=1000, tol=1e-4, penalized_intercept=False, output_type=None):
+            super().__init__(C=C, max_iter=max_iter, tol=tol)
+            self.penalized_intercept, self.output_type = penalized_intercept, output_type
+
+        def fit(self, X, y):
+            calls.append(("linearsvc", X.dtype, self.output_type, self.penalized_intercept))
+            return super().fit(X, y)
+
+    class SVC(sklearn.svm.SVC):
+        def __init__(self, C=1.0, kernel="rbf", gamma="scale", tol=1e-3, cache_size=200,
+                     output_type=None):
+            super().__init__(C=C, kernel=kernel, gamma=gamma, tol=tol, cache_size=cache_size)
+            self.output_type = output_type
+
+        def fit(self, X, y):
+            calls.append(("svm", X.dtype, self.output_type, self.gamma))
+            return super().fit(X, y)
+
+    @contextlib.contextmanager
+    def using_output_type(kind):
+        calls.append(("context", kind))
+        yield
+
+    cuml = types.ModuleType("cuml")
+    cuml.using_output_type = using_output_type
+    modules = {
+        "cuml": cuml,
+        "cuml.linear_model": types.SimpleNamespace(LogisticRegression=LogisticRegression),
+        "cuml.svm": types.SimpleNamespace(SVC=SVC, LinearSVC=LinearSVC),
+        "cuml.preprocessing": types.SimpleNamespace(StandardScaler=sklearn.preprocessing.StandardScaler),
+        "cupy": types.SimpleNamespace(cuda=types.SimpleNamespace(
+            runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))),
+    }
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.delitem(sys.modules, "featurekit.heads._cuml", raising=False)
     monkeypatch.delitem(heads._LOADED, "cuml", raising=False)
     monkeypatch.setattr(heads, "_REGISTRY", dict(heads._REGISTRY))
-    assert heads.list_backends() == ["sklearn", "cuml"]
+
+
+def test_cuml_backend_wiring_with_a_stand_in(monkeypatch):
+    """Registration, numpy outputs pinned, float32 after validation, gamma='scale' as
+    scikit-learn computes it on all of X, liblinear's penalised intercept."""
     from sklearn.datasets import make_classification
 
+    calls: list = []
+    _cuml_stand_in(monkeypatch, calls)
+    assert heads.list_backends() == ["sklearn", "cuml"]
     X, y = make_classification(300, 10, n_informative=5, n_classes=3, random_state=0)
+    X[:, 3] = 7.0  # a constant column: scale must count it as zero variance, as scikit-learn does
     for name in heads.HEADS:
         h = heads.create_head(name, "cuml", C=0.5)
         assert h.backend == "cuml" and type(h).__module__ == "featurekit.heads._cuml"
-        h.fit(X[:200], y[:200])
+        h.fit(X[:200].tolist(), y[:200])  # a list: validated first, then cast
         assert h.get_params()["C"] == 0.5 and h.decision_function(X[200:]).shape == (100, 3)
         assert np.mean(h.predict(X[200:]) == y[200:]) > 0.6
+        with pytest.raises(ValueError):  # NaN is refused by the head, before cuML sees it
+            h.fit(np.where(X[:50] > 1, np.nan, X[:50]), y[:50])
+    fits = [c for c in calls if c[0] != "context"]
+    assert all(c[1] == np.float32 and c[2] == "numpy" for c in fits)
+    assert ("linearsvc", np.float32, "numpy", True) in fits
+    from sklearn.preprocessing import StandardScaler
+
+    Xs = StandardScaler().fit_transform(X[:200].astype(np.float32))
+    gamma = [c[3] for c in fits if c[0] == "svm"][0]
+    assert isinstance(gamma, float) and gamma == pytest.approx(1.0 / (10 * Xs.var()), rel=1e-5)
+    assert {c for c in calls if c[0] == "context"} == {("context", "numpy")}
+    assert set(heads.expected_failed_checks("svm", "cuml")) >= {"check_fit_idempotent"}
+    assert all(heads.expected_failed_checks("logistic", "cuml").values())  # every one has a reason
+
+
+def test_a_cuml_that_fails_to_load_is_unavailable_not_a_crash(monkeypatch):
+    import sys
+    import types
+
+    calls: list = []
+    _cuml_stand_in(monkeypatch, calls)
+    broken = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(
+        getDeviceCount=lambda: (_ for _ in ()).throw(RuntimeError("cudaErrorNoDevice")))))
+    monkeypatch.setitem(sys.modules, "cupy", broken)
+    assert heads.list_backends() == ["sklearn"]
+    with pytest.raises(HeadError, match="cudaErrorNoDevice"):
+        heads.resolve_backend("cuml")
+    assert heads.resolve_backend("auto") == "sklearn"
 
 
 def test_cuml_heads_when_available():

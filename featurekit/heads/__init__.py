@@ -34,14 +34,19 @@ def register(head: str, backend: str) -> Callable[[Callable[..., Any]], Callable
     return deco
 
 
+_WHY: dict[str, str] = {}  # backend -> why it is not available here
+
+
 def _load(backend: str) -> bool:
-    """Import a backend's module once; False when its library is not importable."""
+    """Import a backend's module once; False when it cannot work here. Any exception counts:
+    a GPU library can fail with more than ImportError on a machine without a usable driver."""
     if backend not in _LOADED:
         try:
             importlib.import_module(_BACKEND_MODULES[backend])
             _LOADED[backend] = True
-        except ImportError:
+        except Exception as exc:
             _LOADED[backend] = False
+            _WHY[backend] = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
     return _LOADED[backend]
 
 
@@ -75,7 +80,7 @@ def resolve_backend(backend: str) -> str:
         raise HeadError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
     if not _load(backend):
         raise HeadError(
-            f"backend {backend!r} is not available here (import {backend} failed); "
+            f"backend {backend!r} is not available here ({_WHY.get(backend, 'it did not load')}); "
             f"available: {', '.join(list_backends())}"
         )
     return backend
@@ -98,17 +103,14 @@ def create_head(name: str, backend: str = "sklearn", **params: Any) -> Any:
         raise HeadError(f"bad parameters for head {name!r}: {exc}") from None
 
 
-def expected_failed_checks(head: Any) -> dict[str, str]:
-    """The scikit-learn conformance checks a head may fail: exactly those scikit-learn itself
-    declares as expected failures for the estimator the head wraps.
+def expected_failed_checks(head: Any, backend: str = "sklearn") -> dict[str, str]:
+    """The scikit-learn conformance checks a head may fail, with reasons: for scikit-learn's
+    heads exactly those scikit-learn itself declares for the estimator the head wraps; for the
+    other backends featurekit's own list (each backend module states it).
 
-    Takes a head instance or name; the dict fits ``check_estimator(...,
+    Takes a head instance, or a name (with ``backend``); the dict fits ``check_estimator(...,
     expected_failed_checks=...)`` and ``parametrize_with_checks``.
     """
     if isinstance(head, str):
-        head = create_head(head)
-    wrapped = head._wrapped_estimator()
-    # scikit-learn's own list of expected failures (used by its own test suite)
-    from sklearn.utils._test_common.instance_generator import _get_expected_failed_checks
-
-    return dict(_get_expected_failed_checks(wrapped))
+        head = create_head(head, backend)
+    return head._expected_failed_checks()

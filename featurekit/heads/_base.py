@@ -22,17 +22,30 @@ class Head(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
     backend = "sklearn"
 
     @abstractmethod
-    def _wrapped_estimator(self) -> Any:
-        """A new, unfitted classifier built from this head's parameters."""
+    def _wrapped_estimator(self, X=None) -> Any:
+        """A new, unfitted classifier built from this head's parameters (``X``, when given, is
+        the validated training data, for parameters resolved from it)."""
 
     @abstractmethod
     def _scaler(self) -> Any:
         """A new, unfitted standardiser of the backend."""
 
+    def _prepare(self, X):
+        """Validated input -> what the backend computes on (e.g. float32 for cuML)."""
+        return X
+
+    def _expected_failed_checks(self) -> dict[str, str]:
+        """scikit-learn conformance checks this head may fail, with reasons: by default those
+        scikit-learn itself declares for the estimator the head wraps."""
+        from sklearn.utils._test_common.instance_generator import _get_expected_failed_checks
+
+        return dict(_get_expected_failed_checks(self._wrapped_estimator()))
+
     def fit(self, X, y):
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
         check_classification_targets(y)
-        self.pipeline_ = Pipeline([("scale", self._scaler()), ("clf", self._wrapped_estimator())]).fit(X, y)
+        X = self._prepare(X)
+        self.pipeline_ = Pipeline([("scale", self._scaler()), ("clf", self._wrapped_estimator(X))]).fit(X, y)
         self.classes_ = np.asarray(self.pipeline_.classes_)
         clf = self.pipeline_[-1]
         if hasattr(clf, "n_iter_"):  # solver iterations, as scikit-learn's estimators expose them
@@ -41,7 +54,7 @@ class Head(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
 
     def _checked(self, X):
         check_is_fitted(self)
-        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return self._prepare(validate_data(self, X, reset=False, dtype=[np.float64, np.float32]))
 
     def predict(self, X):
         X = self._checked(X)

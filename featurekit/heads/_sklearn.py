@@ -27,7 +27,7 @@ class LogisticHead(_SklearnHead):
         self.max_iter = max_iter
         self.tol = tol
 
-    def _wrapped_estimator(self) -> LogisticRegression:
+    def _wrapped_estimator(self, X=None) -> LogisticRegression:
         return LogisticRegression(C=self.C, solver="lbfgs", max_iter=self.max_iter, tol=self.tol)
 
     def predict_proba(self, X):
@@ -45,7 +45,7 @@ class LinearSVCHead(_SklearnHead):
         self.tol = tol
         self.random_state = random_state
 
-    def _wrapped_estimator(self) -> LinearSVC:
+    def _wrapped_estimator(self, X=None) -> LinearSVC:
         return LinearSVC(C=self.C, max_iter=self.max_iter, tol=self.tol, random_state=self.random_state)
 
 
@@ -60,5 +60,5 @@ class SVMHead(_SklearnHead):
         self.tol = tol
         self.cache_size = cache_size
 
-    def _wrapped_estimator(self) -> SVC:
+    def _wrapped_estimator(self, X=None) -> SVC:
         return SVC(C=self.C, kernel="rbf", gamma=self.gamma, tol=self.tol, cache_size=self.cache_size)

@@ -225,8 +225,12 @@ def fit_head(
     from featurekit.cache import open_cache
     from featurekit.heads import HEADS, resolve_backend
 
+    from featurekit.options import POSITIVE
+
     if head not in HEADS:
         raise HeadError(f"unknown head {head!r}; valid heads: {', '.join(HEADS)}")
+    POSITIVE.check("--C", C)
+    POSITIVE.check("--gamma", gamma)
     backend = resolve_backend(backend)
     with open_cache(cache_path, allow_incomplete=allow_incomplete) as cache:
         layer = layer or ("penultimate" if "penultimate" in cache.layers else cache.layers[0])

@@ -297,6 +297,11 @@ def test_bad_input(tmp_path, image_folder, runner):
                "--resume", *base)
     assert r.exit_code == 2 and "cannot load checkpoint" in r.stderr
     assert "Traceback" not in r.stderr
+    # a training batch that cannot fit: refused before any image is read
+    r = invoke(runner, "finetune", image_folder, "--out", tmp_path / "r3", "--weights", "none",
+               "--model", "resnet18", "--device", "cpu", "--image-size", "2048", "--batch-size", "512")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "for a training step" in r.stderr
+    assert not (tmp_path / "r3").exists()
 
 
 def test_digits_acceptance(tmp_path, runner):

@@ -61,20 +61,23 @@ def input_bytes(image_size: int) -> int:
 
 def check_batch_fits(
     *, image_size: int, batch_size: int, device: str, half: bool = False, workers: int = 0,
-    per_image_extra: int = 0, what: str = "the forward pass",
+    per_image_extra: int = 0, what: str = "the forward pass", decoded_on_host: bool = True,
 ) -> None:
     """Refuse, with one line, a batch whose lower-bound footprint exceeds the free memory.
 
     On CUDA the activations go to the GPU and the decoded batches in flight to the host; on the
     CPU both go to the host. ``per_image_extra``: more bytes per image the caller knows it
-    keeps (training keeps every activation for the backward pass).
+    keeps (training keeps every activation for the backward pass). ``decoded_on_host=False``:
+    workers hand over compressed bytes only (the device decode path), whose size is unknown.
     """
     per_image = stem_bytes(image_size, half) + input_bytes(image_size) + per_image_extra
-    in_flight = (2 * workers + 1) * input_bytes(image_size)  # DataLoader prefetch: 2 per worker
+    # DataLoader prefetch: 2 batches per worker, plus the one being handed over
+    in_flight = (2 * workers + 1) * input_bytes(image_size) if decoded_on_host else 0
     on_cuda = device.startswith("cuda")
-    needs = {device: batch_size * per_image} if on_cuda else {"cpu": batch_size * (per_image + in_flight)}
     if on_cuda:
-        needs["cpu"] = batch_size * in_flight
+        needs = {device: batch_size * per_image, "cpu": batch_size * in_flight}
+    else:
+        needs = {"cpu": batch_size * (per_image + in_flight)}
     for where, need in needs.items():
         free = available_bytes(where)
         if free is None or need <= free:

@@ -239,7 +239,8 @@ def _plan(source, out, *, model, weights, layers, pool, image_size, batch_size, 
     spec = models.resolve_weights(weights)
     size = models.preprocess_for(model, spec, image_size).crop_size
     _resources.check_batch_fits(image_size=size, batch_size=batch_size, device=dev,
-                                half=prec != "fp32", workers=workers)
+                                half=prec != "fp32", workers=workers,
+                                decoded_on_host=decode == "cpu")
     src = data.open_source(source, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
     return _Plan(src=src, out_path=out_path, spec=spec, model=model, layers=layer_list, pool=pool,
                  image_size=image_size, batch_size=batch_size, workers=workers, device=dev,

@@ -16,7 +16,7 @@ from featurekit.errors import HeadError
 OUTPUT_FILES = ["results.csv", "results.json", "results.md", "results.png"]
 COLUMNS = ["head", "backend", "layer", "status", "params", "accuracy", "balanced_accuracy",
            "macro_f1", "top5_accuracy", "fit_seconds", "predict_seconds", "selection_seconds",
-           "n_train", "n_eval", "eval_split"]
+           "n_train", "n_eval", "eval_split", "converged"]
 
 
 def _comma(value: str | list[str] | None, default: list[str]) -> list[str]:
@@ -37,27 +37,32 @@ def run_bench(
     eval_split: str | None = None,
     allow_incomplete: bool = False,
     overwrite: bool = False,
+    metric: str = "accuracy",
+    refit: bool = True,
+    jobs: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Fit every head x backend x layer; write results.{csv,json,md} and results.png in ``out``
     (refusing to replace existing ones unless ``overwrite``)."""
     from featurekit.cache import open_cache
     from featurekit.extract import check_output_folder
     from featurekit.fit import choose_splits, fit_on_arrays
-    from featurekit.heads import BACKENDS, HEADS, list_backends
+    from featurekit.heads import _REGISTRY, BACKENDS, HEADS, list_backends, resolve_backend
 
-    head_list = _comma(heads, list(HEADS))
-    for h in head_list:
+    backend_list = _comma(backends, ["auto"])
+    # a head is a name (run on every --backends entry) or name:backend (on that backend only)
+    head_list = [(h.partition(":")[0], [h.partition(":")[2]] if ":" in h else backend_list)
+                 for h in _comma(heads, list(HEADS))]
+    for h, bs in head_list:
         if h not in HEADS:
             raise HeadError(f"unknown head {h!r}; valid heads: {', '.join(HEADS)}")
-    backend_list = _comma(backends, ["sklearn"])
-    for b in backend_list:
-        if b not in BACKENDS and b != "auto":
-            raise HeadError(f"unknown backend {b!r}; valid: {', '.join(BACKENDS)}")
-    available = list_backends()
-    if "auto" in backend_list:
-        from featurekit.heads import resolve_backend
+        for b in bs:
+            if b not in BACKENDS and b != "auto":
+                raise HeadError(f"unknown backend {b!r}; valid: auto, {', '.join(BACKENDS)}")
+    from featurekit.select import metric_function
 
-        backend_list = [resolve_backend("auto") if b == "auto" else b for b in backend_list]
+    metric_function(metric)
+    available = list_backends()
     out_dir = check_output_folder(out, OUTPUT_FILES, overwrite) if out is not None else None
 
     rows: list[dict[str, Any]] = []
@@ -72,19 +77,24 @@ def run_bench(
             X, y = cache.features(train, layer), cache.labels(train)
             Xe, ye = cache.features(evaluate, layer), cache.labels(evaluate)
             Xs, ys = (cache.features(select, layer), cache.labels(select)) if select else (None, None)
-            for head in head_list:
-                for backend in backend_list:
+            for head, head_backends in head_list:
+                for backend in dict.fromkeys(resolve_backend(b, head) if b == "auto" else b
+                                             for b in head_backends):
                     base = {"head": head, "backend": backend, "layer": layer, "eval_split": evaluate}
                     if backend not in available:
-                        rows.append({**base, "status": f"skipped: {backend} is not importable here"})
+                        rows.append({**base, "status": f"skipped: {backend} is not available here"})
+                        continue
+                    if (head, backend) not in _REGISTRY:
+                        rows.append({**base, "status": f"skipped: {head} has no {backend} backend"})
                         continue
                     _, report = fit_on_arrays(head, backend, X, y, Xe, ye, n_classes, X_sel=Xs,
-                                              y_sel=ys, seed=seed)
+                                              y_sel=ys, seed=seed, metric=metric, refit=refit,
+                                              jobs=jobs, progress=progress)
                     report.pop("confusion_matrix", None)
-                    rows.append({**base, **report, "status": "ok",
-                                 "selection_seconds": report["selection"]["seconds"]})
+                    rows.append({**base, **report, "status": "ok"})
     result = {"cache": str(cache_path), "train_split": train, "eval_split": evaluate,
-              "selection": "val split" if select else "k-fold cv on train", "results": rows}
+              "selection": "val split" if select else "k-fold cv on train", "metric": metric,
+              "refit": "train+val" if refit and select else "train", "results": rows}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         result["files"] = write_outputs(result, out_dir)

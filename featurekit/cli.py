@@ -110,6 +110,12 @@ def _handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _live(progress: bool) -> bool:
+    """Selection progress bars only where someone watches (a terminal): their last frame would
+    otherwise land in logs between the result lines."""
+    return progress and sys.stderr.isatty()
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
     sys.stdout.flush()
@@ -281,16 +287,20 @@ def _render_info(s: dict[str, Any]) -> None:
 @_handles_errors
 def fit(
     cache: Path = typer.Argument(..., help="A featurekit HDF5 cache."),
-    head: str = typer.Option(..., help="logistic | linearsvc | svm (RBF SVC)."),
+    head: str = typer.Option(..., help="logistic | linearsvc | svm (RBF SVC) | nystroem (RBF approximation + logistic)."),
     out: Path = typer.Option(..., "--out", "-o", help="The head file: NAME.skops (safe to load, shareable) or NAME.joblib (a pickle; cuML heads)."),
-    backend: str = typer.Option("sklearn", help="sklearn | cuml | auto (cuML when importable with a CUDA device)."),
+    backend: str = typer.Option("auto", help="auto (torch on a CUDA GPU where the head has it, else sklearn) | sklearn | torch | cuml."),
     layer: Optional[str] = typer.Option(None, help="Cached layer to fit on [default: penultimate]."),
     c: Optional[float] = typer.Option(None, "--C", parser=opt.POSITIVE, help="Fix C (> 0) instead of choosing it on the grid."),
     gamma: Optional[float] = typer.Option(None, parser=opt.POSITIVE, help="Fix the RBF gamma (> 0; svm) instead of choosing it."),
     train_split: str = typer.Option("train", help="Split to train on."),
     eval_split: Optional[str] = typer.Option(None, help="Split to report [default: test, else val]."),
+    select_metric: str = typer.Option("accuracy", help="What selection maximises: accuracy | balanced_accuracy."),
+    refit: bool = typer.Option(True, help="Refit the chosen point on train + val (--no-refit: train only)."),
+    jobs: Optional[int] = typer.Option(None, parser=opt.JOBS, help="Processes for point-by-point fits [default: every core]."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
     allow_incomplete: bool = typer.Option(False, help="Use the committed rows of an interrupted cache."),
+    progress: bool = typer.Option(True, help="Show the selection's progress on stderr (on a terminal)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
 ) -> None:
     """Fit a head on cached features; C (and gamma) are chosen without touching the reported split.
@@ -302,16 +312,20 @@ def fit(
     from featurekit.heads import resolve_backend
 
     check_output(out, overwrite)
-    check_head_output(out, resolve_backend(backend))
+    check_head_output(out, resolve_backend(backend, head))
     result = fit_head(cache, head, backend=backend, layer=layer, C=c, gamma=gamma,
-                      train_split=train_split, eval_split=eval_split, allow_incomplete=allow_incomplete)
+                      train_split=train_split, eval_split=eval_split, allow_incomplete=allow_incomplete,
+                      metric=select_metric, refit=refit, jobs=jobs, progress=_live(progress))
     save_head(result, out)
     r = result.report
     if json_out:
         _print_json(r)
         return
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
-    print(f"{r['head']} ({r['backend']}) on {r['layer']}: {params} chosen by {r['selection']['method']}")
+    sel = r["selection"]
+    print(f"{r['head']} ({r['backend']}) on {r['layer']}: {params} chosen by {sel['method']}"
+          + (f" ({sel['metric']}, {r['selection_seconds']:.2f} s), refit on {sel['refit']}"
+             if sel["method"] != "given" else ""))
     line = (f"{r['eval_split']}: accuracy {r['accuracy']:.4f}, balanced accuracy "
             f"{r['balanced_accuracy']:.4f}, macro F1 {r['macro_f1']:.4f}")
     if "top5_accuracy" in r:
@@ -355,14 +369,18 @@ def predict(
 @_handles_errors
 def bench(
     cache: Path = typer.Argument(..., help="A featurekit HDF5 cache."),
-    heads: str = typer.Option("logistic,linearsvc,svm", help="Comma list of heads."),
-    backends: str = typer.Option("sklearn", help="Comma list of backends (sklearn, cuml, auto)."),
+    heads: str = typer.Option("logistic,linearsvc,svm,nystroem", help="Comma list of heads."),
+    backends: str = typer.Option("auto", help="Comma list of backends: auto (per head: torch on a CUDA GPU, else sklearn), sklearn, torch, cuml."),
     layers: Optional[str] = typer.Option(None, help="Comma list of cached layers [default: penultimate]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for results.{csv,json,md,png}."),
     train_split: str = typer.Option("train", help="Split to train on."),
     eval_split: Optional[str] = typer.Option(None, help="Split to report [default: test, else val]."),
     allow_incomplete: bool = typer.Option(False, help="Use the committed rows of an interrupted cache."),
+    select_metric: str = typer.Option("accuracy", help="What selection maximises: accuracy | balanced_accuracy."),
+    refit: bool = typer.Option(True, help="Refit the chosen point on train + val (--no-refit: train only)."),
+    jobs: Optional[int] = typer.Option(None, parser=opt.JOBS, help="Processes for point-by-point fits [default: every core]."),
     overwrite: bool = typer.Option(False, help="Replace results.* already in --out."),
+    progress: bool = typer.Option(True, help="Show each selection's progress on stderr (on a terminal)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout."),
 ) -> None:
     """Compare every head x backend x layer under the same selection protocol.
@@ -373,7 +391,8 @@ def bench(
 
     result = run_bench(cache, heads=heads, backends=backends, layers=layers, out=out,
                        train_split=train_split, eval_split=eval_split,
-                       allow_incomplete=allow_incomplete, overwrite=overwrite)
+                       allow_incomplete=allow_incomplete, overwrite=overwrite,
+                       metric=select_metric, refit=refit, jobs=jobs, progress=_live(progress))
     if json_out:
         _print_json(result)
         return
@@ -385,14 +404,17 @@ def _render_bench(result: dict[str, Any]) -> None:
 
     t = Table(title=f"{result['cache']}: reported on {result['eval_split']}, "
                     f"C chosen by {result['selection']}")
-    for col in ("head", "backend", "layer", "params", "accuracy", "bal. acc.", "macro F1", "fit s", "status"):
-        t.add_column(col, justify="right" if col in ("accuracy", "bal. acc.", "macro F1", "fit s") else "left")
+    numeric = ("accuracy", "bal. acc.", "macro F1", "select s", "fit s")
+    for col in ("head", "backend", "layer", "params", *numeric, "status"):
+        t.add_column(col, justify="right" if col in numeric else "left")
     from featurekit.bench import _cell
 
     for r in result["results"]:
         f = lambda k: f"{r[k]:.4f}" if isinstance(r.get(k), float) else ""  # noqa: E731
+        s = lambda k: f"{r[k]:.2f}" if isinstance(r.get(k), float) else ""  # noqa: E731
         t.add_row(r["head"], r["backend"], r["layer"], _cell(r, "params"), f("accuracy"),
-                  f("balanced_accuracy"), f("macro_f1"), f("fit_seconds"), r["status"])
+                  f("balanced_accuracy"), f("macro_f1"), s("selection_seconds"), s("fit_seconds"),
+                  r["status"] if r.get("converged", True) else "ok (not converged)")
     _console().print(t)
     for name, path in (result.get("files") or {}).items():
         _err(f"wrote {path}")

@@ -1,22 +1,15 @@
-"""Fitting heads on a cache: honest selection of C (and gamma), evaluation, persistence.
+"""Fitting heads on a cache: selection (:mod:`featurekit.select`), the refit, evaluation,
+persistence.
 
-Selection protocol (the same for ``fit`` and ``bench``):
-
-* the grid is :data:`GRIDS` (log-spaced C; for ``svm`` also gamma = g / n_features, the
-  ``'scale'`` value of standardised features times g) unless ``C``/``gamma`` are given;
-* when the cache has a ``val`` split that is neither the training nor the reported split, each
-  grid point is fitted on the training split and scored (accuracy) on ``val``; the best point
-  wins (ties go to the smaller C, the stronger regularisation); the reported model is that fit,
-  trained on the training split only;
-* otherwise the grid is searched by stratified k-fold cross-validation on the training split
-  (k = 5, fewer when a class has fewer rows), and the chosen point is refit on the whole
-  training split;
-* the reported split (``test`` by default, else ``val``) never influences the choice.
+After the selection the chosen grid point is refit: on train and val together when val chose
+it (the default; ``refit=False`` keeps train only), on all of train after cross-validation.
+The saved head is that refit one, the reported metrics are its own, and ``n_train`` counts the
+rows that trained it. The reported split (``test`` by default, else ``val``) never influences
+anything before that.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +22,6 @@ from featurekit.errors import CacheError, HeadError
 
 HEAD_FORMAT = "featurekit-head"
 HEAD_FORMAT_VERSION = 1
-GRIDS: dict[str, dict[str, list[float]]] = {
-    "logistic": {"C": [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]},
-    "linearsvc": {"C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]},
-    "svm": {"C": [0.1, 1.0, 10.0, 100.0], "gamma_scale": [0.25, 1.0, 4.0]},
-}
 # provenance keys that must match between a saved head and the cache it predicts on
 PROVENANCE_KEYS = ("model", "weights_sha256", "layer", "pool", "preprocess", "classes")
 # keys that may differ with a warning (the features move by rounding only)
@@ -85,19 +73,18 @@ def choose_splits(cache, train_split: str, eval_split: str | None) -> tuple[str,
     return train_split, eval_split, select
 
 
-def _grid(head: str, n_features: int, C: float | None, gamma: float | None) -> list[dict[str, Any]]:
-    grid = GRIDS[head]
-    Cs = [C] if C is not None else grid["C"]
-    if head != "svm":
-        return [{"C": c} for c in Cs]
-    gammas = [gamma] if gamma is not None else [g / n_features for g in grid["gamma_scale"]]
-    return [{"C": c, "gamma": g} for c, g in itertools.product(Cs, gammas)]
-
-
 def timed_fit(est: Any, X, y) -> float:
-    """Fit ``est`` in place; the seconds it took."""
+    """Fit ``est`` in place; the seconds it took. A solver that stops at its iteration limit
+    is reported once by the caller (``converged`` in the report), not by scikit-learn's
+    warning per fit."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
     t0 = time.perf_counter()
-    est.fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(X, y)
     return time.perf_counter() - t0
 
 
@@ -106,46 +93,6 @@ def timed_predict(est: Any, X) -> tuple[np.ndarray, float]:
     t0 = time.perf_counter()
     pred = est.predict(X)
     return pred, time.perf_counter() - t0
-
-
-def select_params(
-    head: str, backend: str, grid: list[dict[str, Any]], X, y, X_sel=None, y_sel=None, seed: int = 0
-) -> tuple[dict[str, Any], dict[str, Any], tuple[Any, float] | None]:
-    """Choose a grid point; returns (params, details, fitted). Never sees the reported split.
-
-    ``fitted`` is (estimator, fit seconds) when the chosen point was already fitted on the
-    whole training split (selection on val), so the caller need not fit it again; else None.
-    """
-    from featurekit.heads import create_head
-
-    if len(grid) == 1:
-        return grid[0], {"method": "given"}, None
-    if X_sel is not None:
-        scores: list[float] = []
-        best_fit: tuple[Any, float] | None = None
-        for params in grid:
-            est = create_head(head, backend, **params)
-            seconds = timed_fit(est, X, y)
-            scores.append(float(np.mean(est.predict(X_sel) == y_sel)))
-            if scores[-1] > max(scores[:-1], default=-1.0):  # first maximum: grids ascend in C
-                best_fit = (est, seconds)
-        best = int(np.argmax(scores))
-        return grid[best], {"method": "val", "scores": scores}, best_fit
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-
-    k = int(min(5, np.bincount(y)[np.bincount(y) > 0].min()))
-    if k < 2:
-        raise HeadError(
-            "cannot choose C: no val split and a class has a single training row; give --C "
-            "(and --gamma), or re-extract with --val-fraction > 0"
-        )
-    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    scores = [
-        float(np.mean(cross_val_score(create_head(head, backend, **params), X, y, cv=cv)))
-        for params in grid
-    ]
-    best = int(np.argmax(scores))
-    return grid[best], {"method": f"{k}-fold cv", "scores": scores}, None
 
 
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray | None, n_classes: int,
@@ -175,34 +122,39 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray | None, n
     return out
 
 
+GAMMA_HEADS = ("svm", "nystroem")  # heads with an RBF width
+
+
 def fit_on_arrays(
     head: str, backend: str, X, y, X_eval, y_eval, n_classes: int, *, X_sel=None, y_sel=None,
     C: float | None = None, gamma: float | None = None, seed: int = 0,
+    metric: str = "accuracy", refit: bool = True, jobs: int | None = None,
+    progress: bool = False, head_params: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Select, fit, evaluate one head on arrays; the common core of ``fit`` and ``bench``."""
-    from featurekit.heads import create_head
+    """Select, refit, evaluate one head on arrays; the common core of ``fit`` and ``bench``."""
+    from featurekit import heads, select
 
-    if gamma is not None and head != "svm":
-        raise HeadError(f"--gamma applies to the svm head only, not {head!r}")
-    grid = _grid(head, X.shape[1], C, gamma)
-    t0 = time.perf_counter()
-    params, selection, fitted = select_params(head, backend, grid, X, y, X_sel, y_sel, seed)
-    selection_seconds = time.perf_counter() - t0
-    if fitted is not None:  # selection on val already fitted the chosen point on train
-        est, fit_seconds = fitted
-    else:
-        est = create_head(head, backend, **params)
-        fit_seconds = timed_fit(est, X, y)
+    if gamma is not None and head not in GAMMA_HEADS:
+        raise HeadError(f"--gamma applies to the {' and '.join(GAMMA_HEADS)} heads only, not {head!r}")
+    grid = heads.grid(head, X.shape[1], C, gamma)
+    chosen = select.select(head, backend, grid, X, y, X_sel, y_sel, seed=seed, metric=metric,
+                           jobs=jobs, progress=progress, head_params=head_params)
+    if refit and chosen.method == "val":  # val chose the point: train on train and val
+        X, y = np.concatenate([X, X_sel]), np.concatenate([y, y_sel])
+    est = heads.create_head(head, backend, **{**(head_params or {}), **chosen.params})
+    fit_seconds = timed_fit(est, X, y)
     pred, predict_seconds = timed_predict(est, X_eval)
     scores = est.decision_function(X_eval)
     report = {
         "head": head,
         "backend": backend,
-        "params": params,
-        "selection": {**selection, "grid": grid, "seconds": selection_seconds},
+        "params": chosen.params,
+        "selection": {**chosen.to_dict(), "refit": "train+val" if refit and chosen.method == "val" else "train"},
+        "selection_seconds": chosen.seconds,
         **metrics(y_eval, pred, scores, n_classes, est.classes_),
         "fit_seconds": fit_seconds,
         "predict_seconds": predict_seconds,
+        "converged": select.converged(est),
         "n_train": int(len(y)),
         "n_eval": int(len(y_eval)),
     }
@@ -220,8 +172,13 @@ def fit_head(
     train_split: str = "train",
     eval_split: str | None = None,
     allow_incomplete: bool = False,
+    metric: str = "accuracy",
+    refit: bool = True,
+    jobs: int | None = None,
+    progress: bool = False,
+    head_params: dict[str, Any] | None = None,
 ) -> FitResult:
-    """Fit one head on a cache layer with the selection protocol above."""
+    """Fit one head on a cache layer with the selection protocol (module docstring)."""
     from featurekit.cache import open_cache
     from featurekit.heads import HEADS, resolve_backend
 
@@ -231,14 +188,17 @@ def fit_head(
         raise HeadError(f"unknown head {head!r}; valid heads: {', '.join(HEADS)}")
     POSITIVE.check("--C", C)
     POSITIVE.check("--gamma", gamma)
-    backend = resolve_backend(backend)
+    from featurekit.select import metric_function
+
+    metric_function(metric)  # an unknown metric fails before the cache is read
+    backend = resolve_backend(backend, head)
     with open_cache(cache_path, allow_incomplete=allow_incomplete) as cache:
         layer = layer or ("penultimate" if "penultimate" in cache.layers else cache.layers[0])
         train, evaluate, select = choose_splits(cache, train_split, eval_split)
         X, y = cache.features(train, layer), cache.labels(train)
         X_eval, y_eval = cache.features(evaluate, layer), cache.labels(evaluate)
         X_sel = y_sel = None
-        if select and (C is None or (head == "svm" and gamma is None)):
+        if select and (C is None or (head in GAMMA_HEADS and gamma is None)):
             X_sel, y_sel = cache.features(select, layer), cache.labels(select)
         provenance = provenance_of(cache, layer)
         n_classes = len(cache.classes)
@@ -246,7 +206,8 @@ def fit_head(
     if len(np.unique(y)) < 2:
         raise HeadError(f"the {train} split has a single class; a classifier needs two or more")
     est, report = fit_on_arrays(head, backend, X, y, X_eval, y_eval, n_classes, X_sel=X_sel,
-                                y_sel=y_sel, C=C, gamma=gamma, seed=seed)
+                                y_sel=y_sel, C=C, gamma=gamma, seed=seed, metric=metric,
+                                refit=refit, jobs=jobs, progress=progress, head_params=head_params)
     report = {"head": head, "backend": backend, "layer": layer, "eval_split": evaluate,
               "train_split": train, **report}
     return FitResult(est, report, provenance)

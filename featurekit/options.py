@@ -101,3 +101,4 @@ EPOCHS = Range(int, 1, 100000)
 PATIENCE = Range(int, 1, 100000)  # --early-stop
 MAX_IMAGES = Range(int, 1, None)
 DEAD_THRESHOLD = Range(float, 0.0, 1.0, low_open=True)
+JOBS = Range(int, 1, 4096)

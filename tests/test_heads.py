@@ -37,29 +37,35 @@ def test_expected_failures_are_sklearns_own():
 
 
 def test_registry_lists_and_refuses():
-    assert featurekit.list_heads() == ["linearsvc", "logistic", "svm"]
-    assert "sklearn" in heads.list_backends()
+    assert featurekit.list_heads() == ["linearsvc", "logistic", "nystroem", "svm"]
+    assert {"sklearn", "torch"} <= set(heads.list_backends())
     h = featurekit.create_head("svm", C=3.0)
     assert h.get_params()["C"] == 3.0 and h.backend == "sklearn"
     with pytest.raises(HeadError, match="valid heads: logistic, linearsvc, svm"):
         featurekit.create_head("forest")
-    with pytest.raises(HeadError, match="unknown backend 'torch'"):
+    with pytest.raises(HeadError, match="unknown backend 'tpu'"):
+        featurekit.create_head("svm", backend="tpu")
+    with pytest.raises(HeadError, match="head 'svm' has no 'torch' backend"):
         featurekit.create_head("svm", backend="torch")
     with pytest.raises(HeadError, match="bad parameters"):
         featurekit.create_head("logistic", gamma=1.0)
 
 
 def test_auto_backend_selection(monkeypatch):
-    """auto: cuML only when it imports AND a CUDA device is present."""
+    """auto, per head: torch on a CUDA device where the head has a torch implementation, else
+    scikit-learn; cuML only when named, even where it works."""
     monkeypatch.setitem(heads._LOADED, "cuml", False)
-    assert heads.resolve_backend("auto") == "sklearn"
     with pytest.raises(HeadError, match="not available here"):
         heads.resolve_backend("cuml")
     monkeypatch.setitem(heads._LOADED, "cuml", True)
     monkeypatch.setattr(heads, "cuda_available", lambda: False)
-    assert heads.resolve_backend("auto") == "sklearn"
+    assert [heads.resolve_backend("auto", h) for h in heads.HEADS] == ["sklearn"] * 4
     monkeypatch.setattr(heads, "cuda_available", lambda: True)
-    assert heads.resolve_backend("auto") == "cuml"
+    torch_heads = {h for (h, b) in heads._REGISTRY if b == "torch"}
+    assert {"logistic", "linearsvc", "nystroem"} <= torch_heads
+    for h in heads.HEADS:
+        assert heads.resolve_backend("auto", h) == ("torch" if h in torch_heads else "sklearn")
+    assert heads.resolve_backend("cuml") == "cuml"
 
 
 def _cuml_stand_in(monkeypatch, calls: list) -> None:
@@ -131,10 +137,11 @@ def test_cuml_backend_wiring_with_a_stand_in(monkeypatch):
 
     calls: list = []
     _cuml_stand_in(monkeypatch, calls)
-    assert heads.list_backends() == ["sklearn", "cuml"]
+    assert heads.list_backends() == ["sklearn", "torch", "cuml"]
     X, y = make_classification(300, 10, n_informative=5, n_classes=3, random_state=0)
     X[:, 3] = 7.0  # a constant column: scale must count it as zero variance, as scikit-learn does
-    for name in heads.HEADS:
+    assert heads.list_heads("cuml") == ["linearsvc", "logistic", "svm"]
+    for name in heads.list_heads("cuml"):
         h = heads.create_head(name, "cuml", C=0.5)
         assert h.backend == "cuml" and type(h).__module__ == "featurekit.heads._cuml"
         h.fit(X[:200].tolist(), y[:200])  # a list: validated first, then cast
@@ -164,7 +171,7 @@ def test_a_cuml_that_fails_to_load_is_unavailable_not_a_crash(monkeypatch):
     broken = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(
         getDeviceCount=lambda: (_ for _ in ()).throw(RuntimeError("cudaErrorNoDevice")))))
     monkeypatch.setitem(sys.modules, "cupy", broken)
-    assert heads.list_backends() == ["sklearn"]
+    assert heads.list_backends() == ["sklearn", "torch"]
     with pytest.raises(HeadError, match="cudaErrorNoDevice"):
         heads.resolve_backend("cuml")
     assert heads.resolve_backend("auto") == "sklearn"
@@ -175,7 +182,7 @@ def test_cuml_heads_when_available():
     from sklearn.datasets import make_classification
 
     X, y = make_classification(400, 20, n_informative=10, n_classes=3, random_state=0)
-    for name in heads.HEADS:
+    for name in heads.list_heads("cuml"):
         h = heads.create_head(name, "cuml").fit(X[:300], y[:300])
         assert np.mean(h.predict(X[300:]) == y[300:]) > 0.6
         assert h.decision_function(X[300:]).shape[0] == 100
@@ -219,7 +226,9 @@ def test_fit_and_predict_on_digits(digits_cache, tmp_path, runner, head):
                 "top5_accuracy", "fit_seconds", "predict_seconds", "n_train", "n_eval",
                 "confusion_matrix"):
         assert key in rep
-    assert rep["n_train"] == 1259 and rep["n_eval"] == 269
+    # refit on train + val (the default): the saved head, the reported numbers, n_train
+    assert rep["n_train"] == 1259 + 269 and rep["n_eval"] == 269
+    assert rep["selection"]["refit"] == "train+val"
     preds = tmp_path / "p.csv"
     r = invoke(runner, "predict", model, digits_cache, "--out", preds)
     assert r.exit_code == 0, r.stderr
@@ -274,7 +283,7 @@ def test_cv_selection_without_val(tmp_path):
             progress=False, val_fraction=0.0, test_fraction=0.2)
     rep = fit_head(cache, "logistic").report
     assert rep["selection"]["method"] == "5-fold cv" and rep["eval_split"] == "test"
-    assert len(rep["selection"]["scores"]) == 6
+    assert len(rep["selection"]["scores"]) == 23 and rep["selection"]["refit"] == "train"
 
 
 def test_predict_refuses_another_backbone(tmp_path, image_folder, runner):

@@ -2,12 +2,15 @@
 
 Every head is a scikit-learn estimator that standardises its input inside (``fit`` /
 ``predict`` / ``decision_function``, fitted state ending in ``_``). Backends register their
-heads with :func:`register`; ``cuml`` registers only when ``import cuml`` works, so a CPU
-install never breaks::
+heads with :func:`register`; ``torch`` (featurekit's own, CPU or CUDA) always registers,
+``cuml`` only when ``import cuml`` works and a GPU is usable, so a CPU install never breaks.
+The registry also owns what selection needs to know about each head: its parameter grid
+(:func:`grid`, the same on every backend) and, where a backend has one, a batched
+``fit_grid`` that fits every grid point and fold in one pass (:func:`batched`)::
 
     head = featurekit.create_head("svm", backend="sklearn", C=10.0)
-    featurekit.list_heads()      # ['linearsvc', 'logistic', 'svm']
-    featurekit.heads.list_backends()   # ['sklearn'] or ['cuml', 'sklearn']
+    featurekit.list_heads()      # ['linearsvc', 'logistic', 'nystroem', 'svm']
+    featurekit.heads.list_backends()   # ['sklearn', 'torch'], plus 'cuml' where it works
 """
 
 from __future__ import annotations
@@ -17,11 +20,40 @@ from typing import Any, Callable
 
 from featurekit.errors import HeadError
 
-HEADS = ("logistic", "linearsvc", "svm")
-BACKENDS = ("sklearn", "cuml")  # every backend featurekit knows; list_backends() says which work
+HEADS = ("logistic", "linearsvc", "svm", "nystroem")
+BACKENDS = ("sklearn", "torch", "cuml")  # every backend featurekit knows; list_backends() says which work
 _REGISTRY: dict[tuple[str, str], Callable[..., Any]] = {}
 _LOADED: dict[str, bool] = {}
-_BACKEND_MODULES = {"sklearn": "featurekit.heads._sklearn", "cuml": "featurekit.heads._cuml"}
+_BACKEND_MODULES = {"sklearn": "featurekit.heads._sklearn", "torch": "featurekit.heads._torch",
+                    "cuml": "featurekit.heads._cuml"}
+
+# The linear-evaluation protocol's grids (Kornblith et al. 2019; SimCLR), one per head and the
+# same on every backend. gamma_scale multiplies 1 / n_features, the RBF width that
+# gamma="scale" gives on standardised features.
+GRIDS: dict[str, dict[str, list[float]]] = {
+    "logistic": {"C": [10 ** (e / 2) for e in range(-12, 11)]},  # 23 values, 1e-6 .. 1e5
+    "linearsvc": {"C": [10 ** (e / 2) for e in range(-10, 3)]},  # 13 values, 1e-5 .. 10
+    "nystroem": {"C": [10.0 ** e for e in range(-3, 6)], "gamma_scale": [0.25, 1.0, 4.0]},
+    "svm": {"C": [0.1, 1.0, 10.0, 100.0], "gamma_scale": [0.25, 1.0, 4.0]},
+}
+
+
+def grid(head: str, n_features: int, C: float | None = None,
+         gamma: float | None = None) -> list[dict[str, float]]:
+    """The grid points of ``head`` (C ascending, then gamma), or the single point given."""
+    import itertools
+
+    spec = GRIDS[head]
+    Cs = [C] if C is not None else list(spec["C"])
+    if "gamma_scale" not in spec:
+        return [{"C": c} for c in Cs]
+    gammas = [gamma] if gamma is not None else [g / n_features for g in spec["gamma_scale"]]
+    return [{"C": c, "gamma": g} for c, g in itertools.product(Cs, gammas)]
+
+
+def batched(head: Any) -> Callable[..., Any] | None:
+    """The head's ``fit_grid`` (every grid point and fold in one pass), if its backend has one."""
+    return getattr(head, "fit_grid", None)
 
 
 def register(head: str, backend: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -72,10 +104,13 @@ def cuda_available() -> bool:
         return False
 
 
-def resolve_backend(backend: str) -> str:
-    """``auto``: cuML when it imports and a CUDA device is present, else scikit-learn."""
+def resolve_backend(backend: str, head: str | None = None) -> str:
+    """``auto``: featurekit's torch heads when a CUDA device is present and ``head`` has a torch
+    implementation, else scikit-learn; cuML is used only when named (it must be installed from
+    NVIDIA's index, and its multiclass SVC trains its pairs one after another)."""
     if backend == "auto":
-        return "cuml" if _load("cuml") and cuda_available() else "sklearn"
+        torch_has = head is None or (_load("torch") and (head, "torch") in _REGISTRY)
+        return "torch" if torch_has and cuda_available() else "sklearn"
     if backend not in BACKENDS:
         raise HeadError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
     if not _load(backend):
@@ -90,7 +125,7 @@ def create_head(name: str, backend: str = "sklearn", **params: Any) -> Any:
     """A new, unfitted head; an unknown head or backend is an error listing valid ones."""
     if name not in HEADS:
         raise HeadError(f"unknown head {name!r}; valid heads: {', '.join(HEADS)}")
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, name)
     cls = _REGISTRY.get((name, backend))
     if cls is None:
         raise HeadError(

@@ -13,13 +13,39 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 
 class Head(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
-    """A scikit-learn classifier that standardises inside: ``pipeline_`` = scaler + classifier.
+    """A scikit-learn classifier on cached features that standardises its input inside.
 
-    Subclasses store their parameters in ``__init__`` and say which scaler and which
-    classifier they wrap; validation happens in ``fit`` (the estimator contract).
+    Subclasses store their parameters in ``__init__``; validation happens in ``fit`` (the
+    estimator contract), which hands the validated arrays to ``_fit``.
     """
 
     backend = "sklearn"
+
+    def _prepare(self, X):
+        """Validated input -> what the backend computes on (e.g. float32 for cuML)."""
+        return X
+
+    def _expected_failed_checks(self) -> dict[str, str]:
+        """scikit-learn conformance checks this head may fail, with the reason for each."""
+        return {}
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        check_classification_targets(y)
+        self._fit(self._prepare(X), y)
+        return self
+
+    @abstractmethod
+    def _fit(self, X, y) -> None:
+        """Fit on validated arrays; sets ``classes_`` and the fitted state."""
+
+    def _checked(self, X):
+        check_is_fitted(self)
+        return self._prepare(validate_data(self, X, reset=False, dtype=[np.float64, np.float32]))
+
+
+class PipelineHead(Head):
+    """A head that is a scikit-learn Pipeline: the backend's scaler, then its classifier."""
 
     @abstractmethod
     def _wrapped_estimator(self, X=None) -> Any:
@@ -30,31 +56,22 @@ class Head(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
     def _scaler(self) -> Any:
         """A new, unfitted standardiser of the backend."""
 
-    def _prepare(self, X):
-        """Validated input -> what the backend computes on (e.g. float32 for cuML)."""
-        return X
-
     def _expected_failed_checks(self) -> dict[str, str]:
-        """scikit-learn conformance checks this head may fail, with reasons: by default those
-        scikit-learn itself declares for the estimator the head wraps."""
+        """By default exactly those scikit-learn itself declares for the wrapped estimator."""
         from sklearn.utils._test_common.instance_generator import _get_expected_failed_checks
 
-        return dict(_get_expected_failed_checks(self._wrapped_estimator()))
+        wrapped = self._wrapped_estimator()
+        if isinstance(wrapped, Pipeline):
+            wrapped = wrapped[-1]
+        return dict(_get_expected_failed_checks(wrapped))
 
-    def fit(self, X, y):
-        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
-        check_classification_targets(y)
-        X = self._prepare(X)
+    def _fit(self, X, y) -> None:
         self.pipeline_ = Pipeline([("scale", self._scaler()), ("clf", self._wrapped_estimator(X))]).fit(X, y)
         self.classes_ = np.asarray(self.pipeline_.classes_)
         clf = self.pipeline_[-1]
+        clf = clf[-1] if isinstance(clf, Pipeline) else clf
         if hasattr(clf, "n_iter_"):  # solver iterations, as scikit-learn's estimators expose them
             self.n_iter_ = clf.n_iter_
-        return self
-
-    def _checked(self, X):
-        check_is_fitted(self)
-        return self._prepare(validate_data(self, X, reset=False, dtype=[np.float64, np.float32]))
 
     def predict(self, X):
         X = self._checked(X)

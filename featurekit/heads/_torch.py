@@ -1,0 +1,375 @@
+"""featurekit's own heads on torch (CPU or CUDA): logistic regression, linear SVM, Nystroem.
+
+Always importable (torch is a dependency). Each head solves exactly its scikit-learn twin's
+problem, on features standardised as scikit-learn's StandardScaler does:
+
+* ``logistic``: multinomial (binomial for two classes) cross-entropy, mean over rows, plus
+  ||W||^2 / (2 C n), intercept not penalised: scikit-learn's LogisticRegression objective;
+* ``linearsvc``: squared hinge, one-vs-rest, ||w||^2 + b^2 penalised (intercept_scaling 1):
+  liblinear's objective, divided by C n;
+* ``nystroem``: scikit-learn's Nystroem map (same landmarks for the same ``random_state``,
+  same SVD normalisation), then ``logistic``.
+
+All of them go through one batched L-BFGS (:mod:`featurekit.heads._lbfgs`) with
+scikit-learn's stopping rule. ``fit`` is the batch of one; ``fit_grid`` fits every grid point
+(and cross-validation fold) of a selection in one pass: all C values of a fold share each
+GEMM, and members leave the batch as they converge. Fitted state is numpy, so a head fitted on
+a GPU saves, loads and predicts on a machine without one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from featurekit.heads import register
+from featurekit.heads._base import Head
+
+DTYPES = ("float32", "float64")
+
+# scikit-learn conformance checks the torch heads fail, and why (featurekit's own list)
+EXPECTED_FAILED_CHECKS: dict[str, str] = {}
+
+
+def resolve_device(spec: str) -> str:
+    import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu" or spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
+        if spec != "cpu" and not torch.cuda.is_available():
+            raise ValueError(f"device={spec!r}: no CUDA device is available here")
+        return spec
+    raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+
+
+class _TorchHead(Head):
+    """Parameters common to the torch heads; validation and prediction."""
+
+    backend = "torch"
+
+    def _torch_setup(self):
+        import torch
+
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        return resolve_device(self.device), getattr(torch, self.dtype)
+
+    def _expected_failed_checks(self) -> dict[str, str]:
+        return dict(EXPECTED_FAILED_CHECKS)
+
+    # -- fitting: a single fit is fit_grid's batch of one, on one "fold" of every row
+    def _fit(self, X, y) -> None:
+        classes = np.unique(y)
+        if classes.size < 2:
+            raise ValueError(
+                f"This solver needs samples of at least 2 classes in the data, but the data "
+                f"contains only one class: {classes[0]!r}"
+            )
+        device, dtype = self._torch_setup()
+        import torch
+
+        Xt = _tensor(X, device, dtype)
+        state, n_iter, converged = self._solve(Xt, y, classes, [self._grid_point()], None)[0]
+        self.classes_ = classes
+        for key, value in state.items():
+            setattr(self, key, value)
+        self.n_iter_ = np.array([n_iter])
+        self.converged_ = bool(converged)
+
+    def fit_grid(self, X, y, grid: list[dict[str, Any]], folds, metric: Callable,
+                 on_stop: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[int]]:
+        """Scores (len(grid), len(folds)) of every grid point on every fold's held-out rows,
+        and the grid indices that did not converge on some fold; one batched solve per fold
+        (and, for nystroem, per gamma). ``folds`` is [(train rows, held-out rows)]."""
+        from sklearn.utils import check_array
+
+        import torch
+
+        X = check_array(X, dtype=[np.float64, np.float32])
+        y = np.asarray(y)
+        device, dtype = self._torch_setup()
+        Xt = _tensor(X, device, dtype)
+        scores = np.empty((len(grid), len(folds)))
+        failed: set[int] = set()
+        for f, (train, held) in enumerate(folds):
+            classes = np.unique(y[train])
+            tr, ho = (torch.as_tensor(np.asarray(i), device=device) for i in (train, held))
+            held_rows = Xt[ho]
+            for g, (state, _, converged) in enumerate(self._solve(Xt[tr], y[train], classes, grid, on_stop)):
+                scores[g, f] = metric(y[held], classes[_winners(self._decide(state, held_rows))])
+                if not converged:
+                    failed.add(g)
+        return scores, sorted(failed)
+
+    def _grid_point(self) -> dict[str, Any]:
+        return {"C": self.C}
+
+    # -- prediction
+    def decision_function(self, X):
+        import torch
+
+        X = self._checked(X)
+        device, dtype = self._torch_setup()
+        scores = self._decide(self.__dict__, _tensor(X, device, dtype))
+        scores = scores.double().cpu().numpy()
+        return scores[:, 0] if scores.shape[1] == 1 else scores
+
+    def predict(self, X):
+        scores = self.decision_function(X)
+        return self.classes_[_winners(scores[:, None] if scores.ndim == 1 else scores)]
+
+    def _decide(self, state: dict[str, Any], X):
+        """Decision values (n, k') of rows ``X`` (a tensor) under a fitted ``state``; one column
+        for two classes (positive: the second class)."""
+        import torch
+
+        Z = self._features(state, X)
+        coef = torch.as_tensor(state["coef_"], device=X.device, dtype=X.dtype)
+        intercept = torch.as_tensor(state["intercept_"], device=X.device, dtype=X.dtype)
+        return Z @ coef.T + intercept
+
+    def _features(self, state: dict[str, Any], X):
+        """Raw rows -> what the linear model sees (standardised; nystroem maps them further)."""
+        import torch
+
+        mean = torch.as_tensor(state["mean_"], device=X.device, dtype=X.dtype)
+        scale = torch.as_tensor(state["scale_"], device=X.device, dtype=X.dtype)
+        return (X - mean) / scale
+
+    def _solve(self, X, y, classes, grid, on_stop):
+        """[(state, n_iter, converged)] per grid point, fitted on the rows of ``X`` (a tensor)."""
+        mean, scale = standardise(X)
+        Xs = (X - mean) / scale
+        state = {"mean_": mean.double().cpu().numpy(), "scale_": scale.double().cpu().numpy()}
+        return [({**state, **s}, it, ok) for s, it, ok in
+                self._solve_linear(Xs, y, classes, [p["C"] for p in grid], on_stop)]
+
+    def _solve_linear(self, Xs, y, classes, Cs, on_stop):
+        import torch
+
+        from featurekit.heads import _lbfgs
+
+        problem = _LinearProblem(Xs, np.searchsorted(classes, y), classes.size, self._loss,
+                                 torch.as_tensor(Cs, device=Xs.device, dtype=Xs.dtype))
+        res = _lbfgs.minimize(problem, problem.start(len(Cs)), max_iter=self.max_iter,
+                              tol=self.tol, on_stop=on_stop)
+        W, b = problem.unpack(res.theta)
+        out = []
+        for i in range(len(Cs)):
+            state = {"coef_": W[i].T.double().cpu().numpy(), "intercept_": b[i].double().cpu().numpy()}
+            out.append((state, int(res.n_iter[i]), bool(res.converged[i])))
+        return out
+
+
+def _tensor(X, device: str, dtype):
+    """A numpy array on the device (read-only arrays, e.g. joblib's memmaps, are copied first:
+    torch does not take them)."""
+    import torch
+
+    X = np.ascontiguousarray(X)
+    if not X.flags.writeable:
+        X = X.copy()
+    return torch.from_numpy(X).to(device=device, dtype=dtype)
+
+
+def _winners(scores):
+    """Class positions from decision values (n, k'): argmax, or the sign of a single column."""
+    if scores.shape[1] == 1:
+        return (scores[:, 0] > 0).long().cpu().numpy() if hasattr(scores, "cpu") else (scores[:, 0] > 0).astype(int)
+    return scores.argmax(1).cpu().numpy() if hasattr(scores, "cpu") else scores.argmax(1)
+
+
+def standardise(X):
+    """Column mean and scale as scikit-learn's StandardScaler computes them (float64
+    accumulators, population std, near-constant columns scaled by 1)."""
+    import torch
+
+    n = X.shape[0]
+    mean = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
+    for start in range(0, n, 8192):
+        mean += X[start:start + 8192].double().sum(0)
+    mean /= n
+    var = torch.zeros_like(mean)
+    for start in range(0, n, 8192):
+        var += ((X[start:start + 8192].double() - mean) ** 2).sum(0)
+    var /= n
+    eps = torch.finfo(torch.float64).eps
+    constant = var <= n * eps * var + (n * mean * eps) ** 2
+    scale = torch.where(constant, torch.ones_like(var), var.sqrt())
+    return mean.to(X.dtype), scale.to(X.dtype)
+
+
+class _LinearProblem:
+    """A batch of linear classifiers on the same rows, one C each; ``theta`` rows hold W (d x
+    k') then b (k'), flattened. Objectives are scaled by 1 / (C n), so the gradient test means
+    what scikit-learn's ``tol`` means."""
+
+    def __init__(self, X, y_index: np.ndarray, n_classes: int, loss: str, Cs) -> None:
+        import torch
+
+        self.X, self.loss = X, loss
+        self.n, self.d = X.shape
+        self.k = 1 if n_classes == 2 else n_classes  # two classes: one column, as scikit-learn
+        y = torch.as_tensor(y_index, device=X.device)
+        if loss == "squared_hinge":  # +1 for the column's class, -1 for the rest
+            if self.k == 1:
+                self.Y = (y[:, None] == 1).to(X.dtype) * 2 - 1
+            else:
+                self.Y = torch.nn.functional.one_hot(y, self.k).to(X.dtype) * 2 - 1
+        elif self.k == 1:
+            self.Y = (y == 1).to(X.dtype)[:, None]
+        else:
+            self.Y = torch.nn.functional.one_hot(y, self.k).to(X.dtype)
+        self.reg = 1.0 / (Cs * self.n)  # (S,)
+
+    def start(self, S: int):
+        import torch
+
+        return torch.zeros(S, (self.d + 1) * self.k, dtype=self.X.dtype, device=self.X.device)
+
+    def unpack(self, theta):
+        A = theta.shape[0]
+        W = theta[:, : self.d * self.k].reshape(A, self.d, self.k)
+        return W, theta[:, self.d * self.k:]
+
+    def __call__(self, theta, members):
+        import torch
+
+        A, (n, d, k) = theta.shape[0], (self.n, self.d, self.k)
+        W, b = self.unpack(theta)
+        Z = (self.X @ W.permute(1, 0, 2).reshape(d, A * k)).reshape(n, A, k) + b[None]
+        if self.loss == "squared_hinge":
+            margin = torch.clamp(1 - self.Y[:, None, :] * Z, min=0)
+            f = (margin * margin).sum((0, 2)) / n
+            G = -2 * self.Y[:, None, :] * margin / n
+        elif k == 1:  # binomial
+            z = Z[..., 0]
+            f = (torch.nn.functional.softplus(z) - self.Y * z).mean(0)
+            G = (torch.sigmoid(z) - self.Y)[..., None] / n
+        else:  # multinomial
+            lse = torch.logsumexp(Z, dim=2)
+            f = (lse - (Z * self.Y[:, None, :]).sum(2)).mean(0)
+            G = (torch.softmax(Z, dim=2) - self.Y[:, None, :]) / n
+        reg = self.reg[members]
+        gW = (self.X.T @ G.reshape(n, A * k)).reshape(d, A, k).permute(1, 0, 2) + reg[:, None, None] * W
+        gb = G.sum(0)
+        penalty = (W * W).sum((1, 2))
+        if self.loss == "squared_hinge":  # liblinear penalises the intercept too
+            gb = gb + reg[:, None] * b
+            penalty = penalty + (b * b).sum(1)
+        f = f + 0.5 * reg * penalty
+        return f, torch.cat([gW.reshape(A, d * k), gb], dim=1)
+
+
+@register("logistic", "torch")
+class TorchLogisticHead(_TorchHead):
+    """Multinomial logistic regression (binomial for two classes) by batched L-BFGS."""
+
+    _loss = "logistic"
+
+    def __init__(self, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4,
+                 device: str = "auto", dtype: str = "float32") -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.device = device
+        self.dtype = dtype
+
+    def predict_proba(self, X):
+        scores = self.decision_function(X)
+        if scores.ndim == 1:
+            p = 1.0 / (1.0 + np.exp(-scores))
+            return np.stack([1 - p, p], axis=1)
+        e = np.exp(scores - scores.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+
+@register("linearsvc", "torch")
+class TorchLinearSVCHead(_TorchHead):
+    """Linear SVM, squared hinge, one-vs-rest, intercept penalised (liblinear's problem)."""
+
+    _loss = "squared_hinge"
+
+    def __init__(self, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4,
+                 device: str = "auto", dtype: str = "float32") -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.device = device
+        self.dtype = dtype
+
+
+@register("nystroem", "torch")
+class TorchNystroemHead(TorchLogisticHead):
+    """Nystroem RBF map (scikit-learn's landmarks and normalisation), then logistic
+    regression; ``gamma=None`` is 1 / n_features of the standardised features."""
+
+    def __init__(self, C: float = 1.0, gamma: float | None = None, n_components: int = 2048,
+                 max_iter: int = 1000, tol: float = 1e-4, random_state: int = 0,
+                 device: str = "auto", dtype: str = "float32") -> None:
+        self.C = C
+        self.gamma = gamma
+        self.n_components = n_components
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.device = device
+        self.dtype = dtype
+
+    def _grid_point(self) -> dict[str, Any]:
+        return {"C": self.C, "gamma": self.gamma}
+
+    def _solve(self, X, y, classes, grid, on_stop):
+        """Per gamma of the grid: one map, then every C of that gamma in one batch."""
+        mean, scale = standardise(X)
+        Xs = (X - mean) / scale
+        base = {"mean_": mean.double().cpu().numpy(), "scale_": scale.double().cpu().numpy()}
+        landmarks = self._landmarks(Xs.shape[0])
+        out: list[Any] = [None] * len(grid)
+        for gamma in dict.fromkeys(p.get("gamma") for p in grid):
+            members = [i for i, p in enumerate(grid) if p.get("gamma") == gamma]
+            g = 1.0 / Xs.shape[1] if gamma is None else float(gamma)
+            components, normalization = nystroem_map(Xs[landmarks], g)
+            Phi = rbf(Xs, components, g) @ normalization.T
+            mapped = {**base, "gamma_": g, "components_": components.double().cpu().numpy(),
+                      "normalization_": normalization.double().cpu().numpy()}
+            solved = self._solve_linear(Phi, y, classes, [grid[i]["C"] for i in members], on_stop)
+            for i, (state, it, ok) in zip(members, solved):
+                out[i] = ({**mapped, **state}, it, ok)
+        return out
+
+    def _landmarks(self, n: int) -> np.ndarray:
+        """The rows scikit-learn's Nystroem takes for this ``random_state``."""
+        from sklearn.utils import check_random_state
+
+        return check_random_state(self.random_state).permutation(n)[: min(n, self.n_components)]
+
+    def _features(self, state: dict[str, Any], X):
+        import torch
+
+        Xs = super()._features(state, X)
+        components = torch.as_tensor(state["components_"], device=X.device, dtype=X.dtype)
+        normalization = torch.as_tensor(state["normalization_"], device=X.device, dtype=X.dtype)
+        return rbf(Xs, components, state["gamma_"]) @ normalization.T
+
+
+def rbf(X, Y, gamma: float):
+    """exp(-gamma ||x - y||^2) for every row pair, from one GEMM."""
+    import torch
+
+    sq = (X * X).sum(1)[:, None] + (Y * Y).sum(1)[None, :] - 2 * (X @ Y.T)
+    return torch.exp(-gamma * torch.clamp(sq, min=0))
+
+
+def nystroem_map(components, gamma: float):
+    """(components, normalisation) as scikit-learn's Nystroem: K_mm^(-1/2) by SVD in float64,
+    singular values clipped at 1e-12."""
+    import torch
+
+    K = rbf(components.double(), components.double(), gamma)
+    U, S, Vh = torch.linalg.svd(K)
+    S = torch.clamp(S, min=1e-12)
+    normalization = (U / S.sqrt()) @ Vh
+    return components, normalization.to(components.dtype)

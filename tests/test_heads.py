@@ -213,11 +213,16 @@ def digits_cache(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("head", ["logistic", "linearsvc", "svm"])
-def test_fit_and_predict_on_digits(digits_cache, tmp_path, runner, head):
-    """Acceptance: >= 0.90 on the held-out split; predict's CSV reproduces the accuracy."""
+@pytest.mark.parametrize("head,backend", [("logistic", "sklearn"), ("logistic", "torch"),
+                                          ("linearsvc", "torch"), ("svm", "sklearn"),
+                                          ("nystroem", "torch")])
+def test_fit_and_predict_on_digits(digits_cache, tmp_path, runner, head, backend):
+    """Acceptance: >= 0.90 on the held-out split; predict's CSV reproduces the accuracy.
+    (scikit-learn's LinearSVC takes ~50 s for the full grid here; it is checked at fixed C
+    against the torch head in test_torch_heads.py.)"""
     model = tmp_path / "h.skops"
-    r = invoke(runner, "fit", digits_cache, "--head", head, "--out", model, "--json")
+    r = invoke(runner, "fit", digits_cache, "--head", head, "--backend", backend, "--out", model,
+               "--json")
     assert r.exit_code == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["eval_split"] == "test" and rep["selection"]["method"] == "val"

@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-# f(theta[active], active) -> (objective (A,), gradient (A, P)) for the members ``active``
+# f(theta[active], active) -> (objective (A,) in float64, gradient (A, P)) for the members
+# ``active``
 Objective = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
@@ -45,7 +46,7 @@ def minimize(fun: Objective, theta0: torch.Tensor, *, max_iter: int = 1000, tol:
     theta = theta0.clone()
     n_iter = torch.zeros(S, dtype=torch.long, device=device)
     converged = torch.zeros(S, dtype=torch.bool, device=device)
-    final_f = torch.empty(S, dtype=dtype, device=device)
+    final_f = torch.empty(S, dtype=torch.float64, device=device)  # objectives come in float64
     # history per member (circular, one slot index for all); rho = 0 marks an empty slot,
     # which then has no effect in the two-loop recursion
     s_hist = torch.zeros(S, history, P, dtype=dtype, device=device)
@@ -75,7 +76,7 @@ def minimize(fun: Objective, theta0: torch.Tensor, *, max_iter: int = 1000, tol:
             direction[uphill] = -g[uphill]
             gd = torch.where(uphill, -(g * g).sum(1), gd)
             rho[active[uphill]] = 0
-        step = torch.ones_like(f)
+        step = torch.ones(f.shape, dtype=dtype, device=device)
         fresh = rho[active].abs().sum(1) == 0  # no curvature yet: scipy's first step, 1/||d||
         if fresh.any():
             step[fresh] = torch.clamp(1.0 / direction[fresh].norm(dim=1), max=1.0)
@@ -130,7 +131,7 @@ def _line_search(fun: Objective, active, theta, f, gd, direction, step, max_ls: 
     for _ in range(max_ls):  # each trial evaluates only the members still searching
         trial = theta[todo] + step[todo, None] * direction[todo]
         tf, tg = fun(trial, active[todo])
-        good = torch.isfinite(tf) & (tf <= f[todo] + 1e-4 * step[todo] * gd[todo])
+        good = torch.isfinite(tf) & (tf <= f[todo] + 1e-4 * (step[todo] * gd[todo]).double())
         hit = todo[good]
         new_theta[hit], new_f[hit], new_g[hit] = trial[good], tf[good], tg[good]
         ok[hit] = True

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
+import torch  # this module is the torch backend: loaded only when the registry loads it
 
 from featurekit.heads import register
 from featurekit.heads._base import Head
@@ -33,8 +34,6 @@ EXPECTED_FAILED_CHECKS: dict[str, str] = {}
 
 
 def resolve_device(spec: str) -> str:
-    import torch
-
     if spec == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cpu" or spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
@@ -50,8 +49,6 @@ class _TorchHead(Head):
     backend = "torch"
 
     def _torch_setup(self):
-        import torch
-
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         return resolve_device(self.device), getattr(torch, self.dtype)
@@ -68,8 +65,6 @@ class _TorchHead(Head):
                 f"contains only one class: {classes[0]!r}"
             )
         device, dtype = self._torch_setup()
-        import torch
-
         Xt = _tensor(X, device, dtype)
         state, n_iter, converged = self._solve(Xt, y, classes, [self._grid_point()], None)[0]
         self.classes_ = classes
@@ -84,9 +79,6 @@ class _TorchHead(Head):
         and the grid indices that did not converge on some fold; one batched solve per fold
         (and, for nystroem, per gamma). ``folds`` is [(train rows, held-out rows)]."""
         from sklearn.utils import check_array
-
-        import torch
-
         X = check_array(X, dtype=[np.float64, np.float32])
         y = np.asarray(y)
         device, dtype = self._torch_setup()
@@ -108,8 +100,6 @@ class _TorchHead(Head):
 
     # -- prediction
     def decision_function(self, X):
-        import torch
-
         X = self._checked(X)
         device, dtype = self._torch_setup()
         scores = self._decide(self.__dict__, _tensor(X, device, dtype))
@@ -123,8 +113,6 @@ class _TorchHead(Head):
     def _decide(self, state: dict[str, Any], X):
         """Decision values (n, k') of rows ``X`` (a tensor) under a fitted ``state``; one column
         for two classes (positive: the second class)."""
-        import torch
-
         Z = self._features(state, X)
         coef = torch.as_tensor(state["coef_"], device=X.device, dtype=X.dtype)
         intercept = torch.as_tensor(state["intercept_"], device=X.device, dtype=X.dtype)
@@ -132,8 +120,6 @@ class _TorchHead(Head):
 
     def _features(self, state: dict[str, Any], X):
         """Raw rows -> what the linear model sees (standardised; nystroem maps them further)."""
-        import torch
-
         mean = torch.as_tensor(state["mean_"], device=X.device, dtype=X.dtype)
         scale = torch.as_tensor(state["scale_"], device=X.device, dtype=X.dtype)
         return (X - mean) / scale
@@ -147,8 +133,6 @@ class _TorchHead(Head):
                 self._solve_linear(Xs, y, classes, [p["C"] for p in grid], on_stop)]
 
     def _solve_linear(self, Xs, y, classes, Cs, on_stop):
-        import torch
-
         from featurekit.heads import _lbfgs
 
         problem = _LinearProblem(Xs, np.searchsorted(classes, y), classes.size, self._loss,
@@ -166,8 +150,6 @@ class _TorchHead(Head):
 def _tensor(X, device: str, dtype):
     """A numpy array on the device (read-only arrays, e.g. joblib's memmaps, are copied first:
     torch does not take them)."""
-    import torch
-
     X = np.ascontiguousarray(X)
     if not X.flags.writeable:
         X = X.copy()
@@ -184,8 +166,6 @@ def _winners(scores):
 def standardise(X):
     """Column mean and scale as scikit-learn's StandardScaler computes them (float64
     accumulators, population std, near-constant columns scaled by 1)."""
-    import torch
-
     n = X.shape[0]
     mean = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
     for start in range(0, n, 8192):
@@ -207,8 +187,6 @@ class _LinearProblem:
     what scikit-learn's ``tol`` means."""
 
     def __init__(self, X, y_index: np.ndarray, n_classes: int, loss: str, Cs) -> None:
-        import torch
-
         self.X, self.loss = X, loss
         self.n, self.d = X.shape
         self.k = 1 if n_classes == 2 else n_classes  # two classes: one column, as scikit-learn
@@ -225,8 +203,6 @@ class _LinearProblem:
         self.reg = 1.0 / (Cs * self.n)  # (S,)
 
     def start(self, S: int):
-        import torch
-
         return torch.zeros(S, (self.d + 1) * self.k, dtype=self.X.dtype, device=self.X.device)
 
     def unpack(self, theta):
@@ -235,31 +211,31 @@ class _LinearProblem:
         return W, theta[:, self.d * self.k:]
 
     def __call__(self, theta, members):
-        import torch
-
         A, (n, d, k) = theta.shape[0], (self.n, self.d, self.k)
         W, b = self.unpack(theta)
         Z = (self.X @ W.permute(1, 0, 2).reshape(d, A * k)).reshape(n, A, k) + b[None]
+        # objectives are summed in float64: in float32 the line search could not tell the last
+        # decreases from rounding (gradients stay in the data's dtype)
         if self.loss == "squared_hinge":
             margin = torch.clamp(1 - self.Y[:, None, :] * Z, min=0)
-            f = (margin * margin).sum((0, 2)) / n
+            f = (margin * margin).double().sum((0, 2)) / n
             G = -2 * self.Y[:, None, :] * margin / n
         elif k == 1:  # binomial
             z = Z[..., 0]
-            f = (torch.nn.functional.softplus(z) - self.Y * z).mean(0)
+            f = (torch.nn.functional.softplus(z) - self.Y * z).double().mean(0)
             G = (torch.sigmoid(z) - self.Y)[..., None] / n
         else:  # multinomial
             lse = torch.logsumexp(Z, dim=2)
-            f = (lse - (Z * self.Y[:, None, :]).sum(2)).mean(0)
+            f = (lse - (Z * self.Y[:, None, :]).sum(2)).double().mean(0)
             G = (torch.softmax(Z, dim=2) - self.Y[:, None, :]) / n
         reg = self.reg[members]
         gW = (self.X.T @ G.reshape(n, A * k)).reshape(d, A, k).permute(1, 0, 2) + reg[:, None, None] * W
         gb = G.sum(0)
-        penalty = (W * W).sum((1, 2))
+        penalty = (W * W).double().sum((1, 2))
         if self.loss == "squared_hinge":  # liblinear penalises the intercept too
             gb = gb + reg[:, None] * b
-            penalty = penalty + (b * b).sum(1)
-        f = f + 0.5 * reg * penalty
+            penalty = penalty + (b * b).double().sum(1)
+        f = f + 0.5 * reg.double() * penalty
         return f, torch.cat([gW.reshape(A, d * k), gb], dim=1)
 
 
@@ -347,8 +323,6 @@ class TorchNystroemHead(TorchLogisticHead):
         return check_random_state(self.random_state).permutation(n)[: min(n, self.n_components)]
 
     def _features(self, state: dict[str, Any], X):
-        import torch
-
         Xs = super()._features(state, X)
         components = torch.as_tensor(state["components_"], device=X.device, dtype=X.dtype)
         normalization = torch.as_tensor(state["normalization_"], device=X.device, dtype=X.dtype)
@@ -357,8 +331,6 @@ class TorchNystroemHead(TorchLogisticHead):
 
 def rbf(X, Y, gamma: float):
     """exp(-gamma ||x - y||^2) for every row pair, from one GEMM."""
-    import torch
-
     sq = (X * X).sum(1)[:, None] + (Y * Y).sum(1)[None, :] - 2 * (X @ Y.T)
     return torch.exp(-gamma * torch.clamp(sq, min=0))
 
@@ -366,8 +338,6 @@ def rbf(X, Y, gamma: float):
 def nystroem_map(components, gamma: float):
     """(components, normalisation) as scikit-learn's Nystroem: K_mm^(-1/2) by SVD in float64,
     singular values clipped at 1e-12."""
-    import torch
-
     K = rbf(components.double(), components.double(), gamma)
     U, S, Vh = torch.linalg.svd(K)
     S = torch.clamp(S, min=1e-12)

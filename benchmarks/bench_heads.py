@@ -1,44 +1,76 @@
-"""Heads benchmark: every head x backend at a fixed C, fit and predict time, accuracy, memory.
+"""Heads benchmark: the *full default selection* (the protocol's grid, val or 5-fold CV, refit)
+of every head x backend, as `featurekit fit` runs it.
 
-Data sets:
-* ``synthetic``: 5,000 train + 1,000 test rows of 512-d features, 20 classes (``--large``:
-  20,000 + 4,000 rows of 2048-d, 100 classes, for GPU machines);
-* ``digits``: the digits cache of the demo (resnet18, ``--weights none``, 64 px, penultimate),
-  made on the fly.
+Per row: selection seconds, refit seconds, predict seconds, accuracy on the test rows, peak
+host memory above the loaded data and peak device memory. Each row runs in a fresh process
+(its peak RSS: Linux ``clear_refs`` resets it once the data is loaded).
 
-Each combination runs in a fresh process; its peak memory is the peak RSS during fit + predict
-above the RSS once the data is loaded (Linux ``clear_refs`` resets the peak first). Results go to ``benchmarks/results/heads-*.json`` and the table is printed.
+Settings:
 
-    python benchmarks/bench_heads.py            # 2-core CPU setting
-    python benchmarks/bench_heads.py --large    # GPU machines (with cuML installed)
+* ``cpu`` (this 2-core machine): synthetic 5,000 train / 1,000 val / 1,000 test x 512, 20
+  classes, and the digits cache of the demo (resnet18, ``--weights none``, 64 px). Every row
+  runs its full selection (scikit-learn's point-by-point fits on every core through joblib,
+  as ``featurekit fit`` does).
+* ``gpu`` (an H100/H200): synthetic 50,000 train / 10,000 test x 2,048, 100 classes, no val
+  (so 5-fold cross-validation). featurekit's torch rows run in full on CUDA. scikit-learn rows
+  would take hours: three grid points (smallest, middle and largest C) are timed on the
+  first fold's training rows and the selection is extrapolated to the whole grid x folds
+  (``extrapolated``: sequential, and divided by the host's cores for the ideal parallel
+  time, which is what the speed-ups are computed against); a fit over ``--budget`` seconds is
+  cut and recorded as "> budget". Their accuracy is scikit-learn's at the point the torch
+  row chose (same objective, so the same choice up to solver noise), also within the budget.
+
+    python benchmarks/bench_heads.py                     # cpu setting
+    python benchmarks/bench_heads.py --setting gpu       # on a CUDA machine
+    python benchmarks/bench_heads.py --setting gpu --heads logistic --results /tmp/out
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
+sys.path.insert(0, str(HERE.parent))
+
+SETTINGS = {
+    "cpu": {"synthetic": (5000, 1000, 1000, 512, 20), "digits": None},
+    "gpu": {"synthetic": (50000, 0, 10000, 2048, 100)},
+}
 
 
-def synthetic(large: bool):
-    from sklearn.datasets import make_classification
+def dataset(name: str, setting: str):
+    """(X, y, X_val or None, y_val or None, X_test, y_test), cached as .npy under _work/."""
+    if name == "digits":
+        return _digits()
+    n_train, n_val, n_test, dim, classes = SETTINGS[setting][name]
+    path = WORK / f"synthetic-{n_train}-{n_val}-{n_test}-{dim}-{classes}.npz"
+    if not path.exists():
+        from sklearn.datasets import make_classification
 
-    n_train, n_test, dim, classes = (20000, 4000, 2048, 100) if large else (5000, 1000, 512, 20)
-    X, y = make_classification(
-        n_samples=n_train + n_test, n_features=dim, n_informative=min(dim, 128), n_redundant=0,
-        n_classes=classes, n_clusters_per_class=1, class_sep=1.5, random_state=0,
-    )
-    X = X.astype("float32")
-    return X[:n_train], y[:n_train], X[n_train:], y[n_train:]
+        X, y = make_classification(
+            n_samples=n_train + n_val + n_test, n_features=dim, n_informative=min(dim, 128),
+            n_redundant=0, n_classes=classes, n_clusters_per_class=1, class_sep=1.5, random_state=0,
+        )
+        WORK.mkdir(parents=True, exist_ok=True)
+        np.savez(path, X=X.astype(np.float32), y=y)
+    d = np.load(path)
+    X, y = d["X"], d["y"]
+    a, b = n_train, n_train + n_val
+    val = (X[a:b], y[a:b]) if n_val else (None, None)
+    return X[:a], y[:a], *val, X[b:], y[b:]
 
 
-def digits():
+def _digits():
     from featurekit.cache import open_cache
     from featurekit.extract import extract
 
@@ -48,9 +80,11 @@ def digits():
         extract("digits", cache, model="resnet18", weights="none", image_size=64, device="cpu",
                 progress=False)
     with open_cache(cache) as c:
-        return (c.features("train", "penultimate"), c.labels("train"),
-                c.features("test", "penultimate"), c.labels("test"))
+        return tuple(f(s) for s in ("train", "val", "test")
+                     for f in (lambda s: c.features(s, "penultimate"), c.labels))
 
+
+# ------------------------------------------------------------------ one row (child process)
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -61,89 +95,248 @@ def _status_kib(field: str) -> int:
 
 
 def _reset_peak() -> None:
-    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
-    with open("/proc/self/clear_refs", "w") as f:
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: resets VmHWM to the current RSS
         f.write("5")
 
 
-def one(args) -> None:
-    """Child process: load the data, fit and predict one head, print one JSON line."""
-    import numpy as np
+def _memory(base_kib: int, device: str | None) -> dict:
+    out = {"peak_host_mib": max(0, _status_kib("VmHWM") - base_kib) / 1024}
+    if device and device.startswith("cuda"):
+        import torch
 
-    from featurekit.fit import timed_fit, timed_predict
+        out["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def run_full(args) -> dict:
+    """The whole of `featurekit fit`'s work after reading the cache."""
+    import warnings
+
+    from featurekit.fit import fit_on_arrays
     from featurekit.heads import create_head
 
-    X, y, Xt, yt = synthetic(args.large) if args.data == "synthetic" else digits()
-    import gc
-
-    head = create_head(args.head, args.backend, C=1.0)  # imports the backend before the peak reset
-    gc.collect()
+    X, y, Xv, yv, Xt, yt = dataset(args.data, args.setting)
+    params = {"device": args.device} if args.backend == "torch" else {}
+    create_head(args.head, args.backend, **params)  # imports the backend before the peak reset
+    device = _warm(args)
     _reset_peak()
     base = _status_kib("VmRSS")
-    fit_s = timed_fit(head, X, y)
-    pred, predict_s = timed_predict(head, Xt)  # the same timing as `featurekit fit` reports
-    peak = _status_kib("VmHWM")
-    print(json.dumps({
-        "data": args.data, "head": args.head, "backend": args.backend, "C": 1.0,
-        "n_train": int(len(y)), "n_test": int(len(yt)), "dim": int(X.shape[1]),
-        "classes": int(len(np.unique(y))), "fit_seconds": fit_s, "predict_seconds": predict_s,
-        "accuracy": float(np.mean(pred == yt)), "peak_mib_above_data": max(0, peak - base) / 1024,
-    }))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, rep = fit_on_arrays(args.head, args.backend, X, y, Xt, yt, int(y.max()) + 1,
+                               X_sel=Xv, y_sel=yv, head_params=params)
+    return {"mode": "full", "params": rep["params"], "selection_seconds": rep["selection_seconds"],
+            "fit_seconds": rep["fit_seconds"], "predict_seconds": rep["predict_seconds"],
+            "accuracy": rep["accuracy"], "selection": rep["selection"]["method"],
+            "grid_points": len(rep["selection"]["grid"]),
+            "not_converged": len(rep["selection"]["not_converged"]),
+            "warnings": [str(w.message) for w in caught], **_memory(base, device)}
+
+
+def run_sampled(args) -> dict:
+    """Three grid points timed on the first fold, extrapolated to the whole selection; then
+    one fit at ``--params`` on all training rows for the accuracy."""
+    from featurekit import heads, select
+    from featurekit.fit import timed_fit, timed_predict
+
+    X, y, Xv, yv, Xt, yt = dataset(args.data, args.setting)
+    grid = heads.grid(args.head, X.shape[1])
+    Xa, ya = (np.concatenate([X, Xv]), np.concatenate([y, yv])) if Xv is not None else (X, y)
+    splits, method = select.folds(ya, 0 if yv is None else len(yv), seed=0)
+    heads.create_head(args.head, args.backend)
+    _reset_peak()
+    base = _status_kib("VmRSS")
+    train = splits[0][0]
+    sample = sorted({0, len(grid) // 2, len(grid) - 1})
+    times, cut = [], False
+    for g in sample:
+        est = heads.create_head(args.head, args.backend, **grid[g])
+        seconds = _with_budget(lambda: timed_fit(est, Xa[train], ya[train]), args.budget)
+        if seconds is None:
+            cut = True
+            break
+        times.append(seconds)
+    out = {"mode": "extrapolated", "selection": method, "grid_points": len(grid),
+           "folds": len(splits), "sampled_points": [grid[g] for g in sample[:len(times)]],
+           "sampled_seconds": times}
+    cores = select.default_jobs()
+    if cut:
+        done = sum(times) + args.budget
+        out["selection_seconds_at_least"] = done
+        out["note"] = f"a sampled fit ran past --budget {args.budget} s: the selection takes > {done:.0f} s"
+    else:
+        sequential = float(np.mean(times)) * len(grid) * len(splits)
+        out["selection_seconds_sequential"] = sequential
+        out["selection_seconds"] = sequential / min(cores, len(grid) * len(splits))
+        out["parallel_note"] = f"sequential / {cores} cores (ideal joblib parallelism)"
+    if args.params:
+        est = heads.create_head(args.head, args.backend, **json.loads(args.params))
+        fit_s = _with_budget(lambda: timed_fit(est, X, y), args.budget)
+        if fit_s is not None:
+            pred, predict_s = timed_predict(est, Xt)
+            out.update(params=json.loads(args.params), fit_seconds=fit_s, predict_seconds=predict_s,
+                       accuracy=float(np.mean(pred == yt)), accuracy_at="the torch row's choice")
+    return {**out, **_memory(base, None)}
+
+
+def _with_budget(fn, budget: float):
+    """fn()'s result, or None when it runs longer than ``budget`` seconds (SIGALRM)."""
+    def stop(*_):
+        raise TimeoutError
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, budget)
+    try:
+        return fn()
+    except TimeoutError:
+        return None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _warm(args) -> str | None:
+    """The device a torch row runs on, initialised (CUDA context, a first GEMM) outside the
+    timing, as a long-running process would have it."""
+    if args.backend != "torch":
+        return None
+    import torch
+
+    from featurekit.heads._torch import resolve_device
+
+    device = resolve_device(args.device)
+    a = torch.ones(256, 256, device=device)
+    (a @ a).sum().item()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    return device
+
+
+# ------------------------------------------------------------------ the driver
+
+def rows_for(setting: str, heads: list[str], backends: list[str]) -> list[dict]:
+    from featurekit.heads import _REGISTRY, list_backends
+
+    available = list_backends()
+    plan = []
+    for data in SETTINGS[setting]:
+        for head in heads:
+            for backend in backends:
+                row = {"data": data, "head": head, "backend": backend}
+                if backend not in available:
+                    plan.append({**row, "status": f"skipped: {backend} is not available here"})
+                elif (head, backend) not in _REGISTRY:
+                    plan.append({**row, "status": f"skipped: no {backend} {head}"})
+                else:
+                    sampled = setting == "gpu" and backend != "torch"
+                    plan.append({**row, "status": "planned", "mode": "extrapolated" if sampled else "full"})
+    return plan
+
+
+def run_row(row: dict, setting: str, device: str, budget: float, params: dict | None) -> dict:
+    cmd = [sys.executable, __file__, "--one", row["mode"], "--data", row["data"], "--head", row["head"],
+           "--backend", row["backend"], "--setting", setting, "--device", device,
+           "--budget", str(budget)] + (["--params", json.dumps(params)] if params else [])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+        return {**row, "status": f"failed: {tail}"}
+    return {**row, **json.loads(r.stdout.strip().splitlines()[-1]), "status": "ok"}
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """Per data and head: scikit-learn's selection seconds / the torch row's, and the accuracy
+    difference (points)."""
+    out = []
+    for t in rows:
+        if t["backend"] != "torch" or t["status"] != "ok":
+            continue
+        for s in rows:
+            if (s["data"], s["head"], s["backend"], s["status"]) != (t["data"], t["head"], "sklearn", "ok"):
+                continue
+            entry = {"data": t["data"], "head": t["head"], "torch_device": t.get("device")}
+            if "selection_seconds" in s:
+                entry["speedup"] = s["selection_seconds"] / t["selection_seconds"]
+            elif "selection_seconds_at_least" in s:
+                entry["speedup_at_least"] = s["selection_seconds_at_least"] / t["selection_seconds"]
+            if "accuracy" in s:
+                entry["accuracy_points"] = 100 * (t["accuracy"] - s["accuracy"])
+            entry["sklearn_mode"] = s.get("mode")
+            out.append(entry)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--large", action="store_true", help="20,000 x 2048, 100 classes (GPU machines)")
-    ap.add_argument("--results", type=Path, default=HERE / "results")
-    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--data", default="synthetic", help=argparse.SUPPRESS)
+    ap.add_argument("--setting", choices=list(SETTINGS), default="cpu")
+    ap.add_argument("--heads", default="logistic,linearsvc,nystroem,svm")
+    ap.add_argument("--backends", default="torch,sklearn,cuml")
+    ap.add_argument("--device", default="auto", help="device of the torch rows")
+    ap.add_argument("--budget", type=float, default=300.0, help="seconds per scikit-learn fit in the gpu setting")
+    ap.add_argument("--results", type=Path, default=HERE / "results", help="folder for the JSON")
+    ap.add_argument("--one", choices=["full", "extrapolated"], help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--head", help=argparse.SUPPRESS)
     ap.add_argument("--backend", help=argparse.SUPPRESS)
+    ap.add_argument("--params", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        return one(args)
+        out = run_full(args) if args.one == "full" else run_sampled(args)
+        if args.backend == "torch":
+            from featurekit.heads._torch import resolve_device
 
-    from featurekit.heads import BACKENDS, HEADS, list_backends
+            out["device"] = resolve_device(args.device)
+        print(json.dumps(out))
+        return
 
-    sys.path.insert(0, str(HERE.parent))
     from benchmarks.bench_extract import machine
 
-    available = list_backends()
+    plan = rows_for(args.setting, args.heads.split(","), args.backends.split(","))
+    for data in SETTINGS[args.setting]:
+        dataset(data, args.setting)  # made once, outside the timed children
     rows = []
-    datasets = ["synthetic"] + ([] if args.large else ["digits"])
-    if "digits" in datasets:
-        digits()  # build the cache once, outside the timed children
-    for data in datasets:
-        for head in HEADS:
-            for backend in BACKENDS:
-                if backend not in available:
-                    rows.append({"data": data, "head": head, "backend": backend,
-                                 "status": f"skipped: {backend} not importable"})
-                    continue
-                cmd = [sys.executable, __file__, "--one", "--data", data, "--head", head,
-                       "--backend", backend] + (["--large"] if args.large else [])
-                r = subprocess.run(cmd, capture_output=True, text=True)
-                if r.returncode != 0:
-                    rows.append({"data": data, "head": head, "backend": backend,
-                                 "status": f"failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}"})
-                    continue
-                rows.append({**json.loads(r.stdout.strip().splitlines()[-1]), "status": "ok"})
-                print(f"  {data} {head} {backend}: fit {rows[-1]['fit_seconds']:.2f} s, "
-                      f"acc {rows[-1]['accuracy']:.4f}", file=sys.stderr)
+    t0 = time.perf_counter()
+    for row in plan:
+        if row["status"] != "planned":
+            rows.append(row)
+            continue
+        torch_row = next((r for r in rows if r["data"] == row["data"] and r["head"] == row["head"]
+                          and r["backend"] == "torch" and r["status"] == "ok"), None)
+        params = torch_row["params"] if torch_row and row["mode"] == "extrapolated" else None
+        rows.append(run_row(row, args.setting, args.device, args.budget, params))
+        r = rows[-1]
+        print(f"  {r['data']} {r['head']} {r['backend']}: {r['status']} "
+              f"{r.get('selection_seconds', r.get('selection_seconds_at_least', float('nan'))):.2f} s "
+              f"acc {r.get('accuracy', float('nan')):.4f}", file=sys.stderr, flush=True)
     result = {"benchmark": "bench_heads", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "setting": "large" if args.large else "cpu", "machine": machine(), "results": rows}
-    print(f"\n{'data':10s} {'head':10s} {'backend':8s} {'fit s':>8s} {'predict s':>10s} {'accuracy':>9s} {'peak MiB':>9s}  status")
-    for r in rows:
-        if r["status"] == "ok":
-            print(f"{r['data']:10s} {r['head']:10s} {r['backend']:8s} {r['fit_seconds']:8.3f} "
-                  f"{r['predict_seconds']:10.4f} {r['accuracy']:9.4f} {r['peak_mib_above_data']:9.1f}  ok")
-        else:
-            print(f"{r['data']:10s} {r['head']:10s} {r['backend']:8s} {'':8s} {'':10s} {'':9s} {'':9s}  {r['status']}")
+              "setting": args.setting, "machine": machine(), "seconds": time.perf_counter() - t0,
+              "rows": rows, "speedups": speedups(rows)}
+    print(table(result))
     args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"heads-{result['setting']}.json"
+    path = args.results / f"heads-{args.setting}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"recorded in {path}")
 
 
+def table(result: dict) -> str:
+    lines = ["| data | head | backend | mode | selection s | refit s | predict s | accuracy | peak host MiB | peak device MiB | status |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    f = lambda v, p=3: "" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))  # noqa: E731
+    for r in result["rows"]:
+        sel = r.get("selection_seconds")
+        sel = f(sel, 2) if sel is not None else (f"> {r['selection_seconds_at_least']:.0f}"
+                                                   if "selection_seconds_at_least" in r else "")
+        lines.append(f"| {r['data']} | {r['head']} | {r['backend']}{' (' + r['device'] + ')' if r.get('device') else ''} "
+                     f"| {r.get('mode', '')} | {sel} | {f(r.get('fit_seconds'), 2)} | {f(r.get('predict_seconds'))} "
+                     f"| {f(r.get('accuracy'), 4)} | {f(r.get('peak_host_mib'), 0)} | {f(r.get('peak_device_mib'), 0)} "
+                     f"| {r['status']} |")
+    lines += ["", "| data | head | torch vs scikit-learn: selection speed-up | accuracy (points) |", "|---|---|---:|---:|"]
+    for s in result["speedups"]:
+        sp = f"{s['speedup']:.1f}x" if "speedup" in s else f"> {s.get('speedup_at_least', 0):.1f}x"
+        lines.append(f"| {s['data']} | {s['head']} | {sp} | {s.get('accuracy_points', float('nan')):+.2f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     main()

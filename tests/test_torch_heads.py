@@ -120,19 +120,26 @@ def test_nystroem_matches_scikit_learn_with_the_same_landmarks(datasets, name):
 
 @pytest.mark.parametrize("head", ["logistic", "linearsvc", "nystroem"])
 @pytest.mark.parametrize("with_val", [True, False])
-def test_batched_selection_equals_the_loop(datasets, head, with_val):
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_batched_selection_equals_the_loop(datasets, head, with_val, dtype):
+    """fit_grid's scores are those of fitting each grid point on each fold by itself."""
+    from sklearn.metrics import accuracy_score
+
     X, y, Xt, yt = datasets["multiclass"]
     X_sel, y_sel = (Xt, yt) if with_val else (None, None)
     grid = heads.grid(head, X.shape[1])
     if head == "nystroem":
         grid = grid[::4]  # every C and gamma appears; fewer fits
-    params = {"dtype": "float64", "n_components": 200} if head == "nystroem" else {"dtype": "float64"}
+    params = {"dtype": dtype, **({"n_components": 200} if head == "nystroem" else {})}
     fast = select.select(head, "torch", grid, X, y, X_sel, y_sel, head_params=params)
-    loop = select.select(head, "torch", grid, X, y, X_sel, y_sel, head_params=params,
-                         batched=False, jobs=1)
-    assert fast.method == loop.method == ("val" if with_val else "5-fold cv")
-    assert fast.params == loop.params
-    assert np.allclose(fast.scores, loop.scores, atol=1e-6, rtol=0)
+    Xa, ya = (np.concatenate([X, Xt]), np.concatenate([y, yt])) if with_val else (X, y)
+    splits, method = select.folds(ya, len(yt) if with_val else 0, seed=0)
+    loop = [np.mean([accuracy_score(ya[te], heads.create_head(head, "torch", **params, **p)
+                                    .fit(Xa[tr], ya[tr]).predict(Xa[te])) for tr, te in splits])
+            for p in grid]
+    assert fast.method == method == ("val" if with_val else "5-fold cv")
+    assert fast.params == grid[int(np.argmax(loop))]
+    assert np.allclose(fast.scores, loop, atol=1e-6, rtol=0)
 
 
 def test_grids_of_the_protocol():

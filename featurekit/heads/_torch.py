@@ -133,17 +133,26 @@ class _TorchHead(Head):
                 self._solve_linear(Xs, y, classes, [p["C"] for p in grid], on_stop)]
 
     def _solve_linear(self, Xs, y, classes, Cs, on_stop):
+        """[(state, n_iter, converged)] for each C. On a GPU every C in one batch (one GEMM per
+        step for all of them); on the CPU one C after another, each exactly as a single fit
+        computes it: a batch would save no arithmetic there, and it would change the last bits
+        (MKL and torch pick other kernels for other batch shapes), so that a weakly regularised
+        fit in a batch could end elsewhere than the same fit alone."""
         from featurekit.heads import _lbfgs
 
-        problem = _LinearProblem(Xs, np.searchsorted(classes, y), classes.size, self._loss,
-                                 torch.as_tensor(Cs, device=Xs.device, dtype=Xs.dtype))
-        res = _lbfgs.minimize(problem, problem.start(len(Cs)), max_iter=self.max_iter,
-                              tol=self.tol, on_stop=on_stop)
-        W, b = problem.unpack(res.theta)
-        out = []
-        for i in range(len(Cs)):
-            state = {"coef_": W[i].T.double().cpu().numpy(), "intercept_": b[i].double().cpu().numpy()}
-            out.append((state, int(res.n_iter[i]), bool(res.converged[i])))
+        y_index = np.searchsorted(classes, y)
+        batches = [list(range(len(Cs)))] if Xs.is_cuda else [[i] for i in range(len(Cs))]
+        out: list[Any] = [None] * len(Cs)
+        for members in batches:
+            problem = _LinearProblem(Xs, y_index, classes.size, self._loss,
+                                     torch.as_tensor([Cs[i] for i in members], device=Xs.device,
+                                                     dtype=Xs.dtype))
+            res = _lbfgs.minimize(problem, problem.start(len(members)), max_iter=self.max_iter,
+                                  tol=self.tol, on_stop=on_stop)
+            W, b = problem.unpack(res.theta)
+            for j, i in enumerate(members):
+                state = {"coef_": W[j].T.double().cpu().numpy(), "intercept_": b[j].double().cpu().numpy()}
+                out[i] = (state, int(res.n_iter[j]), bool(res.converged[j]))
         return out
 
 
@@ -336,14 +345,19 @@ def rbf(X, Y, gamma: float):
 
 
 def nystroem_map(components, gamma: float):
-    """(components, normalisation) as scikit-learn's Nystroem: K_mm^(-1/2) in float64, with
-    scikit-learn's treatment of the spectrum. It takes U S^-1/2 V from an SVD with S clipped at
-    1e-12; for the symmetric K that is Q diag(sign(l) / sqrt(max(|l|, 1e-12))) Q^T from the
-    eigendecomposition K = Q diag(l) Q^T (a negative rounding eigenvalue flips the sign of its
-    singular vector pair), which is several times faster than the SVD."""
+    """(components, normalisation): K_mm^(-1/2) as scikit-learn's Nystroem computes it (in
+    float64, from the symmetric eigendecomposition K = Q diag(l) Q^T, which gives scikit-learn's
+    U S^-1/2 V: Q diag(sign(l) / sqrt(|l|)) Q^T), except for the directions whose eigenvalue is
+    below the rounding noise of the kernel values the map will be applied to (|l| <= m * eps *
+    max l, eps of the data's dtype): those are dropped, as a pseudo-inverse drops them, where
+    scikit-learn clips the eigenvalue at 1e-12 and multiplies rounding noise by up to 1e6. For
+    a well-conditioned K (most gamma values) the two are the same; for a wide kernel the
+    dropped directions made fits at weak regularisation depend on rounding alone."""
     K = rbf(components.double(), components.double(), gamma)
     lam, Q = torch.linalg.eigh(K)
-    scale = torch.sign(lam) / torch.clamp(lam.abs(), min=1e-12).sqrt()
-    scale = torch.where(lam == 0, torch.full_like(lam, 1e6), scale)  # S = 0 is clipped to 1e-12
+    floor = lam.abs().max() * K.shape[0] * torch.finfo(components.dtype).eps
+    kept = lam.abs() > floor
+    scale = torch.where(kept, torch.sign(lam) / lam.abs().clamp(min=1e-300).sqrt(),
+                        torch.zeros_like(lam))
     normalization = (Q * scale) @ Q.T
     return components, normalization.to(components.dtype)

@@ -7,10 +7,10 @@ and on every backend.
   k-fold cross-validation on the training rows (k = 5, fewer when a class has fewer rows).
 * The score is ``accuracy`` or ``balanced_accuracy``; the best grid point wins, ties going to
   the earlier one: the smaller C (stronger regularisation), then the smaller gamma.
-* A head whose backend has a batched ``fit_grid`` fits every grid point and fold in one pass;
-  any other head is fitted point by point, the (point, fold) fits spread over ``jobs``
-  processes through joblib. Each such fit is pinned to one BLAS/OpenMP thread, so the result
-  never depends on ``jobs``.
+* A head with a ``fit_grid`` (featurekit's torch heads) runs the whole selection itself, in
+  this process (batched on a GPU); any other head is fitted point by point, the (point, fold)
+  fits spread over ``jobs`` processes through joblib. Each such fit is pinned to one
+  BLAS/OpenMP thread, so the result never depends on ``jobs``.
 * A choice on the grid's edge, and grid points whose solver stopped at its iteration limit,
   are reported (one warning line each, and in the report).
 """

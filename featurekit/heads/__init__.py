@@ -5,8 +5,8 @@ Every head is a scikit-learn estimator that standardises its input inside (``fit
 heads with :func:`register`; ``torch`` (featurekit's own, CPU or CUDA) always registers,
 ``cuml`` only when ``import cuml`` works and a GPU is usable, so a CPU install never breaks.
 The registry also owns what selection needs to know about each head: its parameter grid
-(:func:`grid`, the same on every backend) and, where a backend has one, a batched
-``fit_grid`` that fits every grid point and fold in one pass (:func:`batched`)::
+(:func:`grid`, the same on every backend) and, where a backend has one, a ``fit_grid`` that
+runs a whole selection itself, every grid point and fold (:func:`batched`)::
 
     head = featurekit.create_head("svm", backend="sklearn", C=10.0)
     featurekit.list_heads()      # ['linearsvc', 'logistic', 'nystroem', 'svm']
@@ -52,7 +52,7 @@ def grid(head: str, n_features: int, C: float | None = None,
 
 
 def batched(head: Any) -> Callable[..., Any] | None:
-    """The head's ``fit_grid`` (every grid point and fold in one pass), if its backend has one."""
+    """The head's ``fit_grid`` (a whole selection: every grid point and fold), if it has one."""
     return getattr(head, "fit_grid", None)
 
 

@@ -8,13 +8,15 @@ problem, on features standardised as scikit-learn's StandardScaler does:
 * ``linearsvc``: squared hinge, one-vs-rest, ||w||^2 + b^2 penalised (intercept_scaling 1):
   liblinear's objective, divided by C n;
 * ``nystroem``: scikit-learn's Nystroem map (same landmarks for the same ``random_state``,
-  same SVD normalisation), then ``logistic``.
+  same normalisation K^-1/2, see :func:`nystroem_map`), then ``logistic``.
 
 All of them go through one batched L-BFGS (:mod:`featurekit.heads._lbfgs`) with
-scikit-learn's stopping rule. ``fit`` is the batch of one; ``fit_grid`` fits every grid point
-(and cross-validation fold) of a selection in one pass: all C values of a fold share each
-GEMM, and members leave the batch as they converge. Fitted state is numpy, so a head fitted on
-a GPU saves, loads and predicts on a machine without one.
+scikit-learn's stopping rule. ``fit_grid`` runs a whole selection: per fold it standardises
+(and, for nystroem, maps per gamma) once and solves every C of the grid; on a GPU all of them
+in one batch (one GEMM per step, members leaving the batch as they converge), on the CPU one
+after another. ``fit`` is the same code on one grid point, so a grid point scores in
+``fit_grid`` exactly what fitting it alone scores (bitwise on the CPU). Fitted state is numpy,
+so a head fitted on a GPU saves, loads and predicts on a machine without one.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class _TorchHead(Head):
     def _expected_failed_checks(self) -> dict[str, str]:
         return dict(EXPECTED_FAILED_CHECKS)
 
-    # -- fitting: a single fit is fit_grid's batch of one, on one "fold" of every row
+    # -- fitting: a single fit is fit_grid's code on one grid point and one "fold" of every row
     def _fit(self, X, y) -> None:
         classes = np.unique(y)
         if classes.size < 2:
@@ -76,9 +78,10 @@ class _TorchHead(Head):
     def fit_grid(self, X, y, grid: list[dict[str, Any]], folds, metric: Callable,
                  on_stop: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[int]]:
         """Scores (len(grid), len(folds)) of every grid point on every fold's held-out rows,
-        and the grid indices that did not converge on some fold; one batched solve per fold
-        (and, for nystroem, per gamma). ``folds`` is [(train rows, held-out rows)]."""
+        and the grid indices that did not converge on some fold. ``folds`` is [(train rows,
+        held-out rows)]; ``metric(y_true, y_pred)``; ``on_stop(k)``: k more fits finished."""
         from sklearn.utils import check_array
+
         X = check_array(X, dtype=[np.float64, np.float32])
         y = np.asarray(y)
         device, dtype = self._torch_setup()

@@ -52,7 +52,7 @@ def minimize(fun: Objective, theta0: torch.Tensor, *, max_iter: int = 1000, tol:
     s_hist = torch.zeros(S, history, P, dtype=dtype, device=device)
     y_hist = torch.zeros_like(s_hist)
     rho = torch.zeros(S, history, dtype=dtype, device=device)
-    slot = 0
+    slot, filled = 0, 0  # next slot to write; slots written so far (the others are empty)
     active = torch.arange(S, device=device)
     f, g = fun(theta, active)
     flat = torch.zeros(S, dtype=torch.bool, device=device)  # last step decreased f by < ftol
@@ -69,7 +69,10 @@ def minimize(fun: Objective, theta0: torch.Tensor, *, max_iter: int = 1000, tol:
             active, f, g = active[go], f[go], g[go]
         if not active.numel():
             break
-        direction = _two_loop(g, s_hist[active], y_hist[active], rho[active], slot, history)
+        every = active.numel() == S  # no member has stopped: views, not copies of the history
+        direction = _two_loop(g, s_hist if every else s_hist[active],
+                              y_hist if every else y_hist[active], rho if every else rho[active],
+                              slot, filled)
         gd = (g * direction).sum(1)
         uphill = gd >= 0  # numerical trouble: forget the history, follow the gradient
         if uphill.any():
@@ -89,7 +92,7 @@ def minimize(fun: Objective, theta0: torch.Tensor, *, max_iter: int = 1000, tol:
         y_hist[active, slot] = torch.where(keep[:, None], yv, torch.zeros_like(yv))
         rho[active, slot] = torch.where(keep, 1.0 / torch.where(keep, sy, torch.ones_like(sy)),
                                         torch.zeros_like(sy))
-        slot = (slot + 1) % history
+        slot, filled = (slot + 1) % history, min(filled + 1, history)
         theta[active] = torch.where(ok[:, None], new_theta, theta_a)
         n_iter[active] += 1
         rel = (f - new_f) / torch.clamp(torch.maximum(f.abs(), new_f.abs()), min=1.0)
@@ -99,11 +102,15 @@ def minimize(fun: Objective, theta0: torch.Tensor, *, max_iter: int = 1000, tol:
     return Result(theta=theta, n_iter=n_iter, converged=converged, objective=final_f)
 
 
-def _two_loop(g, s_hist, y_hist, rho, slot: int, history: int) -> torch.Tensor:
-    """-H g for each member, from its (s, y) history, newest first (empty slots: rho = 0)."""
+def _two_loop(g, s_hist, y_hist, rho, slot: int, filled: int) -> torch.Tensor:
+    """-H g for each member, from its (s, y) history, newest first (slots a member skipped
+    have rho = 0 and no effect; never-written slots are not visited)."""
+    if not filled:
+        return -g
+    history = s_hist.shape[1]
     q = g.clone()
     alpha = torch.zeros(g.shape[0], history, dtype=g.dtype, device=g.device)
-    order = [(slot - 1 - i) % history for i in range(history)]  # newest to oldest
+    order = [(slot - 1 - i) % history for i in range(filled)]  # newest to oldest
     for j in order:
         a = rho[:, j] * (s_hist[:, j] * q).sum(1)
         alpha[:, j] = a

@@ -50,6 +50,14 @@ class _TorchHead(Head):
 
     backend = "torch"
 
+    def __init__(self, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4,
+                 device: str = "auto", dtype: str = "float32") -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.device = device
+        self.dtype = dtype
+
     def _torch_setup(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -144,7 +152,7 @@ class _TorchHead(Head):
         from featurekit.heads import _lbfgs
 
         y_index = np.searchsorted(classes, y)
-        batches = [list(range(len(Cs)))] if Xs.is_cuda else [[i] for i in range(len(Cs))]
+        batches = [list(range(len(Cs)))] if batch_on(Xs.device) else [[i] for i in range(len(Cs))]
         out: list[Any] = [None] * len(Cs)
         for members in batches:
             problem = _LinearProblem(Xs, y_index, classes.size, self._loss,
@@ -157,6 +165,11 @@ class _TorchHead(Head):
                 state = {"coef_": W[j].T.double().cpu().numpy(), "intercept_": b[j].double().cpu().numpy()}
                 out[i] = (state, int(res.n_iter[j]), bool(res.converged[j]))
         return out
+
+
+def batch_on(device) -> bool:
+    """Whether the C values of a selection are solved as one batch on this device (a GPU)."""
+    return torch.device(device).type == "cuda"
 
 
 def _tensor(X, device: str, dtype):
@@ -203,6 +216,7 @@ class _LinearProblem:
         self.n, self.d = X.shape
         self.k = 1 if n_classes == 2 else n_classes  # two classes: one column, as scikit-learn
         y = torch.as_tensor(y_index, device=X.device)
+        self.y_index = y[:, None, None]
         if loss == "squared_hinge":  # +1 for the column's class, -1 for the rest
             if self.k == 1:
                 self.Y = (y[:, None] == 1).to(X.dtype) * 2 - 1
@@ -236,12 +250,16 @@ class _LinearProblem:
             z = Z[..., 0]
             f = (torch.nn.functional.softplus(z) - self.Y * z).double().mean(0)
             G = (torch.sigmoid(z) - self.Y)[..., None] / n
-        else:  # multinomial
-            lse = torch.logsumexp(Z, dim=2)
-            f = (lse - (Z * self.Y[:, None, :]).sum(2)).double().mean(0)
-            G = (torch.softmax(Z, dim=2) - self.Y[:, None, :]) / n
+        else:  # multinomial: one exp for the log-sum-exp and the softmax
+            top = Z.amax(2, keepdim=True)
+            E = torch.exp(Z - top)
+            total = E.sum(2, keepdim=True)
+            lse = (top + torch.log(total))[..., 0]
+            f = (lse - Z.gather(2, self.y_index.expand(n, A, 1))[..., 0]).double().mean(0)
+            G = (E / total - self.Y[:, None, :]) / n
         reg = self.reg[members]
-        gW = (self.X.T @ G.reshape(n, A * k)).reshape(d, A, k).permute(1, 0, 2) + reg[:, None, None] * W
+        # X^T G as (G^T X)^T: a GEMM on the rows as stored (X.T's strided GEMM took twice as long)
+        gW = (G.reshape(n, A * k).T @ self.X).reshape(A, k, d).permute(0, 2, 1) + reg[:, None, None] * W
         gb = G.sum(0)
         penalty = (W * W).double().sum((1, 2))
         if self.loss == "squared_hinge":  # liblinear penalises the intercept too
@@ -257,14 +275,6 @@ class TorchLogisticHead(_TorchHead):
 
     _loss = "logistic"
 
-    def __init__(self, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4,
-                 device: str = "auto", dtype: str = "float32") -> None:
-        self.C = C
-        self.max_iter = max_iter
-        self.tol = tol
-        self.device = device
-        self.dtype = dtype
-
     def predict_proba(self, X):
         scores = self.decision_function(X)
         if scores.ndim == 1:
@@ -279,14 +289,6 @@ class TorchLinearSVCHead(_TorchHead):
     """Linear SVM, squared hinge, one-vs-rest, intercept penalised (liblinear's problem)."""
 
     _loss = "squared_hinge"
-
-    def __init__(self, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4,
-                 device: str = "auto", dtype: str = "float32") -> None:
-        self.C = C
-        self.max_iter = max_iter
-        self.tol = tol
-        self.device = device
-        self.dtype = dtype
 
 
 @register("nystroem", "torch")

@@ -80,7 +80,7 @@ class _TorchHead(Head):
         self.classes_ = classes
         for key, value in state.items():
             setattr(self, key, value)
-        self.n_iter_ = np.array([n_iter])
+        self.n_iter_ = np.atleast_1d(np.asarray(n_iter))
         self.converged_ = bool(converged)
 
     def fit_grid(self, X, y, grid: list[dict[str, Any]], folds, metric: Callable,
@@ -101,7 +101,7 @@ class _TorchHead(Head):
             tr, ho = (torch.as_tensor(np.asarray(i), device=device) for i in (train, held))
             held_rows = Xt[ho]
             for g, (state, _, converged) in enumerate(self._solve(Xt[tr], y[train], classes, grid, on_stop)):
-                scores[g, f] = metric(y[held], classes[_winners(self._decide(state, held_rows))])
+                scores[g, f] = metric(y[held], classes[self._predict_index(state, held_rows)])
                 if not converged:
                     failed.add(g)
         return scores, sorted(failed)
@@ -118,8 +118,13 @@ class _TorchHead(Head):
         return scores[:, 0] if scores.shape[1] == 1 else scores
 
     def predict(self, X):
-        scores = self.decision_function(X)
-        return self.classes_[_winners(scores[:, None] if scores.ndim == 1 else scores)]
+        X = self._checked(X)
+        device, dtype = self._torch_setup()
+        return self.classes_[self._predict_index(self.__dict__, _tensor(X, device, dtype))]
+
+    def _predict_index(self, state: dict[str, Any], X) -> np.ndarray:
+        """Class positions of rows ``X`` (a tensor) under a fitted ``state``."""
+        return _winners(self._decide(state, X))
 
     def _decide(self, state: dict[str, Any], X):
         """Decision values (n, k') of rows ``X`` (a tensor) under a fitted ``state``; one column
@@ -181,11 +186,12 @@ def _tensor(X, device: str, dtype):
     return torch.from_numpy(X).to(device=device, dtype=dtype)
 
 
-def _winners(scores):
-    """Class positions from decision values (n, k'): argmax, or the sign of a single column."""
+def _winners(scores) -> np.ndarray:
+    """Class positions from decision values (n, k'), a tensor: the argmax, or for one column
+    its sign (positive: the second class)."""
     if scores.shape[1] == 1:
-        return (scores[:, 0] > 0).long().cpu().numpy() if hasattr(scores, "cpu") else (scores[:, 0] > 0).astype(int)
-    return scores.argmax(1).cpu().numpy() if hasattr(scores, "cpu") else scores.argmax(1)
+        return (scores[:, 0] > 0).long().cpu().numpy()
+    return scores.argmax(1).cpu().numpy()
 
 
 def standardise(X):
@@ -366,3 +372,6 @@ def nystroem_map(components, gamma: float):
                         torch.zeros_like(lam))
     normalization = (Q * scale) @ Q.T
     return components, normalization.to(components.dtype)
+
+
+from featurekit.heads import _svm  # noqa: E402,F401  (registers the torch svm, built on this module)

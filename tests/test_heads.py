@@ -36,7 +36,7 @@ def test_expected_failures_are_sklearns_own():
         "check_class_weight_classifiers"}
 
 
-def test_registry_lists_and_refuses():
+def test_registry_lists_and_refuses(monkeypatch):
     assert featurekit.list_heads() == ["linearsvc", "logistic", "nystroem", "svm"]
     assert {"sklearn", "torch"} <= set(heads.list_backends())
     h = featurekit.create_head("svm", C=3.0)
@@ -45,8 +45,9 @@ def test_registry_lists_and_refuses():
         featurekit.create_head("forest")
     with pytest.raises(HeadError, match="unknown backend 'tpu'"):
         featurekit.create_head("svm", backend="tpu")
-    with pytest.raises(HeadError, match="head 'svm' has no 'torch' backend"):
-        featurekit.create_head("svm", backend="torch")
+    monkeypatch.setitem(heads._LOADED, "cuml", True)  # as if cuML worked: no cuML nystroem
+    with pytest.raises(HeadError, match="head 'nystroem' has no 'cuml' backend"):
+        featurekit.create_head("nystroem", backend="cuml")
     with pytest.raises(HeadError, match="bad parameters"):
         featurekit.create_head("logistic", gamma=1.0)
 

@@ -11,6 +11,9 @@ Settings:
   classes, and the digits cache of the demo (resnet18, ``--weights none``, 64 px). Every row
   runs its full selection (scikit-learn's point-by-point fits on every core through joblib,
   as ``featurekit fit`` does).
+* ``gpu-svm``: the same at 20,000 train / 4,000 test (the exact SVM's second setting);
+  ``gpu-100k``: one torch SVM fit on 100,000 x 2,048 (100 classes), kernel blocks held to
+  16 GiB: time and peak device memory (the memory-budget check).
 * ``gpu`` (an H100/H200): synthetic 50,000 train / 10,000 test x 2,048, 100 classes, no val
   (so 5-fold cross-validation). featurekit's torch rows run in full on CUDA. scikit-learn rows
   would take hours: three grid points (smallest, middle and largest C) are timed on the
@@ -24,6 +27,8 @@ Settings:
     python benchmarks/bench_heads.py                     # cpu setting
     python benchmarks/bench_heads.py --setting gpu       # on a CUDA machine
     python benchmarks/bench_heads.py --setting gpu --heads logistic --results /tmp/out
+    python benchmarks/bench_heads.py --setting gpu-svm --heads svm
+    python benchmarks/bench_heads.py --setting gpu-100k --heads svm --backends torch
 """
 
 from __future__ import annotations
@@ -46,7 +51,10 @@ sys.path.insert(0, str(HERE.parent))
 SETTINGS = {
     "cpu": {"synthetic": (5000, 1000, 1000, 512, 20), "digits": None},
     "gpu": {"synthetic": (50000, 0, 10000, 2048, 100)},
+    "gpu-svm": {"synthetic": (20000, 0, 4000, 2048, 100)},
+    "gpu-100k": {"synthetic": (100000, 0, 2000, 2048, 100)},  # one SVM fit: memory budget
 }
+SVM_100K_CACHE_MIB = 16384
 
 
 def dataset(name: str, setting: str):
@@ -132,6 +140,25 @@ def run_full(args) -> dict:
             "grid_points": len(rep["selection"]["grid"]),
             "not_converged": len(rep["selection"]["not_converged"]),
             "warnings": [str(w.message) for w in caught], **_memory(base, device)}
+
+
+def run_once(args) -> dict:
+    """One torch SVM fit at C = 1, gamma = "scale" on the 100,000-row setting, its kernel
+    blocks held to ``SVM_100K_CACHE_MIB``: time, peak device memory against that budget."""
+    from featurekit.fit import timed_fit, timed_predict
+    from featurekit.heads import create_head
+
+    X, y, _, _, Xt, yt = dataset(args.data, args.setting)
+    est = create_head("svm", "torch", device=args.device, cache_size=SVM_100K_CACHE_MIB)
+    device = _warm(args)
+    _reset_peak()
+    base = _status_kib("VmRSS")
+    fit_s = timed_fit(est, X, y)
+    pred, predict_s = timed_predict(est, Xt)
+    return {"mode": "once", "params": {"C": 1.0, "gamma": "scale"}, "fit_seconds": fit_s,
+            "predict_seconds": predict_s, "accuracy": float(np.mean(pred == yt)),
+            "cache_mib": SVM_100K_CACHE_MIB, "support_vectors": int(len(est.support_)),
+            **_memory(base, device)}
 
 
 def run_sampled(args) -> dict:
@@ -231,8 +258,11 @@ def rows_for(setting: str, heads: list[str], backends: list[str]) -> list[dict]:
                     plan.append({**row, "status": f"skipped: {backend} is not available here"})
                 elif (head, backend) not in _REGISTRY:
                     plan.append({**row, "status": f"skipped: no {backend} {head}"})
+                elif setting == "gpu-100k":
+                    if (head, backend) == ("svm", "torch"):
+                        plan.append({**row, "status": "planned", "mode": "once"})
                 else:
-                    sampled = setting == "gpu" and backend != "torch"
+                    sampled = setting.startswith("gpu") and backend != "torch"
                     plan.append({**row, "status": "planned", "mode": "extrapolated" if sampled else "full"})
     return plan
 
@@ -278,14 +308,14 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="device of the torch rows")
     ap.add_argument("--budget", type=float, default=120.0, help="seconds per scikit-learn fit in the gpu setting")
     ap.add_argument("--results", type=Path, default=HERE / "results", help="folder for the JSON")
-    ap.add_argument("--one", choices=["full", "extrapolated"], help=argparse.SUPPRESS)
+    ap.add_argument("--one", choices=["full", "extrapolated", "once"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--head", help=argparse.SUPPRESS)
     ap.add_argument("--backend", help=argparse.SUPPRESS)
     ap.add_argument("--params", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        out = run_full(args) if args.one == "full" else run_sampled(args)
+        out = {"full": run_full, "extrapolated": run_sampled, "once": run_once}[args.one](args)
         if args.backend == "torch":
             from featurekit.heads._torch import resolve_device
 

@@ -130,3 +130,24 @@ def test_rbf_cross_matches_scikit_learn():
     A, B = rng.normal(size=(50, 7)), rng.normal(size=(30, 7))
     ours = rbf_cross(torch.tensor(A), torch.tensor(B), 0.3, chunk=16).numpy()
     assert np.allclose(ours, rbf_kernel(A, B, gamma=0.3))
+
+
+def test_kernel_blocks_and_decisions_in_chunks_equal_whole():
+    """Blocks are built a few pairs at a time and decisions a few rows at a time (memory):
+    the same numbers as at once."""
+    import torch
+
+    from featurekit.heads._svm import rbf_blocks
+
+    rng = np.random.default_rng(0)
+    X = torch.tensor(rng.normal(size=(60, 5)))
+    rows = torch.tensor(rng.integers(0, 60, size=(4, 9)))
+    sq = (X * X).sum(1)[rows]
+    whole, pieces = rbf_blocks(X, rows, sq, 0.2), rbf_blocks(X, rows, sq, 0.2, chunk_bytes=1)
+    assert torch.equal(whole, pieces)
+    ref = np.exp(-0.2 * ((X[rows][:, :, None] - X[rows][:, None]) ** 2).sum(-1).numpy())
+    assert np.allclose(whole.numpy(), ref, atol=1e-6)
+    Xc, yc = make_classification(300, 10, n_classes=3, n_informative=5, random_state=0)
+    head = TorchSVMHead(dtype="float64").fit(Xc, yc)
+    Xt = torch.tensor(Xc)
+    assert torch.allclose(head._decide(head.__dict__, Xt, chunk=7), head._decide(head.__dict__, Xt))

@@ -133,10 +133,10 @@ class _Batch:
         self.C = torch.tensor(Cs, dtype=torch.float64, device=dev).repeat(self.P)[:, None]
         self.pair_of = torch.arange(self.P, device=dev).repeat_interleave(self.nC)
         self.gamma = gamma
-        Xp = X[rows]  # (P, m, d); padding repeats row 0 and is masked out by ``valid``
-        self.sq = (Xp * Xp).sum(2)
-        self.blocks = rbf_blocks(Xp, self.sq, gamma) if blocks else None
-        self.Xp = None if blocks else Xp
+        sq = (X * X).sum(1)
+        self.sq = sq[rows]  # padding repeats row 0 and is masked out by ``valid``
+        self.blocks = rbf_blocks(X, rows, self.sq, gamma) if blocks else None
+        self.Xp = None if blocks else X[rows]  # (P, m, d) for the rows computed per step
         self.alpha = torch.zeros(self.S, self.m, dtype=torch.float64, device=dev)
         self.G = torch.where(self.valid, -1.0, 0.0).to(torch.float64)  # Qa - e at a = 0
 
@@ -171,10 +171,19 @@ class _Batch:
         return (0.5 * torch.where(self.valid, self.alpha * (self.G - 1), 0.0).sum(1)).cpu().numpy()
 
 
-def rbf_blocks(Xp, sq, gamma: float):
-    """exp(-gamma |x_s - x_t|^2) within each pair: (P, m, m), float32 like libsvm's Qfloat."""
-    d2 = sq[:, :, None] + sq[:, None, :] - 2 * torch.bmm(Xp, Xp.transpose(1, 2))
-    return torch.exp(-gamma * torch.clamp(d2, min=0)).float()
+def rbf_blocks(X, rows, sq, gamma: float, chunk_bytes: int = 64 << 20):
+    """exp(-gamma |x_s - x_t|^2) within each pair's ``rows`` (P, m): (P, m, m), float32 like
+    libsvm's Qfloat. Built a few pairs at a time, so that the pairs' feature rows (m x d each)
+    never all sit in memory beside the blocks."""
+    P, m = rows.shape
+    out = torch.empty(P, m, m, dtype=torch.float32, device=X.device)
+    step = max(1, chunk_bytes // max(1, m * X.shape[1] * X.element_size()))
+    for s in range(0, P, step):
+        Xp = X[rows[s:s + step]]
+        q = sq[s:s + step]
+        d2 = q[:, :, None] + q[:, None, :] - 2 * torch.bmm(Xp, Xp.transpose(1, 2))
+        out[s:s + step] = torch.exp(-gamma * torch.clamp(d2, min=0))
+    return out
 
 
 def _last(values, largest: bool):
@@ -331,20 +340,24 @@ class TorchSVMHead(_TorchHead):
                 out[i] = (state, np.array([s.n_iter for s in sols]), all(s.converged for s in sols))
         return out
 
-    def _decide(self, state: dict[str, Any], X):
-        """libsvm's decision values (n, n_pairs): positive votes for the pair's first class."""
-        Xs = self._features(state, X)
+    def _decide(self, state: dict[str, Any], X, chunk: int = 4096):
+        """libsvm's decision values (n, n_pairs), positive for the pair's first class; rows in
+        chunks, so that the kernel against the support vectors stays chunk x n_SV."""
         sv = torch.as_tensor(state["support_vectors_"], device=X.device, dtype=X.dtype)
-        K = rbf_cross(Xs, sv, state["gamma_"]).double()
         coef = torch.as_tensor(state["dual_coef_"], device=X.device, dtype=torch.float64)
+        intercept = torch.as_tensor(state["intercept_"], device=X.device, dtype=torch.float64)
         n_support = [int(v) for v in state["n_support_"]]
         starts = np.concatenate([[0], np.cumsum(n_support)])
         k = len(n_support)
-        # contribution of class c's vectors to each of its k-1 pairs: (n, k-1)
-        part = [K[:, starts[c]:starts[c + 1]] @ coef[:, starts[c]:starts[c + 1]].T for c in range(k)]
-        cols = [part[a][:, b - 1] + part[b][:, a] for a in range(k) for b in range(a + 1, k)]
-        intercept = torch.as_tensor(state["intercept_"], device=X.device, dtype=torch.float64)
-        return torch.stack(cols, dim=1) + intercept
+        out = []
+        for s in range(0, X.shape[0], chunk):
+            K = rbf_cross(self._features(state, X[s:s + chunk]), sv, state["gamma_"]).double()
+            # contribution of class c's vectors to each of its k - 1 pairs: (rows, k - 1)
+            part = [K[:, starts[c]:starts[c + 1]] @ coef[:, starts[c]:starts[c + 1]].T
+                    for c in range(k)]
+            cols = [part[a][:, b - 1] + part[b][:, a] for a in range(k) for b in range(a + 1, k)]
+            out.append(torch.stack(cols, dim=1) + intercept)
+        return torch.cat(out) if out else X.new_zeros(0, len(intercept), dtype=torch.float64)
 
     def _predict_index(self, state: dict[str, Any], X) -> np.ndarray:
         """libsvm's vote: each pair's winner gets one; ties go to the lower class."""

@@ -33,7 +33,8 @@ from featurekit.errors import CacheError, OutputError
 
 FORMAT = "featurekit-cache"
 FORMAT_VERSION = 1
-JSON_ATTRS = ("layers", "preprocess", "classes", "source", "zero_fraction", "zero_counts", "options")
+JSON_ATTRS = ("layers", "preprocess", "classes", "source", "zero_fraction", "zero_counts", "options",
+              "shard", "shards")
 _STR = None  # h5py string dtype, made on first use
 
 
@@ -616,6 +617,10 @@ def _validate(p: Path, f: Any, allow_incomplete: bool) -> dict[str, Any]:
     import h5py
 
     attrs = _root_attrs(p, f)
+    if attrs.get("layout") == "sharded":  # its row data live in the shards: they must be there
+        from featurekit.shards import check
+
+        check(p, attrs)
     for key in ("classes", "layers", "model"):
         if key not in attrs:
             raise CacheError(f"{p} lacks the {key!r} attribute")

@@ -180,6 +180,10 @@ def extract(
         test_fraction=test_fraction, overwrite=overwrite, resume=resume,
         commit_seconds=commit_seconds, progress=progress, log=_err,
     )
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return
     if json_out:
         _print_json(summary.to_dict())
         return
@@ -278,6 +282,23 @@ def _render_info(s: dict[str, Any]) -> None:
             console.print(f"skipped [{split}] {item['path']}: {item['reason']}", markup=False)
         if len(d["skipped"]) > 20:
             console.print(f"… and {len(d['skipped']) - 20} more in {split} (see --json)")
+
+
+@app.command()
+@_handles_errors
+def pack(
+    cache: Path = typer.Argument(..., help="A featurekit cache, sharded or not."),
+    out: Path = typer.Option(..., "--out", "-o", help="The single-file cache to write."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output."),
+) -> None:
+    """Copy a cache (e.g. the logical cache of a sharded extraction) into one ordinary file.
+
+    Example: featurekit pack birds.h5 --out birds-one.h5
+    """
+    from featurekit.shards import pack as run
+
+    written = run(cache, out, overwrite=overwrite)
+    _err(f"packed {cache} -> {written}")
 
 
 # --------------------------------------------------------------------------- heads

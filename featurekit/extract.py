@@ -103,10 +103,14 @@ def check_output_folder(out: str | os.PathLike[str], names: list[str], overwrite
     return folder
 
 
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers(device: str) -> int:
     """Decoding workers: one per core on a GPU machine (cap 16); on the CPU the forward pass
     already uses every core, so one worker overlaps decoding with compute."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = _cpus()
     if device.startswith("cuda"):
         return max(1, min(16, cpus))
     return 1 if cpus > 1 else 0
@@ -137,6 +141,8 @@ class _Plan:
     resume: bool
     overwrite: bool
     commit_seconds: float
+
+    dist: Any = None  # featurekit._dist.Dist: this process under torchrun (or world 1)
 
     @property
     def on_cuda(self) -> bool:
@@ -188,9 +194,20 @@ def extract(
         out=str(plan.out_path), model=backbone.name, weights=backbone.weights, device=plan.device,
         precision=plan.precision, layers=dims,
     )
-    writer = _open_writer(plan, options, attrs, summary.layers, log)
+    if plan.dist.world > 1:
+        return _extract_sharded(plan, backbone, net, options, attrs, summary, progress, log)
+    seconds, seen = _write(plan, backbone, net, options, attrs, summary, plan.out_path,
+                           progress, log)
+    return _summarise(summary, plan.out_path, seconds, seen)
+
+
+def _write(plan: _Plan, backbone, net, options, attrs, summary: ExtractSummary, path: Path,
+           progress: bool, log, shard: dict[str, Any] | None = None) -> tuple[float, int]:
+    """One cache file (the output, or this rank's shard): opened or resumed, the pass, the
+    finish; (seconds, images read)."""
+    writer = _open_writer(plan, path, options, attrs, summary.layers, log, shard)
     if writer == "complete":
-        return _summarise(summary, plan.out_path, 0.0, 0)
+        return 0.0, 0
     started = time.perf_counter()
     try:
         with writer:
@@ -202,9 +219,41 @@ def extract(
         raise
     except OSError as exc:  # the writer reports its own failures as OutputError already
         raise OutputError(
-            f"writing {plan.out_path} failed: {exc}; the partial cache is marked incomplete"
+            f"writing {path} failed: {exc}; the partial cache is marked incomplete"
         ) from None
-    return _summarise(summary, plan.out_path, time.perf_counter() - started, seen)
+    return time.perf_counter() - started, seen
+
+
+def _extract_sharded(plan: _Plan, backbone, net, options, attrs, summary: ExtractSummary,
+                     progress: bool, log) -> ExtractSummary:
+    """Under torchrun: this rank writes its shard (a contiguous run of whole batches of every
+    split, resumable like any cache); rank 0 then writes the logical cache over the shards."""
+    import dataclasses
+
+    from featurekit import _dist, shards
+    from featurekit.cache import read_header
+
+    d, out = plan.dist, plan.out_path
+    done = _dist.decide(d, lambda: bool(plan.resume and out.exists() and read_header(out).get("complete")))
+    if done:
+        if d.main:
+            log(f"{out} is already complete; nothing to do")
+        return _summarise(summary, out, 0.0, 0) if d.main else summary
+    ranges = shards.rank_ranges({k: len(v) for k, v in plan.src.splits.items()}, plan.batch_size, d.world)
+    mine = ranges[d.rank]
+    src = dataclasses.replace(plan.src, splits={k: v[mine[k][0]:mine[k][1]] for k, v in plan.src.splits.items()})
+    path = shards.shard_path(out, d.rank, d.world)
+    if d.main:
+        shards.shard_dir(out).mkdir(parents=True, exist_ok=True)
+    _dist.barrier(d)
+    check_output(path, plan.overwrite or plan.resume)
+    seconds, seen = _write(dataclasses.replace(plan, src=src), backbone, net, options, attrs,
+                           summary, path, progress and d.main, log,
+                           shard=shards.identity(d.rank, d.world, mine))
+    _dist.barrier(d)  # every shard complete
+    _dist.decide(d, lambda: shards.finalise(out, d.world, options, attrs, ranges))
+    seen = int(_dist.all_sum([float(seen)], d, "cpu" if not plan.on_cuda else plan.device)[0])
+    return _summarise(summary, out if d.main else path, seconds, seen)
 
 
 def _plan(source, out, *, model, weights, layers, pool, image_size, batch_size, workers, device,
@@ -230,11 +279,13 @@ def _plan(source, out, *, model, weights, layers, pool, image_size, batch_size, 
         ("--commit-seconds", opt.COMMIT_SECONDS, commit_seconds),
     ):
         rng.check(name, value)
-    dev = resolve_device(device)
+    from featurekit import _dist
+
+    dist_info, dev = _dist.init(resolve_device(device))  # under torchrun: this rank's GPU
     prec = resolve_precision(precision, dev)
     decode = _resolve_decode(decode, dev, log)
     batch_size = batch_size or (256 if dev.startswith("cuda") else 64)  # CPU gains nothing past 64
-    workers = default_workers(dev) if workers is None else workers
+    workers = _share_cores(dev, dist_info) if workers is None else workers
     out_path = check_output(out, overwrite or resume)
     spec = models.resolve_weights(weights)
     size = models.preprocess_for(model, spec, image_size).crop_size
@@ -246,7 +297,19 @@ def _plan(source, out, *, model, weights, layers, pool, image_size, batch_size, 
                  image_size=image_size, batch_size=batch_size, workers=workers, device=dev,
                  precision=prec, dtype=dtype, decode=decode, compile=compile, seed=seed,
                  val_fraction=val_fraction, test_fraction=test_fraction, resume=resume,
-                 overwrite=overwrite, commit_seconds=commit_seconds)
+                 overwrite=overwrite, commit_seconds=commit_seconds, dist=dist_info)
+
+
+def _share_cores(dev: str, dist_info) -> int:
+    """Decoding workers, and on the CPU torch threads, for this process: the host's cores
+    shared by the ranks torchrun started on it (LOCAL_WORLD_SIZE)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist_info.world > 1 else 1
+    if local > 1 and not dev.startswith("cuda"):
+        import torch
+
+        torch.set_num_threads(max(1, _cpus() // local))
+    workers = default_workers(dev)
+    return max(min(workers, 1), workers // local)
 
 
 def _resolve_decode(decode: str, dev: str, log) -> str:
@@ -323,18 +386,21 @@ def _records(plan: _Plan, backbone) -> tuple[dict[str, Any], dict[str, Any]]:
     return options, attrs
 
 
-def _open_writer(plan: _Plan, options, attrs, dims, log):
-    """A writer positioned after the last commit (``--resume``), a new one, or "complete"."""
+def _open_writer(plan: _Plan, path: Path, options, attrs, dims, log, shard=None):
+    """A writer positioned after the last commit (``--resume``), a new one, or "complete".
+    ``shard``: this rank's identity, recorded in (and, on resume, compared with) the file."""
     from featurekit.cache import CacheWriter
 
-    writer = _resumable(plan.out_path, options, plan.commit_seconds, log) if plan.resume else None
+    writer = _resumable(path, options, plan.commit_seconds, log, shard) if plan.resume else None
     if writer is not None:
         return writer
+    if shard is not None:
+        attrs = {**attrs, "shard": shard}
     try:  # written under a temporary name, renamed over the output once its header is on disk
-        return CacheWriter(plan.out_path, attrs, {s: len(v) for s, v in plan.src.splits.items()},
+        return CacheWriter(path, attrs, {s: len(v) for s, v in plan.src.splits.items()},
                            dims, plan.dtype, commit_seconds=plan.commit_seconds)
     except OSError as exc:
-        raise OutputError(f"cannot create {plan.out_path}: {exc}") from None
+        raise OutputError(f"cannot create {path}: {exc}") from None
 
 
 def _restore_zero_counts(plan: _Plan, net, done) -> None:
@@ -427,10 +493,12 @@ def _run_pass(plan: _Plan, backbone, net, writer, summary: ExtractSummary, progr
     return seen
 
 
-def _resumable(out_path: Path, options: dict[str, Any], commit_seconds: float, log):
+def _resumable(out_path: Path, options: dict[str, Any], commit_seconds: float, log,
+               shard: dict[str, Any] | None = None):
     """For --resume: a writer positioned after the last commit, "complete", or None (no output
     yet). Whatever else is at ``out_path`` is refused, and left byte-identical: the checks read
-    the file read-only before it is opened for writing."""
+    the file read-only before it is opened for writing. A shard must also be this rank's slice
+    of a run with as many ranks."""
     from featurekit.cache import CacheWriter, read_header
 
     if not out_path.exists():
@@ -450,8 +518,15 @@ def _resumable(out_path: Path, options: dict[str, Any], commit_seconds: float, l
             f"--resume: {out_path} was made from another source or options (different "
             f"{', '.join(keys)}); use the same ones, or --overwrite to start over"
         )
+    recorded_shard = header.get("shard") or {}
+    if shard is not None and any(recorded_shard.get(k) != shard[k] for k in ("rank", "world", "ranges")):
+        raise FeaturekitError(
+            f"--resume: {out_path} is a shard of a run with {recorded_shard.get('world')} "
+            f"processes; resume with as many (--nproc_per_node x nodes), or --overwrite"
+        )
     if header.get("complete"):
-        log(f"{out_path} is already complete; nothing to do")
+        if shard is None:
+            log(f"{out_path} is already complete; nothing to do")
         return "complete"
     try:
         return CacheWriter.reopen(out_path, commit_seconds=commit_seconds)

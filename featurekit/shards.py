@@ -1,0 +1,267 @@
+"""Sharded caches: the output of an extraction under torchrun, one logical cache over shards.
+
+Each of W ranks writes an ordinary, resumable featurekit cache of a contiguous slice of every
+split (``CACHE.h5.shards/RRRRR-of-WWWWW.h5``), cut on batch boundaries so that the ranks
+together compute exactly the batches one process would. Rank 0 then checks every shard and
+writes ``CACHE.h5``: the same groups, attributes and datasets as a single-process cache, its
+row datasets (labels, paths, file_stat, features) HDF5 *virtual datasets* over the shards
+(paths relative to the cache, so the folder can move), the short skipped lists copied.
+Nothing is copied from the features: a million-image run is finalised in seconds.
+
+HDF5 reads a virtual dataset whose source file is missing as fill values, without an error,
+so every reader (:func:`featurekit.cache.open_cache`) checks that each shard is there, with
+the identity (a random id the shard records) and size the cache recorded, and refuses with one
+line. A reader needs
+HDF5 1.10 or newer (h5py 2.9+); :func:`pack` copies any cache into one ordinary file.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurekit.errors import CacheError, OutputError
+
+LAYOUT = "sharded"
+
+
+def shard_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".shards")
+
+
+def shard_path(out: Path, rank: int, world: int) -> Path:
+    return shard_dir(out) / f"{rank:05d}-of-{world:05d}.h5"
+
+
+def rank_ranges(split_sizes: dict[str, int], batch_size: int, world: int) -> list[dict[str, list[int]]]:
+    """Per rank, [start, end) of each split in source order: whole batches of the
+    single-process run, as evenly as they go (the last ranks may get none)."""
+    out: list[dict[str, list[int]]] = [{} for _ in range(world)]
+    for split, n in split_sizes.items():
+        batches = -(-n // batch_size)
+        for r in range(world):
+            lo, hi = batches * r // world, batches * (r + 1) // world
+            out[r][split] = [min(n, lo * batch_size), min(n, hi * batch_size)]
+    return out
+
+
+def identity(rank: int, world: int, ranges: dict[str, list[int]]) -> dict[str, Any]:
+    """What a shard records about itself (``shard`` root attribute); ``uuid`` tells a reader
+    that the file is still the one the logical cache was made from."""
+    return {"rank": rank, "world": world, "ranges": ranges, "uuid": uuid.uuid4().hex}
+
+
+def finalise(out: Path, world: int, expected_options: dict[str, Any], attrs: dict[str, Any],
+             ranges: list[dict[str, list[int]]]) -> None:
+    """Check every shard, then write the logical cache ``out`` (temporary name, then rename)."""
+    import h5py
+
+    from featurekit.cache import FORMAT, FORMAT_VERSION, _attr, read_header
+
+    headers, files = [], []
+    for r in range(world):
+        p = shard_path(out, r, world)
+        if not p.exists():
+            raise CacheError(f"shard {p} is missing; every rank must write into a folder rank 0 "
+                             "can read (a shared file system), then extract --resume")
+        h = read_header(p)
+        shard = h.get("shard") or {}
+        if h.get("options") != expected_options or shard.get("world") != world \
+                or shard.get("rank") != r or shard.get("ranges") != ranges[r]:
+            raise CacheError(f"shard {p} belongs to another run (other options or ranks); "
+                             "re-run with --overwrite")
+        if not h.get("complete"):
+            raise CacheError(f"shard {p} is incomplete; re-run extract with --resume")
+        headers.append(h)
+        files.append(p)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w", libver=("v110", "v110")) as f:
+            _write_logical(f, out, files, headers, attrs)
+            f.attrs["format"], f.attrs["format_version"] = FORMAT, FORMAT_VERSION
+            for key, value in attrs.items():
+                f.attrs[key] = _attr(key, value)
+            f.attrs["layout"] = LAYOUT
+            f.attrs["shards"] = _attr("shards", [_record(out, p, h) for p, h in zip(files, headers)])
+            counts, fractions = _zero_totals(headers)
+            f.attrs["zero_counts"] = _attr("zero_counts", counts)
+            f.attrs["zero_fraction"] = _attr("zero_fraction", fractions)
+            f.flush()
+            f.attrs["complete"] = True
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _record(out: Path, p: Path, header: dict[str, Any]) -> dict[str, Any]:
+    return {"path": os.path.relpath(p, out.parent), "uuid": header["shard"]["uuid"],
+            "size": p.stat().st_size}
+
+
+def _zero_totals(headers: list[dict[str, Any]]) -> tuple[dict, dict]:
+    """Running zero counts summed over the shards, and the fractions from them."""
+    totals: dict[str, list[int]] = {}
+    for h in headers:
+        for layer, (zeros, total) in (h.get("zero_counts") or {}).items():
+            acc = totals.setdefault(layer, [0, 0])
+            acc[0], acc[1] = acc[0] + int(zeros), acc[1] + int(total)
+    fractions = {k: (z / t if t else float("nan")) for k, (z, t) in totals.items()}
+    return totals, fractions
+
+
+def _write_logical(f, out: Path, files: list[Path], headers, attrs) -> None:
+    """Split groups of the logical cache: row datasets virtual over the shards, skipped lists
+    copied, counters summed."""
+    from featurekit.cache import _str_dtype
+
+    with _open_all(files) as shards:
+        for split in shards[0]:
+            g = f.create_group(split)
+            parts = [s[split] for s in shards]
+            rows = [int(p.attrs["rows"]) for p in parts]
+            g.attrs["rows"] = sum(rows)
+            g.attrs["n_skipped"] = sum(int(p.attrs.get("n_skipped", 0)) for p in parts)
+            g.attrs["n_source"] = int(headers[0]["options"]["split_sizes"][split])
+            g.attrs["next_index"] = g.attrs["n_source"]
+            for name in ("labels", "paths", "file_stat"):
+                _virtual(g, name, out, files, parts, rows, split)
+            fg = g.create_group("features")
+            for layer in parts[0]["features"]:
+                _virtual(fg, layer, out, files, [p["features"] for p in parts], rows,
+                         f"{split}/features")
+            sg = g.create_group("skipped")
+            for name in ("path", "reason"):
+                values = [v for p in parts for v in p["skipped"][name][()]]
+                sg.create_dataset(name, data=np.array(values, dtype=object), dtype=_str_dtype(),
+                                  maxshape=(None,), chunks=(256,))
+
+
+def _virtual(group, name: str, out: Path, files: list[Path], parts, rows: list[int], where: str) -> None:
+    import h5py
+
+    first = parts[0][name]
+    shape = (sum(rows), *first.shape[1:])
+    layout = h5py.VirtualLayout(shape=shape, dtype=first.dtype)
+    start = 0
+    for p, part, n in zip(files, parts, rows):
+        if n:
+            src = h5py.VirtualSource(os.path.relpath(p, out.parent), f"{where}/{name}",
+                                     shape=part[name].shape, dtype=first.dtype)
+            layout[start:start + n] = src[:n]
+        start += n
+    group.create_virtual_dataset(name, layout, fillvalue=_fill(first.dtype))
+
+
+def _fill(dtype):
+    if dtype.kind == "f":
+        return np.nan
+    if dtype.kind in "iu":
+        return -1
+    return None
+
+
+class _open_all:
+    """Open shard files read-only together (closed on exit)."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+
+    def __enter__(self):
+        import h5py
+
+        self.handles = []
+        for p in self.files:
+            self.handles.append(h5py.File(p, "r"))
+        return self.handles
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.close()
+
+
+def check(path: Path, attrs: dict[str, Any]) -> None:
+    """For readers of a sharded cache: every shard where the cache recorded it, the same file
+    (its identity and size; a copy that keeps both, e.g. of the whole folder, is fine)."""
+    from featurekit.cache import read_header
+
+    records = attrs.get("shards")
+    if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+        raise CacheError(f"{path} is a sharded cache that lists no shards")
+    for rec in records:
+        p = path.parent / str(rec.get("path"))
+        try:
+            size = p.stat().st_size
+        except OSError:
+            raise CacheError(f"{path}: its shard {p} is missing; restore it (the cache reads "
+                             "its rows from it), or re-run extract") from None
+        try:
+            same = (read_header(p).get("shard") or {}).get("uuid") == rec.get("uuid")
+        except CacheError:
+            same = False
+        if not same or size != rec.get("size"):
+            raise CacheError(f"{path}: its shard {p} was changed or replaced since the cache "
+                             "was made; restore it, or re-run extract")
+
+
+def pack(src: Path, out: Path, *, overwrite: bool = False, log=None) -> Path:
+    """Copy any cache (sharded or not) into one ordinary file: the same groups, attributes and
+    data, in HDF5's 1.8 format, under a temporary name and renamed when complete."""
+    import h5py
+
+    from featurekit.cache import open_cache
+    from featurekit.extract import check_output
+
+    out = check_output(out, overwrite)
+    if src.resolve() == out.resolve():
+        raise OutputError("pack: --out is the cache itself; give another file")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    with open_cache(src) as cache:
+        f_in = cache._f
+        try:
+            with h5py.File(tmp, "w", libver=("v108", "v108")) as f:
+                for key, value in f_in.attrs.items():
+                    if key not in ("layout", "shards", "complete"):
+                        f.attrs[key] = value
+                f.attrs["complete"] = False
+                for split in f_in:
+                    _copy_split(f_in[split], f.create_group(split))
+                f.flush()
+                f.attrs["complete"] = True
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return out
+
+
+def _copy_split(g_in, g, block: int = 8192) -> None:
+    """A split group's attributes and datasets, read in row blocks (virtual or not), written
+    with featurekit's usual chunking."""
+    from featurekit.cache import _chunk_rows
+
+    for key, value in g_in.attrs.items():
+        g.attrs[key] = value
+    for name, ds in _walk(g_in):
+        target = g.require_group(os.path.dirname(name)) if "/" in name else g
+        n = ds.shape[0]
+        rows = _chunk_rows(ds.shape[1], ds.dtype.itemsize) if ds.ndim == 2 else 8192
+        out = target.create_dataset(os.path.basename(name), shape=ds.shape, dtype=ds.dtype,
+                                    maxshape=(None, *ds.shape[1:]),
+                                    chunks=(max(1, min(n, rows)), *ds.shape[1:]))
+        for start in range(0, n, block):
+            out[start:start + block] = ds[start:start + block]
+
+
+def _walk(group, prefix: str = ""):
+    import h5py
+
+    for key, item in group.items():
+        if isinstance(item, h5py.Dataset):
+            yield prefix + key, item
+        else:
+            yield from _walk(item, prefix + key + "/")

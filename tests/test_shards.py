@@ -1,0 +1,157 @@
+"""Sharded extraction under torchrun (gloo, two ranks on this CPU): one logical cache equal to a
+single-process run, pack, resume after a rank is killed, readers refusing a missing shard."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from featurekit.cache import open_cache
+from tests.conftest import invoke, make_image
+
+ARGS = ["--model", "resnet18", "--weights", "none", "--image-size", "64", "--device", "cpu",
+        "--batch-size", "8", "--workers", "0", "--no-progress", "--commit-seconds", "0",
+        "--layers", "penultimate,layer2"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(2)
+    root = tmp_path_factory.mktemp("sh") / "imgs"
+    for i in range(160):
+        make_image(root / f"class{i % 4}" / f"{i:04d}.jpg", rng, size=(40, 36))
+    for i in (5, 77, 141):  # undecodable files: skipped lists must match too
+        (root / f"class{i % 4}" / f"{i:04d}.jpg").write_bytes(b"\xff\xd8\xff broken")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(folder, tmp_path_factory) -> Path:
+    ref = tmp_path_factory.mktemp("ref") / "ref.h5"
+    r = subprocess.run([sys.executable, "-m", "featurekit", "extract", str(folder), "--out",
+                        str(ref), *ARGS], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return ref
+
+
+def torchrun(args, nproc: int = 2) -> subprocess.Popen:
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+         "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "featurekit", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def same_rows(a: Path, b: Path) -> None:
+    """Labels, paths, file stats, features and skipped lists bitwise equal, per split."""
+    with open_cache(a) as ca, open_cache(b) as cb:
+        assert ca.splits == cb.splits and ca.layers == cb.layers and ca.classes == cb.classes
+        assert ca.attrs["options"] == cb.attrs["options"]
+        assert ca.attrs["zero_counts"] == cb.attrs["zero_counts"]
+        for s in ca.splits:
+            assert np.array_equal(ca.labels(s), cb.labels(s))
+            assert ca.paths(s) == cb.paths(s) and ca.skipped(s) == cb.skipped(s)
+            assert np.array_equal(ca.file_stats(s), cb.file_stats(s))
+            for layer in ca.layers:
+                x, y = ca.features(s, layer), cb.features(s, layer)
+                assert x.dtype == y.dtype and np.array_equal(x, y), (s, layer)
+
+
+def test_two_ranks_make_the_single_process_cache(folder, reference, tmp_path, runner):
+    out = tmp_path / "sharded.h5"
+    p = torchrun(["extract", folder, "--out", out, *ARGS])
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    assert stderr.count("extracted 157 images (3 skipped") == 1  # rank 0 alone reports
+    assert sorted(x.name for x in (tmp_path / "sharded.h5.shards").iterdir()) == [
+        "00000-of-00002.h5", "00001-of-00002.h5"]
+    with h5py.File(out, "r") as f:
+        assert f.attrs["layout"] == "sharded"
+        assert f["train/features/penultimate"].is_virtual
+    same_rows(reference, out)
+    # the folder moves: shard paths are relative to the cache
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    os.rename(out, moved / out.name)
+    os.rename(tmp_path / "sharded.h5.shards", moved / "sharded.h5.shards")
+    same_rows(reference, moved / out.name)
+    # pack: one ordinary file, the same rows, no shard needed any more
+    packed = tmp_path / "one.h5"
+    r = invoke(runner, "pack", moved / out.name, "--out", packed)
+    assert r.exit_code == 0, r.stderr
+    with h5py.File(packed, "r") as f:
+        assert "layout" not in f.attrs and not f["train/features/penultimate"].is_virtual
+    same_rows(reference, packed)
+    r = invoke(runner, "fit", moved / out.name, "--head", "logistic", "--backend", "torch",
+               "--out", tmp_path / "h.skops", "--json")
+    assert r.exit_code == 0, r.stderr
+    r = invoke(runner, "predict", tmp_path / "h.skops", packed, "--out", tmp_path / "p.csv")
+    assert r.exit_code == 0, r.stderr  # a head fitted on the sharded cache predicts the packed one
+
+
+@pytest.mark.parametrize("damage", ["delete", "replace", "truncate"])
+def test_every_reader_refuses_a_missing_or_changed_shard(folder, tmp_path, runner, damage):
+    out = tmp_path / "c.h5"
+    p = torchrun(["extract", folder, "--out", out, *ARGS])
+    assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+    shard = tmp_path / "c.h5.shards" / "00001-of-00002.h5"
+    invoke(runner, "fit", out, "--head", "logistic", "--C", "1", "--backend", "torch",
+           "--out", tmp_path / "h.skops")
+    if damage == "delete":
+        shard.unlink()
+    elif damage == "replace":  # another run's shard of the same name
+        shard.write_bytes((tmp_path / "c.h5.shards" / "00000-of-00002.h5").read_bytes())
+    else:
+        shard.write_bytes(shard.read_bytes()[:5000])
+    needle = "missing" if damage == "delete" else "changed or replaced"
+    for args in (["info", out], ["fit", out, "--head", "logistic", "--out", tmp_path / "h2.skops"],
+                 ["bench", out], ["predict", tmp_path / "h.skops", out, "--out", tmp_path / "p.csv"],
+                 ["pack", out, "--out", tmp_path / "one.h5"]):
+        r = invoke(runner, *args)
+        assert r.exit_code == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, lines
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(x) for x in (task / "children").read_text().split()]
+    return kids
+
+
+def test_a_killed_rank_resumes_to_the_single_process_cache(folder, reference, tmp_path):
+    out = tmp_path / "k.h5"
+    shard = tmp_path / "k.h5.shards" / "00001-of-00002.h5"
+    p = torchrun(["extract", folder, "--out", out, *ARGS])
+    deadline, first = time.monotonic() + 240, None
+    while p.poll() is None and time.monotonic() < deadline:  # a commit of rank 1, then kill it
+        if shard.exists():
+            first = first or shard.stat().st_mtime_ns
+            if shard.stat().st_mtime_ns != first:
+                break
+        time.sleep(0.01)
+    assert p.poll() is None, "finished before a rank could be killed"
+    ranks = _children(p.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    p.wait(timeout=120)
+    assert p.returncode != 0 and not out.exists()
+    with h5py.File(shard, "r") as f:
+        assert not f.attrs["complete"]
+    p = torchrun(["extract", folder, "--out", out, *ARGS, "--resume"])
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    same_rows(reference, out)

@@ -7,6 +7,7 @@ one line by :func:`featurekit.errors.from_runtime`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from featurekit.errors import ResourceError
@@ -116,3 +117,28 @@ def training_bytes_per_image(model_name: str, image_size: int, half: bool,
     for h in hooks:
         h.remove()
     return int(total * (image_size / 64) ** 2 * (2 if half else 4))
+
+
+def cpus() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class torch_threads:
+    """torch's intra-op threads set for a block, then restored (None, or torch not loaded:
+    nothing changes)."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n = n
+
+    def __enter__(self) -> None:
+        import sys
+
+        self.torch = sys.modules.get("torch") if self.n is not None else None
+        if self.torch is not None:
+            self.before = self.torch.get_num_threads()
+            self.torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.torch is not None:
+            self.torch.set_num_threads(self.before)

@@ -41,12 +41,15 @@ def run_bench(
     refit: bool = True,
     jobs: int | None = None,
     progress: bool = False,
+    scheduler: str | None = None,
 ) -> dict[str, Any]:
     """Fit every head x backend x layer; write results.{csv,json,md} and results.png in ``out``
-    (refusing to replace existing ones unless ``overwrite``)."""
+    (refusing to replace existing ones unless ``overwrite``). Each combination is one unit of
+    work: ``jobs`` processes here, or a Dask cluster (``scheduler``), whose workers read the
+    cache themselves."""
     from featurekit.cache import open_cache
     from featurekit.extract import check_output_folder
-    from featurekit.fit import choose_splits, fit_on_arrays
+    from featurekit.fit import choose_splits
     from featurekit.heads import _REGISTRY, BACKENDS, HEADS, list_backends, resolve_backend
 
     backend_list = _comma(backends, ["auto"])
@@ -65,7 +68,6 @@ def run_bench(
     available = list_backends()
     out_dir = check_output_folder(out, OUTPUT_FILES, overwrite) if out is not None else None
 
-    rows: list[dict[str, Any]] = []
     with open_cache(cache_path, allow_incomplete=allow_incomplete) as cache:
         layer_list = _comma(layers, ["penultimate"] if "penultimate" in cache.layers else cache.layers[:1])
         for layer in layer_list:
@@ -73,25 +75,24 @@ def run_bench(
         train, evaluate, select = choose_splits(cache, train_split, eval_split)
         n_classes = len(cache.classes)
         seed = int(cache.attrs.get("seed", 0))
-        for layer in layer_list:
-            X, y = cache.features(train, layer), cache.labels(train)
-            Xe, ye = cache.features(evaluate, layer), cache.labels(evaluate)
-            Xs, ys = (cache.features(select, layer), cache.labels(select)) if select else (None, None)
-            for head, head_backends in head_list:
-                for backend in dict.fromkeys(resolve_backend(b, head) if b == "auto" else b
-                                             for b in head_backends):
-                    base = {"head": head, "backend": backend, "layer": layer, "eval_split": evaluate}
-                    if backend not in available:
-                        rows.append({**base, "status": f"skipped: {backend} is not available here"})
-                        continue
-                    if (head, backend) not in _REGISTRY:
-                        rows.append({**base, "status": f"skipped: {head} has no {backend} backend"})
-                        continue
-                    _, report = fit_on_arrays(head, backend, X, y, Xe, ye, n_classes, X_sel=Xs,
-                                              y_sel=ys, seed=seed, metric=metric, refit=refit,
-                                              jobs=jobs, progress=progress)
-                    report.pop("confusion_matrix", None)
-                    rows.append({**base, **report, "status": "ok"})
+    rows: list[dict[str, Any]] = []
+    units: list[tuple[int, tuple]] = []  # (row index, arguments of _combination)
+    for layer in layer_list:
+        for head, head_backends in head_list:
+            for backend in dict.fromkeys(resolve_backend(b, head) if b == "auto" else b
+                                         for b in head_backends):
+                base = {"head": head, "backend": backend, "layer": layer, "eval_split": evaluate}
+                if backend not in available:
+                    rows.append({**base, "status": f"skipped: {backend} is not available here"})
+                elif (head, backend) not in _REGISTRY:
+                    rows.append({**base, "status": f"skipped: {head} has no {backend} backend"})
+                else:
+                    rows.append(base)
+                    units.append((len(rows) - 1, (
+                        str(Path(cache_path).resolve()), allow_incomplete, layer, train, evaluate,
+                        select, head, backend, n_classes, seed, metric, refit)))
+    for i, report in _run_combinations(units, jobs, scheduler, progress):
+        rows[i] = {**rows[i], **report, "status": "ok"}
     result = {"cache": str(cache_path), "train_split": train, "eval_split": evaluate,
               "selection": "val split" if select else "k-fold cv on train", "metric": metric,
               "refit": "train+val" if refit and select else "train", "results": rows}
@@ -99,6 +100,46 @@ def run_bench(
         out_dir.mkdir(parents=True, exist_ok=True)
         result["files"] = write_outputs(result, out_dir)
     return result
+
+
+def _run_combinations(units, jobs, scheduler, progress):
+    """(row index, report) of every combination, each one unit of work that reads the cache
+    itself: on a Dask cluster all of them; on this machine the heads that run a whole
+    selection themselves (featurekit's torch heads: GPU, or every core) here one after
+    another, the others in ``jobs`` processes at once (each of their fits on one thread)."""
+    from featurekit._progress import progress_bar
+    from featurekit.heads import _REGISTRY
+    from featurekit.select import Executor
+
+    with Executor(jobs, scheduler) as ex, progress_bar(enabled=progress, unit="combination") as bar:
+        task = bar.add_task("bench", total=len(units))
+        here = [] if ex.remote else [u for u in units if hasattr(_REGISTRY[(u[1][6], u[1][7])], "fit_grid")]
+        away = [u for u in units if u not in here]
+        for i, args in here:
+            yield i, _combination(*args)
+            bar.advance(task, 1)
+        for (i, _), report in zip(away, ex.map(_combination, [args for _, args in away])):
+            yield i, report
+            bar.advance(task, 1)
+
+
+def _combination(cache_path, allow_incomplete, layer, train, evaluate, select, head, backend,
+                 n_classes, seed, metric, refit) -> dict[str, Any]:
+    """One head x backend x layer: selection, refit, evaluation, reading its rows from the
+    cache (once per process); its own fits run one after another here."""
+    from featurekit._resources import cpus, torch_threads
+    from featurekit.fit import fit_on_arrays
+    from featurekit.select import CacheRows, Executor, _read_rows
+
+    X, y = _read_rows(CacheRows(cache_path, layer, train, None, allow_incomplete))
+    Xe, ye = _read_rows(CacheRows(cache_path, layer, evaluate, None, allow_incomplete))
+    Xs, ys = (_read_rows(CacheRows(cache_path, layer, select, None, allow_incomplete))
+              if select else (None, None))
+    with torch_threads(cpus()):  # as in a fresh process on this machine, wherever it runs
+        _, report = fit_on_arrays(head, backend, X, y, Xe, ye, n_classes, X_sel=Xs, y_sel=ys,
+                                  seed=seed, metric=metric, refit=refit, executor=Executor(1))
+    report.pop("confusion_matrix", None)
+    return report
 
 
 def _cell(row: dict[str, Any], col: str) -> str:

@@ -319,6 +319,7 @@ def fit(
     select_metric: str = typer.Option("accuracy", help="What selection maximises: accuracy | balanced_accuracy."),
     refit: bool = typer.Option(True, help="Refit the chosen point on train + val (--no-refit: train only)."),
     jobs: Optional[int] = typer.Option(None, parser=opt.JOBS, help="Processes for point-by-point fits [default: every core]."),
+    dask_scheduler: Optional[str] = typer.Option(None, help="Run the selection's units on this Dask scheduler (tcp://HOST:PORT); workers read the cache themselves."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
     allow_incomplete: bool = typer.Option(False, help="Use the committed rows of an interrupted cache."),
     progress: bool = typer.Option(True, help="Show the selection's progress on stderr (on a terminal)."),
@@ -336,7 +337,8 @@ def fit(
     check_head_output(out, resolve_backend(backend, head))
     result = fit_head(cache, head, backend=backend, layer=layer, C=c, gamma=gamma,
                       train_split=train_split, eval_split=eval_split, allow_incomplete=allow_incomplete,
-                      metric=select_metric, refit=refit, jobs=jobs, progress=_live(progress))
+                      metric=select_metric, refit=refit, jobs=jobs, progress=_live(progress),
+                      scheduler=dask_scheduler)
     save_head(result, out)
     r = result.report
     if json_out:
@@ -399,7 +401,8 @@ def bench(
     allow_incomplete: bool = typer.Option(False, help="Use the committed rows of an interrupted cache."),
     select_metric: str = typer.Option("accuracy", help="What selection maximises: accuracy | balanced_accuracy."),
     refit: bool = typer.Option(True, help="Refit the chosen point on train + val (--no-refit: train only)."),
-    jobs: Optional[int] = typer.Option(None, parser=opt.JOBS, help="Processes for point-by-point fits [default: every core]."),
+    jobs: Optional[int] = typer.Option(None, parser=opt.JOBS, help="Processes for the combinations [default: every core]."),
+    dask_scheduler: Optional[str] = typer.Option(None, help="Run the combinations on this Dask scheduler (tcp://HOST:PORT); workers read the cache themselves."),
     overwrite: bool = typer.Option(False, help="Replace results.* already in --out."),
     progress: bool = typer.Option(True, help="Show each selection's progress on stderr (on a terminal)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout."),
@@ -413,7 +416,8 @@ def bench(
     result = run_bench(cache, heads=heads, backends=backends, layers=layers, out=out,
                        train_split=train_split, eval_split=eval_split,
                        allow_incomplete=allow_incomplete, overwrite=overwrite,
-                       metric=select_metric, refit=refit, jobs=jobs, progress=_live(progress))
+                       metric=select_metric, refit=refit, jobs=jobs, progress=_live(progress),
+                       scheduler=dask_scheduler)
     if json_out:
         _print_json(result)
         return

@@ -103,14 +103,12 @@ def check_output_folder(out: str | os.PathLike[str], names: list[str], overwrite
     return folder
 
 
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def default_workers(device: str) -> int:
     """Decoding workers: one per core on a GPU machine (cap 16); on the CPU the forward pass
     already uses every core, so one worker overlaps decoding with compute."""
-    cpus = _cpus()
+    from featurekit._resources import cpus as count
+
+    cpus = count()
     if device.startswith("cuda"):
         return max(1, min(16, cpus))
     return 1 if cpus > 1 else 0
@@ -307,7 +305,9 @@ def _share_cores(dev: str, dist_info) -> int:
     if local > 1 and not dev.startswith("cuda"):
         import torch
 
-        torch.set_num_threads(max(1, _cpus() // local))
+        from featurekit._resources import cpus
+
+        torch.set_num_threads(max(1, cpus() // local))
     workers = default_workers(dev)
     return max(min(workers, 1), workers // local)
 

@@ -130,15 +130,19 @@ def fit_on_arrays(
     C: float | None = None, gamma: float | None = None, seed: int = 0,
     metric: str = "accuracy", refit: bool = True, jobs: int | None = None,
     progress: bool = False, head_params: dict[str, Any] | None = None,
+    executor=None, rows=None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Select, refit, evaluate one head on arrays; the common core of ``fit`` and ``bench``."""
+    """Select, refit, evaluate one head on arrays; the common core of ``fit`` and ``bench``.
+    ``executor``/``rows``: where the selection's units run and read their rows
+    (:mod:`featurekit.select`)."""
     from featurekit import heads, select
 
     if gamma is not None and head not in GAMMA_HEADS:
         raise HeadError(f"--gamma applies to the {' and '.join(GAMMA_HEADS)} heads only, not {head!r}")
     grid = heads.grid(head, X.shape[1], C, gamma)
     chosen = select.select(head, backend, grid, X, y, X_sel, y_sel, seed=seed, metric=metric,
-                           jobs=jobs, progress=progress, head_params=head_params)
+                           jobs=jobs, progress=progress, head_params=head_params,
+                           executor=executor, rows=rows)
     if refit and chosen.method == "val":  # val chose the point: train on train and val
         X, y = np.concatenate([X, X_sel]), np.concatenate([y, y_sel])
     est = heads.create_head(head, backend, **{**(head_params or {}), **chosen.params})
@@ -177,8 +181,11 @@ def fit_head(
     jobs: int | None = None,
     progress: bool = False,
     head_params: dict[str, Any] | None = None,
+    scheduler: str | None = None,
 ) -> FitResult:
-    """Fit one head on a cache layer with the selection protocol (module docstring)."""
+    """Fit one head on a cache layer with the selection protocol (module docstring).
+    ``scheduler``: a Dask scheduler's address to run the selection's units on (each reads the
+    cache itself, so workers need to see ``cache_path``)."""
     from featurekit.cache import open_cache
     from featurekit.heads import HEADS, resolve_backend
 
@@ -205,9 +212,15 @@ def fit_head(
         seed = int(cache.attrs.get("seed", 0))
     if len(np.unique(y)) < 2:
         raise HeadError(f"the {train} split has a single class; a classifier needs two or more")
-    est, report = fit_on_arrays(head, backend, X, y, X_eval, y_eval, n_classes, X_sel=X_sel,
-                                y_sel=y_sel, C=C, gamma=gamma, seed=seed, metric=metric,
-                                refit=refit, jobs=jobs, progress=progress, head_params=head_params)
+    from featurekit.select import CacheRows, Executor
+
+    rows = CacheRows(str(Path(cache_path).resolve()), layer, train,
+                     select if X_sel is not None else None, allow_incomplete)
+    with Executor(jobs, scheduler) as executor:
+        est, report = fit_on_arrays(head, backend, X, y, X_eval, y_eval, n_classes, X_sel=X_sel,
+                                    y_sel=y_sel, C=C, gamma=gamma, seed=seed, metric=metric,
+                                    refit=refit, progress=progress, head_params=head_params,
+                                    executor=executor, rows=rows)
     report = {"head": head, "backend": backend, "layer": layer, "eval_split": evaluate,
               "train_split": train, **report}
     return FitResult(est, report, provenance)

@@ -17,17 +17,18 @@ and on every backend.
 
 from __future__ import annotations
 
-import os
+import functools
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from featurekit.errors import HeadError
 
 METRICS = ("accuracy", "balanced_accuracy")
+CONNECT_TIMEOUT = "15s"  # to a Dask scheduler
 
 
 @dataclass
@@ -54,9 +55,11 @@ def metric_function(name: str):
 
 
 def default_jobs() -> int:
-    """Processes for point-by-point fits: every core (featurekit's torch heads run batched in
-    the main process instead, on the GPU or on every core)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Processes for point-by-point fits: every core (featurekit's torch heads run their whole
+    selection in the main process instead, on the GPU or on every core)."""
+    from featurekit._resources import cpus
+
+    return cpus()
 
 
 def folds(y, n_select: int, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
@@ -81,8 +84,13 @@ def folds(y, n_select: int, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarra
 def select(head: str, backend: str, grid: list[dict[str, Any]], X, y, X_sel=None, y_sel=None, *,
            seed: int = 0, metric: str = "accuracy", jobs: int | None = None,
            progress: bool = False, batched: bool = True,
-           head_params: dict[str, Any] | None = None) -> Selection:
-    """Choose a grid point of ``head`` on ``backend``; never sees the reported split."""
+           head_params: dict[str, Any] | None = None, executor: Executor | None = None,
+           rows: CacheRows | None = None) -> Selection:
+    """Choose a grid point of ``head`` on ``backend``; never sees the reported split.
+
+    ``executor``: where the units run (default: this machine, ``jobs`` processes); ``rows``:
+    where a unit reads X, y itself (the cache, so that remote workers need no arrays shipped).
+    """
     from featurekit._progress import progress_bar
     from featurekit.heads import batched as batched_of
     from featurekit.heads import create_head
@@ -96,15 +104,20 @@ def select(head: str, backend: str, grid: list[dict[str, Any]], X, y, X_sel=None
     if X_sel is not None:
         X, y = np.concatenate([X, X_sel]), np.concatenate([y, y_sel])
     splits, method = folds(y, 0 if X_sel is None else len(y_sel), seed)
-
-    with progress_bar(enabled=progress, unit="fit") as bar:
+    data = rows if rows is not None else (X, y)
+    with progress_bar(enabled=progress, unit="fit") as bar, \
+            (executor or Executor(jobs)) as ex:
         task = bar.add_task(f"selecting {head} ({backend})", total=len(grid) * len(splits))
-        if fit_grid is not None:
+        if fit_grid is not None and not ex.remote:  # the whole selection here (GPU or cores)
             table, failed = fit_grid(X, y, grid, splits, score_fn,
                                      on_stop=lambda k: bar.advance(task, k))
+        elif fit_grid is not None:  # one unit on a worker
+            (table, failed), = ex.map(_grid_unit, [(head, backend, head_params or {}, grid, data,
+                                                   splits, score_fn)])
+            bar.advance(task, len(grid) * len(splits))
         else:
-            table, failed = _point_by_point(head, backend, grid, X, y, splits, score_fn,
-                                            head_params or {}, jobs, lambda: bar.advance(task, 1))
+            table, failed = _point_by_point(head, backend, grid, data, splits, score_fn,
+                                            head_params or {}, ex, lambda: bar.advance(task, 1))
     scores = table.mean(axis=1)
     best = int(np.argmax(scores))  # the first maximum: grids ascend in C, then gamma
     sel = Selection(params=grid[best], method=method, metric=metric, grid=grid,
@@ -114,17 +127,14 @@ def select(head: str, backend: str, grid: list[dict[str, Any]], X, y, X_sel=None
     return sel
 
 
-def _point_by_point(head, backend, grid, X, y, splits, score_fn, head_params, jobs, tick):
-    """Every (grid point, fold) fit through joblib; (scores (G, F), grid points that did not
+def _point_by_point(head, backend, grid, data, splits, score_fn, head_params, ex, tick):
+    """Every (grid point, fold) fit as a unit; (scores (G, F), grid points that did not
     converge)."""
-    from joblib import Parallel, delayed
-
     units = [(g, f) for g in range(len(grid)) for f in range(len(splits))]
-    run = Parallel(n_jobs=jobs or default_jobs(), return_as="generator")
     table = np.empty((len(grid), len(splits)))
     failed: set[int] = set()
-    results = run(delayed(_score_point)(head, backend, {**head_params, **grid[g]}, X, y,
-                                        *splits[f], score_fn) for g, f in units)
+    results = ex.map(_point_unit, [(head, backend, {**head_params, **grid[g]}, data, *splits[f],
+                                    score_fn) for g, f in units])
     for (g, f), (score, converged) in zip(units, results):
         table[g, f] = score
         if not converged:
@@ -133,18 +143,106 @@ def _point_by_point(head, backend, grid, X, y, splits, score_fn, head_params, jo
     return table, sorted(failed)
 
 
-def _score_point(head, backend, params, X, y, train, held, score_fn) -> tuple[float, bool]:
-    """One grid point on one fold (a joblib unit): (score on the held-out rows, converged)."""
+def _point_unit(head, backend, params, data, train, held, score_fn) -> tuple[float, bool]:
+    """One grid point on one fold: (score on the held-out rows, converged). Pinned to one
+    BLAS/OpenMP thread, here or in any worker, so the result does not depend on where it ran."""
     from threadpoolctl import threadpool_limits
 
     from featurekit.heads import create_head
 
+    X, y = _arrays(data)
     est = create_head(head, backend, **params)
     with threadpool_limits(1), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reported once, by the caller, not per fit
         est.fit(X[train], y[train])
         pred = est.predict(X[held])
     return float(score_fn(y[held], pred)), converged(est)
+
+
+def _grid_unit(head, backend, head_params, grid, data, splits, score_fn):
+    """A whole fit_grid selection on a worker, with torch's threads a fresh process on that
+    machine would have (Dask starts workers with one): the same numbers as in the caller."""
+    from featurekit.heads import create_head
+
+    from featurekit._resources import cpus, torch_threads
+
+    X, y = _arrays(data)
+    with torch_threads(cpus()):
+        return create_head(head, backend, **head_params).fit_grid(X, y, grid, splits, score_fn)
+
+
+# --------------------------------------------------------------------------- where units run
+
+
+@dataclass(frozen=True)
+class CacheRows:
+    """The rows a unit reads itself: a cache's layer, the training split, then the selection
+    split if any (the order :func:`folds` numbers them in). Each process reads them once."""
+
+    path: str
+    layer: str
+    train: str
+    select: str | None = None
+    allow_incomplete: bool = False
+
+
+@functools.lru_cache(maxsize=4)
+def _read_rows(rows: CacheRows):
+    from featurekit.cache import open_cache
+
+    with open_cache(rows.path, allow_incomplete=rows.allow_incomplete) as c:
+        X, y = c.features(rows.train, rows.layer), c.labels(rows.train)
+        if rows.select:
+            X = np.concatenate([X, c.features(rows.select, rows.layer)])
+            y = np.concatenate([y, c.labels(rows.select)])
+    return X, y
+
+
+def _arrays(data):
+    return _read_rows(data) if isinstance(data, CacheRows) else data
+
+
+class Executor:
+    """Where units of work run: this machine's processes through joblib (``jobs``; 1 runs them
+    here), or a Dask cluster through joblib's dask backend (``scheduler``: its address;
+    ``pip install "featurekit[dask]"``). Units come back in order."""
+
+    def __init__(self, jobs: int | None = None, scheduler: str | None = None) -> None:
+        self.jobs = jobs or default_jobs()
+        self.scheduler = scheduler
+        self.remote = scheduler is not None
+        self._client = None
+        self._depth = 0  # nested ``with``: the client lives until the outermost one ends
+
+    def __enter__(self) -> Executor:
+        if self.scheduler and self._client is None:
+            try:
+                from distributed import Client
+            except ImportError:
+                raise HeadError('--dask-scheduler needs Dask: pip install "featurekit[dask]"') from None
+            try:
+                self._client = Client(self.scheduler, timeout=CONNECT_TIMEOUT)
+            except (OSError, TimeoutError, ValueError) as exc:
+                raise HeadError(f"cannot reach the Dask scheduler at {self.scheduler}: "
+                                f"{' '.join(str(exc).split())[:200]}") from None
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if not self._depth and self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def map(self, fn, arg_tuples: list[tuple]) -> Iterator[Any]:
+        from joblib import Parallel, delayed, parallel_config
+
+        calls = [delayed(fn)(*args) for args in arg_tuples]
+        if self.remote:
+            with parallel_config(backend="dask"):
+                yield from Parallel(return_as="generator")(calls)
+            return
+        yield from Parallel(n_jobs=self.jobs, return_as="generator")(calls)
 
 
 def converged(est) -> bool:

@@ -29,6 +29,7 @@ BASE_ARGS: dict[str, list[str]] = {
     "sparsity": ["digits", "--model", "resnet18", "--weights", "none", "--device", "cpu",
                  "--no-progress", "--out", "{tmp}/sp"],
     "demo": ["--out", "{tmp}/demo"],
+    "pack": ["{tmp}/x.h5", "--out", "{tmp}/one.h5"],
 }
 
 

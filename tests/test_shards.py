@@ -101,11 +101,22 @@ def test_two_ranks_make_the_single_process_cache(folder, reference, tmp_path, ru
     assert r.exit_code == 0, r.stderr  # a head fitted on the sharded cache predicts the packed one
 
 
-@pytest.mark.parametrize("damage", ["delete", "replace", "truncate"])
-def test_every_reader_refuses_a_missing_or_changed_shard(folder, tmp_path, runner, damage):
-    out = tmp_path / "c.h5"
+@pytest.fixture(scope="module")
+def sharded(folder, tmp_path_factory) -> Path:
+    """A finished two-rank extraction (tests copy it before damaging it)."""
+    out = tmp_path_factory.mktemp("sharded") / "c.h5"
     p = torchrun(["extract", folder, "--out", out, *ARGS])
     assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("damage", ["delete", "replace", "truncate"])
+def test_every_reader_refuses_a_missing_or_changed_shard(sharded, tmp_path, runner, damage):
+    import shutil
+
+    shutil.copytree(sharded.parent, tmp_path, dirs_exist_ok=True)  # copies keep id and size
+    out = tmp_path / "c.h5"
+    assert invoke(runner, "info", out).exit_code == 0
     shard = tmp_path / "c.h5.shards" / "00001-of-00002.h5"
     invoke(runner, "fit", out, "--head", "logistic", "--C", "1", "--backend", "torch",
            "--out", tmp_path / "h.skops")
@@ -155,3 +166,46 @@ def test_a_killed_rank_resumes_to_the_single_process_cache(folder, reference, tm
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr[-3000:]
     same_rows(reference, out)
+
+
+# ---------------------------------------------------------------- head sweeps on a Dask cluster
+
+
+def test_bench_and_fit_on_a_dask_cluster_equal_one_job(tmp_path, runner, monkeypatch):
+    """Two worker processes of a LocalCluster, each reading the cache itself: the same results
+    (scores of every grid point, chosen parameters, accuracies) as --jobs 1."""
+    import json
+
+    distributed = pytest.importorskip("distributed")
+    from featurekit.extract import extract
+
+    cache = tmp_path / "d.h5"
+    extract("digits", cache, model="resnet18", weights="none", image_size=32, device="cpu",
+            progress=False)
+    heads = "logistic:torch,nystroem:torch,svm:sklearn"
+
+    def rows(r):
+        assert r.exit_code == 0, r.stderr
+        return [{k: v for k, v in row.items() if "seconds" not in k and k != "selection"}
+                | {"scores": row["selection"]["scores"]} for row in json.loads(r.stdout)["results"]]
+
+    here = rows(invoke(runner, "bench", cache, "--heads", heads, "--jobs", "1", "--json"))
+    fit_here = json.loads(invoke(runner, "fit", cache, "--head", "svm", "--backend", "sklearn",
+                                 "--jobs", "1", "--json", "--out", tmp_path / "a.skops").stdout)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0") as cluster:
+        address = cluster.scheduler_address
+        away = rows(invoke(runner, "bench", cache, "--heads", heads, "--dask-scheduler", address,
+                           "--json"))
+        r = invoke(runner, "fit", cache, "--head", "svm", "--backend", "sklearn",
+                   "--dask-scheduler", address, "--json", "--out", tmp_path / "b.skops")
+        assert r.exit_code == 0, r.stderr
+        fit_away = json.loads(r.stdout)
+    assert here == away and [row["status"] for row in here] == ["ok"] * 3
+    assert fit_here["selection"]["scores"] == fit_away["selection"]["scores"]
+    assert fit_here["params"] == fit_away["params"] and fit_here["accuracy"] == fit_away["accuracy"]
+    from featurekit import select
+
+    monkeypatch.setattr(select, "CONNECT_TIMEOUT", "2s")
+    r = invoke(runner, "bench", cache, "--dask-scheduler", "tcp://127.0.0.1:9", "--heads", "logistic")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Dask scheduler" in r.stderr

@@ -365,12 +365,18 @@ def nystroem_map(components, gamma: float):
     a well-conditioned K (most gamma values) the two are the same; for a wide kernel the
     dropped directions made fits at weak regularisation depend on rounding alone."""
     K = rbf(components.double(), components.double(), gamma)
-    lam, Q = torch.linalg.eigh(K)
-    floor = lam.abs().max() * K.shape[0] * torch.finfo(components.dtype).eps
-    kept = lam.abs() > floor
-    scale = torch.where(kept, torch.sign(lam) / lam.abs().clamp(min=1e-300).sqrt(),
-                        torch.zeros_like(lam))
-    normalization = (Q * scale) @ Q.T
+    # on the CPU, LAPACK's eigensolver and the float64 product round differently with the
+    # number of threads: one thread here, so that a fit gives the same map in any process
+    # (joblib's, a Dask worker's); on a GPU the kernels do not depend on it
+    from featurekit._resources import torch_threads
+
+    with torch_threads(1 if not K.is_cuda else None):
+        lam, Q = torch.linalg.eigh(K)
+        floor = lam.abs().max() * K.shape[0] * torch.finfo(components.dtype).eps
+        kept = lam.abs() > floor
+        scale = torch.where(kept, torch.sign(lam) / lam.abs().clamp(min=1e-300).sqrt(),
+                            torch.zeros_like(lam))
+        normalization = (Q * scale) @ Q.T
     return components, normalization.to(components.dtype)
 
 

@@ -522,6 +522,8 @@ class Cache:
                 for s in self.splits
             },
             "stats": a.get("stats"),
+            "layout": a.get("layout") or "single",
+            "shards": [r.get("path") for r in a.get("shards") or []],
         }
 
     # -- internals

@@ -246,7 +246,8 @@ def _render_info(s: dict[str, Any]) -> None:
 
     console = _console()
     state = "complete" if s["complete"] else "[bold red]INCOMPLETE[/] (interrupted; extract --resume)"
-    console.print(f"[bold]{s['path']}[/]  featurekit cache v{s['format_version']}, {state}")
+    layout = f", sharded over {len(s['shards'])} shards" if s.get("layout") == "sharded" else ""
+    console.print(f"[bold]{s['path']}[/]  featurekit cache v{s['format_version']}, {state}{layout}")
     console.print(
         f"model {s['model']}  weights {s['weights']}"
         + (f" (sha256 {s['weights_sha256'][:12]}…)" if s["weights_sha256"] else "")

@@ -247,7 +247,7 @@ def _extract_sharded(plan: _Plan, backbone, net, options, attrs, summary: Extrac
     check_output(path, plan.overwrite or plan.resume)
     seconds, seen = _write(dataclasses.replace(plan, src=src), backbone, net, options, attrs,
                            summary, path, progress and d.main, log,
-                           shard=shards.identity(d.rank, d.world, mine))
+                           shard=shards.identity(d.rank, d.world, mine, options))
     _dist.barrier(d)  # every shard complete
     _dist.decide(d, lambda: shards.finalise(out, d.world, options, attrs, ranges))
     seen = int(_dist.all_sum([float(seen)], d, "cpu" if not plan.on_cuda else plan.device)[0])

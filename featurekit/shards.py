@@ -49,10 +49,17 @@ def rank_ranges(split_sizes: dict[str, int], batch_size: int, world: int) -> lis
     return out
 
 
-def identity(rank: int, world: int, ranges: dict[str, list[int]]) -> dict[str, Any]:
-    """What a shard records about itself (``shard`` root attribute); ``uuid`` tells a reader
-    that the file is still the one the logical cache was made from."""
-    return {"rank": rank, "world": world, "ranges": ranges, "uuid": uuid.uuid4().hex}
+def identity(rank: int, world: int, ranges: dict[str, list[int]],
+             options: dict[str, Any]) -> dict[str, Any]:
+    """What a shard records about itself (``shard`` root attribute): its rank and slice, the
+    run (a digest of the options and the number of ranks: the same for every shard of a run,
+    resumed or not), and a ``uuid`` that tells a reader the file is still the one the logical
+    cache was made from."""
+    import hashlib
+    import json
+
+    run = hashlib.sha256(json.dumps([options, world], sort_keys=True).encode()).hexdigest()[:16]
+    return {"rank": rank, "world": world, "ranges": ranges, "run": run, "uuid": uuid.uuid4().hex}
 
 
 def finalise(out: Path, world: int, expected_options: dict[str, Any], attrs: dict[str, Any],

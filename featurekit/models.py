@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -209,12 +210,17 @@ def load_torch_file(path: Path, what: str) -> Any:
     file may hold any bytes, so every failure to load is one line."""
     import torch
 
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # junk bytes fail in struct, zipfile, pickle, ... (or MemoryError)
-        text = " ".join(str(exc).split())
-        first = text.split(". ")[0][:200] if text else type(exc).__name__
-        raise ModelError(f"cannot load {what} {path}: {first}") from None
+    with warnings.catch_warnings(record=True) as seen:  # junk bytes also warn (pickle protocol)
+        warnings.simplefilter("always")
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # junk fails in struct, zipfile, pickle, ... (or MemoryError)
+            text = " ".join(str(exc).split())
+            first = text.split(". ")[0][:200] if text else type(exc).__name__
+            raise ModelError(f"cannot load {what} {path}: {first}") from None
+    for w in seen:  # a file that loaded keeps its warnings; a refused one only says why
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return loaded
 
 
 @dataclass

@@ -71,6 +71,9 @@ def test_unreadable_and_mismatched_weights(tmp_path, image_folder, runner):
     args = ["--model", "resnet18", "--image-size", "32", "--device", "cpu", "--no-progress"]
     r = invoke(runner, "extract", image_folder, "--out", tmp_path / "x.h5", "--weights", bad, *args)
     assert_user_error(r, "cannot load weights file")
+    bad.write_bytes(b"\x80\x1d" + bytes(range(40)))  # torch warns of pickle protocol 29, then fails
+    r = invoke(runner, "extract", image_folder, "--out", tmp_path / "x.h5", "--weights", bad, *args)
+    assert_user_error(r, "cannot load weights file")
     r = invoke(runner, "extract", image_folder, "--out", tmp_path / "x.h5", "--weights",
                tmp_path / "missing.pt", *args)
     assert_user_error(r, "weights file not found")

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from featurekit._atomic import replacing
 from featurekit.errors import CacheError, OutputError
 
 FORMAT = "featurekit-cache"
@@ -123,18 +124,16 @@ class CacheWriter:
         # Made under a temporary name and renamed into place once the header is on disk: a run
         # killed before that never leaves a half-made file (or nothing) where the output goes,
         # and an old output replaced with --overwrite stays until then.
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         # HDF5 1.8 file format: dense (large) attributes, and no superblock "open for write" flag,
         # which would make a killed file unopenable without h5clear (1.10+ formats set it)
         _quiet_failed_hdf5()
-        self._f = h5py.File(tmp, "w", libver=("v108", "v108"))
-        try:
-            self._create(attrs, split_sizes)
-            os.replace(tmp, self.path)
-        except BaseException:
-            self._f.close()
-            tmp.unlink(missing_ok=True)  # a half-made header is worth nothing
-            raise
+        with replacing(self.path) as tmp:  # a half-made header is worth nothing
+            self._f = h5py.File(tmp, "w", libver=("v108", "v108"))
+            try:
+                self._create(attrs, split_sizes)
+            except BaseException:
+                self._f.close()
+                raise
 
     def _create(self, attrs: dict[str, Any], split_sizes: dict[str, int]) -> None:
         root = self._f.attrs

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from featurekit import __version__, _dist
+from featurekit._atomic import replacing
 from featurekit.errors import FeaturekitError, ModelError, OutputError
 
 STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4", "fc")  # conv1 = stem (conv1 + bn1)
@@ -230,9 +231,8 @@ def _decodable(source, items, workers: int, dist_info, bar=None) -> tuple[list, 
 def _atomic_save(obj: Any, path: Path) -> None:
     import torch
 
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill never leaves a half-written checkpoint under the real name
+    with replacing(path) as tmp:  # a kill never leaves a half-written checkpoint
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -254,13 +254,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r[k] is None else r[k]) for k in METRICS_COLUMNS})
-    os.replace(tmp, path)
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
@@ -283,10 +281,9 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name("tmp-" + path.name)
-    fig.savefig(tmp, format="png")
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- the run

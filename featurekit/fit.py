@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from featurekit import __version__
+from featurekit._atomic import replacing
 from featurekit.errors import CacheError, HeadError
 
 HEAD_FORMAT = "featurekit-head"
@@ -252,8 +253,6 @@ def check_head_output(path: str | Path, backend: str) -> None:
 def save_head(result: FitResult, path: str | Path) -> Path:
     """The head with its report and provenance, as skops or joblib by the file name; written
     under a temporary name and renamed, so an interrupted save leaves no half file."""
-    import os
-
     from featurekit.errors import OutputError
 
     p = Path(path)
@@ -262,8 +261,7 @@ def save_head(result: FitResult, path: str | Path) -> Path:
     check_head_output(p, getattr(result.head, "backend", "sklearn"))
     payload = {"format": HEAD_FORMAT, "format_version": HEAD_FORMAT_VERSION, "head": result.head,
                "provenance": result.provenance, "report": result.report}
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(p) as tmp:
         if head_format(p) == "joblib":
             import joblib
 
@@ -272,10 +270,6 @@ def save_head(result: FitResult, path: str | Path) -> Path:
             import skops.io
 
             skops.io.dump(payload, tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return p
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from featurekit._atomic import replacing
 from featurekit.errors import CacheError, OutputError
 
 LAYOUT = "sharded"
@@ -85,24 +86,18 @@ def finalise(out: Path, world: int, expected_options: dict[str, Any], attrs: dic
             raise CacheError(f"shard {p} is incomplete; re-run extract with --resume")
         headers.append(h)
         files.append(p)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w", libver=("v110", "v110")) as f:
-            _write_logical(f, out, files, headers, attrs)
-            f.attrs["format"], f.attrs["format_version"] = FORMAT, FORMAT_VERSION
-            for key, value in attrs.items():
-                f.attrs[key] = _attr(key, value)
-            f.attrs["layout"] = LAYOUT
-            f.attrs["shards"] = _attr("shards", [_record(out, p, h) for p, h in zip(files, headers)])
-            counts, fractions = _zero_totals(headers)
-            f.attrs["zero_counts"] = _attr("zero_counts", counts)
-            f.attrs["zero_fraction"] = _attr("zero_fraction", fractions)
-            f.flush()
-            f.attrs["complete"] = True
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replacing(out) as tmp, h5py.File(tmp, "w", libver=("v110", "v110")) as f:
+        _write_logical(f, out, files, headers, attrs)
+        f.attrs["format"], f.attrs["format_version"] = FORMAT, FORMAT_VERSION
+        for key, value in attrs.items():
+            f.attrs[key] = _attr(key, value)
+        f.attrs["layout"] = LAYOUT
+        f.attrs["shards"] = _attr("shards", [_record(out, p, h) for p, h in zip(files, headers)])
+        counts, fractions = _zero_totals(headers)
+        f.attrs["zero_counts"] = _attr("zero_counts", counts)
+        f.attrs["zero_fraction"] = _attr("zero_fraction", fractions)
+        f.flush()
+        f.attrs["complete"] = True
 
 
 def _record(out: Path, p: Path, header: dict[str, Any]) -> dict[str, Any]:
@@ -226,23 +221,17 @@ def pack(src: Path, out: Path, *, overwrite: bool = False, log=None) -> Path:
     out = check_output(out, overwrite)
     if src.resolve() == out.resolve():
         raise OutputError("pack: --out is the cache itself; give another file")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with open_cache(src) as cache:
+    with open_cache(src) as cache, replacing(out) as tmp:
         f_in = cache._f
-        try:
-            with h5py.File(tmp, "w", libver=("v108", "v108")) as f:
-                for key, value in f_in.attrs.items():
-                    if key not in ("layout", "shards", "complete"):
-                        f.attrs[key] = value
-                f.attrs["complete"] = False
-                for split in f_in:
-                    _copy_split(f_in[split], f.create_group(split))
-                f.flush()
-                f.attrs["complete"] = True
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with h5py.File(tmp, "w", libver=("v108", "v108")) as f:
+            for key, value in f_in.attrs.items():
+                if key not in ("layout", "shards", "complete"):
+                    f.attrs[key] = value
+            f.attrs["complete"] = False
+            for split in f_in:
+                _copy_split(f_in[split], f.create_group(split))
+            f.flush()
+            f.attrs["complete"] = True
     return out
 
 

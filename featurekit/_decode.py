@@ -277,13 +277,13 @@ def decode_on_device(b: PackedBatch, device: str, pil_transform) -> DecodedBatch
 
 
 class BatchPreprocess:
-    """The :class:`~featurekit.models.Preprocess` steps for a decoded batch on the device:
-    resize and centre-crop each image (sizes differ), then scale and normalise the whole batch
-    in one pass, written channels_last for the forward pass.
+    """The :class:`~featurekit.models.Preprocess` steps for a decoded batch on the device, as
+    a few batch-level kernels whatever the mix of image sizes: resize and centre-crop of every
+    image at once as two batched matrix products (:mod:`featurekit._resize`), then rounding,
+    scaling and normalisation of the whole batch, written channels_last for the forward pass.
 
-    Same numbers as :class:`TensorPreprocess` on uint8 images: resized values are rounded and
-    clamped to 0..255, as torchvision's uint8 resize does on the GPU. Few kernels and little
-    Python per image: this runs for every image at thousands per second.
+    Same numbers as :class:`TensorPreprocess` on uint8 images up to float rounding: resized
+    values are rounded and clamped to 0..255, as torchvision's uint8 resize does on the GPU.
     """
 
     def __init__(self, preprocess, device: str) -> None:
@@ -291,63 +291,46 @@ class BatchPreprocess:
 
         self.p = preprocess
         self.device = device
-        mode = preprocess.interpolation
-        self.mode = mode
-        smooth = mode in ("bilinear", "bicubic")
-        self.antialias = bool(preprocess.antialias) and smooth
-        self.align_corners = False if smooth else None
+        self.mode = preprocess.interpolation
+        self.antialias = bool(preprocess.antialias)
         std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1)
         mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1)
         self.scale, self.shift = 1.0 / (255.0 * std), mean / std  # (x/255 - mean)/std
-        self.round = mode not in ("nearest", "nearest-exact")
-
-    def resized_size(self, h: int, w: int) -> tuple[int, int]:
-        """torchvision's rule for resize(size=[s]): the shorter side becomes s, the longer one
-        scales with it, truncated."""
-        s = self.p.resize_size
-        if w <= h:
-            return int(s * h / w), s
-        return s, int(s * w / h)
+        self.round = self.mode not in ("nearest", "nearest-exact")
 
     def __call__(self, batch: DecodedBatch):
         """-> (good positions, float tensor (n, 3, crop, crop) channels_last, or None)."""
         import torch
-        import torch.nn.functional as nnf
-        from torchvision.transforms.v2 import functional as F
+
+        from featurekit._resize import resize_crop
 
         good = sorted(set(batch.images) | set(batch.ready))
         if not good:
             return good, None
-        c = self.p.crop_size
-        x = torch.empty((len(good), 3, c, c), dtype=torch.float32, device=self.device,
-                        memory_format=torch.channels_last)
-        # images of one size (common: one camera, one dataset's export) are resized together
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for k, i in enumerate(good):
-            img = batch.images.get(i)
-            if img is not None:
-                by_size.setdefault(tuple(img.shape[-2:]), []).append(k)
-        for (h, w), rows in by_size.items():
-            imgs = [batch.images[good[k]] for k in rows]
-            y = (imgs[0][None] if len(imgs) == 1 else torch.stack(imgs)).float()
-            nh, nw = self.resized_size(h, w)
-            if (nh, nw) != (h, w):
-                y = nnf.interpolate(y, size=(nh, nw), mode=self.mode,
-                                    align_corners=self.align_corners, antialias=self.antialias)
-            if nh < c or nw < c:  # a resize smaller than the crop: torchvision pads with zeros
-                y = F.center_crop(y, [c])
-            else:
-                top, left = int(round((nh - c) / 2.0)), int(round((nw - c) / 2.0))
-                y = y[..., top:top + c, left:left + c]
-            for j, k in enumerate(rows):  # (an index tensor would be a host-to-device copy)
-                x[k].copy_(y[j])
-        if self.round:
-            x.round_().clamp_(0, 255)
-        x.mul_(self.scale).sub_(self.shift)
-        for k, i in enumerate(good):
-            if i in batch.ready:
-                x[k].copy_(batch.ready[i])
+        x = None
+        if batch.images:
+            x = resize_crop([batch.images[i] for i in good if i in batch.images],
+                            self.p.resize_size, self.p.crop_size, self.mode, self.antialias)
+            if self.round:
+                x.round_().clamp_(0, 255)
+            x = x.mul_(self.scale).sub_(self.shift).contiguous(memory_format=torch.channels_last)
+        if batch.ready:  # PIL's decodes (other formats, nvJPEG's refusals), rarer
+            c = self.p.crop_size
+            out = torch.empty((len(good), 3, c, c), dtype=torch.float32, device=self.device,
+                              memory_format=torch.channels_last)
+            rows = {i: k for k, i in enumerate(good)}
+            if x is not None:
+                out[_rows(rows, batch.images, self.device)] = x
+            out[_rows(rows, batch.ready, self.device)] = torch.stack(
+                [batch.ready[i] for i in sorted(batch.ready)])
+            x = out
         return good, x
+
+
+def _rows(rows: dict[int, int], chosen: dict[int, Any], device: str):
+    import torch
+
+    return torch.tensor([rows[i] for i in sorted(chosen)], device=device)
 
 
 @contextlib.contextmanager
@@ -357,9 +340,10 @@ def device_batches(source, items, preprocess, decode: str, device: str, batch_sa
     tensor on ``device`` in channels_last or None, [(position, reason)]).
 
     DataLoader workers decode (``cpu``) or read bytes (``device``); a prefetch thread readies
-    each batch for the device on its own CUDA stream (nvJPEG's blocking batch decode, or the
-    pinned host-to-device copy); the ``device`` path's resize and normalisation run in the
-    consuming thread. Used by ``extract`` and by the benchmark's decode ceilings.
+    each batch for the device on its own CUDA stream (nvJPEG's blocking batch decode and the
+    batch-level resize and normalisation, or the pinned host-to-device copy), so the consuming
+    thread only runs the model, and each batch reaches it as one tensor. Used by ``extract``
+    and by the benchmark's decode ceilings.
     """
     import torch
 
@@ -372,8 +356,10 @@ def device_batches(source, items, preprocess, decode: str, device: str, batch_sa
         collate_fn = collate_packed
         prepare = BatchPreprocess(preprocess, device)
 
-        def fetch(b):  # prefetch thread: nvJPEG blocks here, not in the forward loop
-            return decode_on_device(b, device, dataset.pil_transform)
+        def fetch(b):  # prefetch thread: nvJPEG and the batch's preprocessing, on its stream
+            decoded = decode_on_device(b, device, dataset.pil_transform)
+            good, x = prepare(decoded)
+            return b.positions, good, x, decoded.failures
     else:
         dataset, collate_fn = CpuDataset(source, items, preprocess), collate
 
@@ -388,15 +374,7 @@ def device_batches(source, items, preprocess, decode: str, device: str, batch_sa
         pin_memory=on_cuda and decode != "device", prefetch_factor=4 if workers else None,
     )
 
-    def batches(fetched):
-        for b in fetched:
-            if decode == "device":
-                good, x = prepare(b)
-                yield b.positions, good, x, b.failures
-            else:
-                yield b
-
     workers_iter = iter(loader)  # workers start before any thread does
     with _pipeline.Prefetcher(workers_iter, fetch, device) as fetched:
-        yield batches(fetched)
+        yield iter(fetched)
     del workers_iter  # the workers stop now, not when the caller returns

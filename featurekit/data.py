@@ -32,7 +32,7 @@ IMAGE_EXTENSIONS = frozenset(
 DIGITS = "digits"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     """One image of a split: its path relative to the source root, and its class index."""
 
@@ -219,21 +219,52 @@ def _is_image_name(name: str) -> bool:
     return _visible(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _image_files(folder: Path, root: Path) -> list[str]:
-    """Image files under ``folder`` (recursively, following symlinks once), relative to root."""
+def _image_files(folder: str, prefix: str, stats: dict[str, tuple[int, int]]) -> list[str]:
+    """Image files under ``folder`` (recursively, following symlinks once) as paths relative
+    to the source root (``prefix`` is the folder's own), sorted; each file's (size, mtime_ns)
+    goes into ``stats`` (size -1 when it cannot be read, e.g. a broken link). One ``os.scandir``
+    per folder and the stat its entry caches: no pathlib object per file."""
     found: list[str] = []
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
+    todo = [(folder, prefix)]
+    while todo:
+        path, rel = todo.pop()
+        real = os.path.realpath(path)
         if real in seen:  # a symlink loop
-            dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if _visible(d))
-        for name in filenames:
-            if _is_image_name(name):
-                found.append(Path(dirpath, name).relative_to(root).as_posix())
-    return sorted(found)
+        try:
+            entries = list(os.scandir(path))
+        except OSError:  # an unreadable subfolder is passed over, as os.walk does
+            continue
+        subdirs = []
+        for e in entries:
+            name = e.name
+            if name[0] == ".":
+                continue
+            if _entry_is_dir(e):
+                subdirs.append((e.path, f"{rel}{name}/"))
+            elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(rel + name)
+                stats[rel + name] = _entry_stat(e)
+        todo += sorted(subdirs, reverse=True)  # depth first in name order, as os.walk sorted
+    found.sort()
+    return found
+
+
+def _entry_is_dir(e: os.DirEntry) -> bool:
+    try:
+        return e.is_dir()  # follows symlinks
+    except OSError:
+        return False
+
+
+def _entry_stat(e: os.DirEntry) -> tuple[int, int]:
+    try:
+        st = e.stat()  # follows symlinks, as os.stat
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, 0
 
 
 def _class_dirs(folder: Path) -> list[str]:
@@ -254,6 +285,8 @@ def _folder_source(
         )
     split_layout = set(top) <= set(SPLITS)
     per_split: dict[str, list[tuple[str, str]]] = {}  # split -> [(relpath, class name)]
+    stats: dict[str, tuple[int, int]] = {}
+    base = os.fspath(root)
     if split_layout:
         classes_set: set[str] = set()
         for split in SPLITS:
@@ -262,13 +295,15 @@ def _folder_source(
             entries = []
             for cls in _class_dirs(root / split):
                 classes_set.add(cls)
-                entries += [(p, cls) for p in _image_files(root / split / cls, root)]
+                entries += [(p, cls) for p in
+                            _image_files(os.path.join(base, split, cls), f"{split}/{cls}/", stats)]
             per_split[split] = entries
         classes = sorted(classes_set)
     else:
         classes = top
         per_split["train"] = [
-            (p, cls) for cls in classes for p in _image_files(root / cls, root)
+            (p, cls) for cls in classes
+            for p in _image_files(os.path.join(base, cls), f"{cls}/", stats)
         ]
     counts = {c: 0 for c in classes}
     for entries in per_split.values():
@@ -284,7 +319,8 @@ def _folder_source(
             f"class folders with no images (kept in classes): {', '.join(empty)}", stacklevel=2
         )
     return _build(
-        "folder", spec, root, classes, per_split, split_layout, seed, val_fraction, test_fraction
+        "folder", spec, root, classes, per_split, split_layout, seed, val_fraction, test_fraction,
+        stats=stats,
     )
 
 
@@ -367,6 +403,7 @@ def _build(
     val_fraction: float,
     test_fraction: float,
     fingerprint: str | None = None,
+    stats: dict[str, tuple[int, int]] | None = None,
 ) -> Source:
     index = {c: i for i, c in enumerate(classes)}
     if splits_given:
@@ -378,13 +415,12 @@ def _build(
         items = [Item(p, index[c]) for p, c in per_split["train"]]
         splits = split_items(items, len(classes), val_fraction, test_fraction, seed)
         origin = "seeded"
-    stats: dict[str, tuple[int, int]] = {}
     if fingerprint is None:
-        fingerprint, stats = fingerprint_files(root, splits)
+        fingerprint, stats = fingerprint_files(root, splits, stats)
     return Source(
         kind=kind, spec=spec, root=root, classes=classes, splits=splits, split_origin=origin,
         seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-        fingerprint=fingerprint, stats=stats,
+        fingerprint=fingerprint, stats=stats or {},
     )
 
 
@@ -449,26 +485,37 @@ def _round_half_up(x: float) -> int:
 
 
 def fingerprint_files(
-    root: Path | None, splits: dict[str, list[Item]]
+    root: Path | None, splits: dict[str, list[Item]],
+    known: dict[str, tuple[int, int]] | None = None,
 ) -> tuple[str, dict[str, tuple[int, int]]]:
     """sha256 over (split, path, label, size, mtime) of every listed file, and each file's
     (size, mtime_ns).
 
-    Cheap (one stat per file) and changes when a file is added, removed, relabelled, resized or
-    touched. A missing file is recorded with size -1.
+    Cheap (one stat per file, none for those in ``known``: a folder listing's stats) and
+    changes when a file is added, removed, relabelled, resized or touched. A missing file is
+    recorded with size -1.
     """
-    h = hashlib.sha256()
+    known = known or {}
+    base = os.fspath(root) if root is not None else None
     stats: dict[str, tuple[int, int]] = {}
+    lines = []
     for split, items in splits.items():
         for it in items:
-            try:
-                st = os.stat(root / it.path) if root is not None else None
-                size, mtime = (st.st_size, st.st_mtime_ns) if st else (0, 0)
-            except OSError:
-                size, mtime = -1, 0
-            stats[it.path] = (size, mtime)
-            h.update(f"{split}\t{it.path}\t{it.label}\t{size}\t{mtime}\n".encode())
-    return h.hexdigest(), stats
+            path = it.path
+            st = known.get(path)
+            if st is None:
+                st = _stat(os.path.join(base, path)) if base is not None else (0, 0)
+            stats[path] = st
+            lines.append(f"{split}\t{path}\t{it.label}\t{st[0]}\t{st[1]}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest(), stats
+
+
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, 0
 
 
 def verify(cache) -> dict[str, Any]:

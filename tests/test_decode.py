@@ -72,8 +72,10 @@ PRE = [
 
 @pytest.mark.parametrize("pre", PRE, ids=lambda p: f"{p.interpolation}-{p.resize_size}-{p.crop_size}")
 def test_batch_preprocess_matches_per_image_preprocess(pre):
-    """The device path's batched preprocessing gives the CPU path's numbers (uint8 resize,
-    crop, normalise) on images of every shape, and keeps ready rows as they are."""
+    """The device path's batch-level preprocessing (two batched matrix products for every
+    size at once) gives torchvision's numbers on images of every shape — up to a grey level
+    where float rounding lands on the other side of .5, for a handful of pixels — and keeps
+    ready rows as they are."""
     rng = np.random.default_rng(0)
     # some sizes repeat (resized together): in rows next to each other and apart
     shapes = [(375, 500), (500, 375), (pre.resize_size, pre.resize_size), (31, 200), (640, 300),
@@ -100,7 +102,9 @@ def test_batch_preprocess_matches_per_image_preprocess(pre):
         y = F.center_crop(y.clamp(0, 255).round(), [pre.crop_size])
         ref = F.normalize(y / 255.0, list(pre.mean), list(pre.std))
         assert ref.shape == x[k].shape
-        assert (x[k] - ref).abs().max() < 1e-4
+        diff = (x[k] - ref).abs()
+        assert diff.max() <= level + 1e-5
+        assert (diff > 1e-4).float().mean() < 1e-3, (diff > 1e-4).float().mean()
         if pre.interpolation == "bilinear":
             # and the CPU path (torchvision's uint8 kernel): within one grey level of rounding
             assert (x[k] - per_image(images[i])).abs().max() <= level + 1e-5

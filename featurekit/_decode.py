@@ -238,14 +238,12 @@ class DecodedBatch(NamedTuple):
     failures: list[tuple[int, str]]
 
 
-def decode_on_device(b: PackedBatch, device: str, pil_transform) -> DecodedBatch:
-    """nvJPEG's batched decode on CUDA (``decode_jpeg`` on the CPU elsewhere, so the same code
-    runs in tests); files it cannot decode (CMYK, exotic or damaged JPEGs) go to PIL, or are
-    recorded as failures."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    from featurekit.data import DecodeError
-
+def decode_on_device(b: PackedBatch, device: str, pil_transform, hw=None) -> DecodedBatch:
+    """The batch's JPEGs decoded together on the device: by ``hw`` (a :class:`HwDecoder`,
+    the GPU's hardware JPEG engines) when given, else by nvJPEG (``decode_jpeg`` on the CPU
+    elsewhere, so the same code runs in tests). What the first decoder refuses goes to nvJPEG
+    one image at a time, then to PIL on the CPU (CMYK, exotic or damaged JPEGs), or is
+    recorded as a failure with its reason."""
     images: dict[int, Any] = {}
     ready: dict[int, Any] = {}
     failures = list(b.failures)
@@ -253,27 +251,102 @@ def decode_on_device(b: PackedBatch, device: str, pil_transform) -> DecodedBatch
         for i, t in zip(b.ready_positions, b.ready.to(device, non_blocking=True)):
             ready[i] = t
     datas = [b.blob[s:e] for s, e in zip(b.offsets, b.offsets[1:])]
-    if datas:
-        try:  # one batched call: nvJPEG decodes them together
-            decoded = list(zip(b.jpeg_positions, decode_jpeg(datas, mode=ImageReadMode.RGB,
-                                                             device=device)))
-        except RuntimeError:
-            decoded = []
-            for i, data in zip(b.jpeg_positions, datas):  # find the bad ones one by one
-                try:
-                    decoded.append((i, decode_jpeg(data, mode=ImageReadMode.RGB, device=device)))
-                except RuntimeError:
-                    try:  # what nvJPEG cannot read: PIL on the CPU
-                        ready[i] = pil_transform(pil_from_bytes(data.numpy().tobytes())).to(device)
-                    except DecodeError as exc:
-                        failures.append((i, str(exc)))
-                    except Exception as exc:
-                        failures.append((i, f"{type(exc).__name__}: {exc}"))
-        orientation = dict(zip(b.jpeg_positions, b.orientations))
-        for i, img in decoded:
-            images[i] = apply_orientation(img, orientation[i])
+    decoded = _decode_batch(datas, device, hw) if datas else []
+    for i, data, img, orientation in zip(b.jpeg_positions, datas, decoded, b.orientations):
+        if img is None:
+            img = _nvjpeg_one(data, device)
+        if img is not None:
+            images[i] = apply_orientation(img, orientation)
+            continue
+        try:  # what neither GPU decoder reads: PIL on the CPU
+            ready[i] = pil_transform(pil_from_bytes(data.numpy().tobytes())).to(device)
+        except Exception as exc:
+            failures.append((i, _reason(exc)))
     failures.sort()
     return DecodedBatch(b.positions, images, ready, failures)
+
+
+def _decode_batch(datas: list[Any], device: str, hw) -> list[Any]:
+    """One batched call; a None for each image it did not decode (all, if the call failed)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        if hw is not None:
+            return hw(datas)
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return [None] * len(datas)
+
+
+def _nvjpeg_one(data, device: str):
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
+
+
+def _reason(exc: Exception) -> str:
+    from featurekit.data import DecodeError
+
+    return str(exc) if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
+
+
+HW_HINT = "pip install \"featurekit[nvimgcodec]\""
+
+
+class HwDecoder:
+    """nvImageCodec's decoder on the GPU's hardware JPEG engines (A100, H100, H200 and
+    others have them): the engines decode while the SMs run the model. Called with a batch of
+    JPEG byte tensors, it returns a uint8 CHW tensor on the device per image, as stored
+    (EXIF orientation is applied by the caller, as for nvJPEG), or None for an image the
+    engines refuse (e.g. some progressive or CMYK files)."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+        from nvidia import nvimgcodec
+
+        index = torch.device(device).index
+        self.device = device
+        self._decoder = nvimgcodec.Decoder(
+            device_id=torch.cuda.current_device() if index is None else index,
+            backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)])
+        self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False,
+                                               color_spec=nvimgcodec.ColorSpec.RGB)
+
+    def __call__(self, datas: list[Any]) -> list[Any]:
+        import torch
+
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        out = self._decoder.decode([d.numpy() for d in datas], params=self._params,
+                                   cuda_stream=stream)
+        # DLPack hands the device buffers over without a copy, ordered on this stream
+        return [None if im is None else torch.from_dlpack(im).permute(2, 0, 1) for im in out]
+
+
+def hw_problem(device: str) -> str | None:
+    """None when nvImageCodec's hardware JPEG decoder works on ``device``, else why not (not
+    installed, no JPEG engines on this GPU, a decoder that cannot be created), checked once
+    on a small JPEG before a run relies on it."""
+    import torch
+    from torchvision.io import encode_jpeg
+
+    try:
+        import nvidia.nvimgcodec  # noqa: F401
+    except ImportError:
+        return f"nvImageCodec is not installed ({HW_HINT})"
+    try:
+        data = encode_jpeg(torch.full((3, 16, 16), 128, dtype=torch.uint8))
+        img = HwDecoder(device)([data])[0]
+        if img is None:
+            return "this GPU's hardware JPEG decoder refused a plain JPEG (no JPEG engines?)"
+        if tuple(img.shape) != (3, 16, 16):
+            return f"decoded to {tuple(img.shape)}"
+        return None
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return f"{type(exc).__name__}: {first}"[:200]
 
 
 class BatchPreprocess:
@@ -351,13 +424,14 @@ def device_batches(source, items, preprocess, decode: str, device: str, batch_sa
     from featurekit.data import collate
 
     on_cuda = device.startswith("cuda")
-    if decode == "device":
+    if decode in ("device", "hw"):
         dataset = BytesDataset(source, items, preprocess)
         collate_fn = collate_packed
         prepare = BatchPreprocess(preprocess, device)
+        hw = HwDecoder(device) if decode == "hw" else None
 
-        def fetch(b):  # prefetch thread: nvJPEG and the batch's preprocessing, on its stream
-            decoded = decode_on_device(b, device, dataset.pil_transform)
+        def fetch(b):  # prefetch thread: the batch's decode and preprocessing, on its stream
+            decoded = decode_on_device(b, device, dataset.pil_transform, hw)
             good, x = prepare(decoded)
             return b.positions, good, x, decoded.failures
     else:
@@ -371,7 +445,7 @@ def device_batches(source, items, preprocess, decode: str, device: str, batch_sa
 
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn,
-        pin_memory=on_cuda and decode != "device", prefetch_factor=4 if workers else None,
+        pin_memory=on_cuda and decode == "cpu", prefetch_factor=4 if workers else None,
     )
 
     workers_iter = iter(loader)  # workers start before any thread does

@@ -155,7 +155,7 @@ def extract(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16."),
     dtype: str = typer.Option("float32", help="Storage type of features: float32 | float16."),
-    decode: str = typer.Option("auto", help="auto (gpu on CUDA) | cpu (workers decode) | gpu (batched nvJPEG on the GPU)."),
+    decode: str = typer.Option("auto", help="auto (hw, else gpu, on CUDA) | cpu (workers decode) | gpu (batched nvJPEG on the GPU) | hw (the GPU's JPEG engines via nvImageCodec: featurekit[nvimgcodec]; falls back to gpu, then cpu, with a warning)."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the forward pass (GPU, long runs)."),
     seed: int = typer.Option(0, parser=opt.SEED, help="Seed of the split and of random init."),
     val_fraction: float = typer.Option(0.15, parser=opt.FRACTION, help="Share of each class for val, for sources without split folders (0: none)."),

@@ -16,7 +16,8 @@ from featurekit import __version__
 from featurekit.errors import CacheError, DeviceError, FeaturekitError, OutputError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DECODES = ("auto", "cpu", "gpu", "device")  # "device": batched decode on the compute device
+DECODES = ("auto", "cpu", "gpu", "hw", "device")  # "device": nvJPEG (or torchvision) on the compute device
+DECODE_ATTR = {"cpu": "cpu", "device": "nvjpeg", "hw": "nvimgcodec-hw"}  # the cache's ``decode``
 DTYPES = ("float32", "float16")
 
 
@@ -131,7 +132,7 @@ class _Plan:
     device: str
     precision: str
     dtype: str
-    decode: str  # "cpu" | "device"
+    decode: str  # "cpu" | "device" (nvJPEG) | "hw" (nvImageCodec, JPEG engines)
     compile: bool
     seed: int
     val_fraction: float
@@ -269,7 +270,7 @@ def _plan(source, out, *, model, weights, layers, pool, image_size, batch_size, 
     if dtype not in DTYPES:
         raise FeaturekitError(f"unknown --dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     if decode not in DECODES:
-        raise FeaturekitError(f"unknown --decode {decode!r}; valid: auto, cpu, gpu")
+        raise FeaturekitError(f"unknown --decode {decode!r}; valid: auto, cpu, gpu, hw")
     for name, rng, value in (
         ("--image-size", opt.IMAGE_SIZE, image_size), ("--batch-size", opt.BATCH_SIZE, batch_size),
         ("--workers", opt.WORKERS, workers), ("--seed", opt.SEED, seed),
@@ -313,23 +314,30 @@ def _share_cores(dev: str, dist_info) -> int:
 
 
 def _resolve_decode(decode: str, dev: str, log) -> str:
-    """``auto``/``gpu``/``cpu`` -> ``device`` (batched decode on the compute device) or ``cpu``;
-    on CUDA, nvJPEG is probed once and ``auto`` falls back to the CPU with a warning."""
+    """``auto``/``hw``/``gpu``/``cpu`` -> ``hw`` (nvImageCodec on the GPU's JPEG engines),
+    ``device`` (nvJPEG's batched decode on the compute device) or ``cpu``. Each GPU decoder is
+    probed once on CUDA. ``auto`` takes the first that works, in that order (the CPU with a
+    warning); ``hw`` falls back the same way with one warning; ``gpu`` needs nvJPEG."""
     on_cuda = dev.startswith("cuda")
-    if decode == "gpu" and not on_cuda:
-        raise FeaturekitError("--decode gpu needs a CUDA --device; use --decode cpu")
-    if on_cuda and decode in ("auto", "gpu"):
-        from featurekit._decode import nvjpeg_problem
+    if decode in ("gpu", "hw") and not on_cuda:
+        raise FeaturekitError(f"--decode {decode} needs a CUDA --device; use --decode cpu")
+    if not on_cuda or decode in ("cpu", "device"):
+        return "cpu" if decode == "auto" else decode
+    from featurekit._decode import hw_problem, nvjpeg_problem
 
-        problem = nvjpeg_problem(dev)
-        if problem and decode == "gpu":
-            raise DeviceError(f"--decode gpu: nvJPEG does not work here ({problem}); use --decode cpu")
-        if problem:
-            log(f"warning: nvJPEG does not work here ({problem}); decoding on the CPU")
-            decode = "cpu"
-    if decode == "auto":
-        return "device" if on_cuda else "cpu"
-    return "device" if decode == "gpu" else decode
+    hw = hw_problem(dev) if decode in ("auto", "hw") else None
+    if decode in ("auto", "hw") and hw is None:
+        return "hw"
+    nvjpeg = nvjpeg_problem(dev)
+    if decode == "gpu" and nvjpeg:
+        raise DeviceError(f"--decode gpu: nvJPEG does not work here ({nvjpeg}); use --decode cpu")
+    if nvjpeg is None:
+        if decode == "hw":
+            log(f"warning: --decode hw: {hw}; decoding with nvJPEG on the GPU instead")
+        return "device"
+    why = f"{hw}; nvJPEG: {nvjpeg}" if decode == "hw" else f"nvJPEG does not work here ({nvjpeg})"
+    log(f"warning: {why}; decoding on the CPU")
+    return "cpu"
 
 
 def _build(plan: _Plan):
@@ -379,7 +387,7 @@ def _records(plan: _Plan, backbone) -> tuple[dict[str, Any], dict[str, Any]]:
         "source": src.describe(),
         "seed": plan.seed,
         "device": plan.device,
-        "decode": "nvjpeg" if plan.decode == "device" and plan.on_cuda else plan.decode,
+        "decode": DECODE_ATTR[plan.decode] if plan.on_cuda else plan.decode,
         "torch_version": str(torch.__version__),
         "options": options,
     }

@@ -229,3 +229,119 @@ def test_nvjpeg_probe_explains_instead_of_raising():
     if not torch.cuda.is_available():
         problem = _decode.nvjpeg_problem("cuda")
         assert isinstance(problem, str) and "\n" not in problem and len(problem) <= 200
+
+
+class _FakeHw:
+    """Stands in for nvImageCodec's hardware decoder on the CPU: decodes what torchvision
+    decodes, but refuses (None) every image whose index is in ``refuse`` — as the JPEG engines
+    refuse some progressive/CMYK files — or fails the whole call."""
+
+    def __init__(self, refuse=(), fail=False):
+        self.refuse, self.fail, self.calls = set(refuse), fail, 0
+
+    def __call__(self, datas):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("nvImageCodec: decoder error")
+        out = []
+        for k, d in enumerate(datas):
+            try:
+                out.append(None if k in self.refuse else decode_jpeg(d, mode=ImageReadMode.RGB))
+            except RuntimeError:
+                out.append(None)
+        return out
+
+
+@pytest.mark.parametrize("hw", [_FakeHw(), _FakeHw(refuse={0, 2, 3}), _FakeHw(fail=True)],
+                         ids=["all", "some-refused", "call-fails"])
+def test_hw_decode_falls_back_to_nvjpeg_then_pil(tmp_path, hw):
+    """The hw path gives the nvJPEG path's images, orientation, ready rows and failures,
+    whatever the engines refuse: refused images go to nvJPEG one by one, then PIL."""
+    from featurekit.data import open_source
+
+    pre = Preprocess(40, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    folder = tmp_path / "imgs" / "a"
+    folder.mkdir(parents=True)
+    for k in range(5):
+        (folder / f"j{k}.jpg").write_bytes(_jpeg(30 + 7 * k, 50 - 3 * k, seed=k, orientation=1 + k % 8))
+    (folder / "broken.jpg").write_bytes(_jpeg(30, 30)[:40])
+    Image.new("RGB", (33, 44), (10, 200, 30)).save(folder / "p.png")
+    src = open_source(tmp_path / "imgs", val_fraction=0, test_fraction=0)
+    ds = _decode.BytesDataset(src, src.splits["train"], pre)
+    packed = _decode.collate_packed([ds[i] for i in range(len(ds))])
+    ref = _decode.decode_on_device(packed, "cpu", ds.pil_transform)
+    got = _decode.decode_on_device(packed, "cpu", ds.pil_transform, hw=hw)
+    assert hw.calls == 1
+    assert got.failures == ref.failures and [i for i, _ in got.failures]  # broken.jpg
+    assert set(got.images) == set(ref.images) and set(got.ready) == set(ref.ready)
+    for i in ref.images:
+        assert torch.equal(got.images[i], ref.images[i])
+
+
+def test_decode_choice_and_its_fallbacks(monkeypatch):
+    """auto: hw, else nvJPEG (quietly: a GPU without JPEG engines is normal), else the CPU
+    with a warning; --decode hw falls back the same way with one warning; gpu needs nvJPEG;
+    gpu/hw without CUDA are refused."""
+    import importlib
+
+    ex = importlib.import_module("featurekit.extract")
+    from featurekit.errors import DeviceError, FeaturekitError
+
+    def choose(decode, hw=None, nvjpeg=None, dev="cuda:0"):
+        monkeypatch.setattr(_decode, "hw_problem", lambda d: hw)
+        monkeypatch.setattr(_decode, "nvjpeg_problem", lambda d: nvjpeg)
+        lines = []
+        return ex._resolve_decode(decode, dev, lines.append), lines
+
+    assert choose("auto") == ("hw", [])
+    assert choose("auto", hw="not installed") == ("device", [])
+    mode, lines = choose("auto", hw="not installed", nvjpeg="no nvJPEG")
+    assert mode == "cpu" and len(lines) == 1 and "nvJPEG" in lines[0]
+    assert choose("hw") == ("hw", [])
+    mode, lines = choose("hw", hw="nvImageCodec is not installed")
+    assert mode == "device" and len(lines) == 1 and "not installed" in lines[0] and "nvJPEG" in lines[0]
+    mode, lines = choose("hw", hw="no engines", nvjpeg="no nvJPEG")
+    assert mode == "cpu" and len(lines) == 1 and "no engines" in lines[0]
+    assert choose("gpu", hw="no engines") == ("device", [])
+    with pytest.raises(DeviceError, match="nvJPEG"):
+        choose("gpu", nvjpeg="no nvJPEG")
+    assert choose("cpu", hw="x", nvjpeg="y") == ("cpu", [])
+    assert choose("auto", dev="cpu") == ("cpu", [])
+    for decode in ("gpu", "hw"):
+        with pytest.raises(FeaturekitError, match="needs a CUDA"):
+            choose(decode, dev="cpu")
+
+
+def test_hw_problem_names_the_extra_when_nvimagecodec_is_missing(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)  # import fails
+    problem = _decode.hw_problem("cuda:0")
+    assert "not installed" in problem and "featurekit[nvimgcodec]" in problem
+
+
+def test_device_batches_on_the_hw_path(monkeypatch, tmp_path):
+    """The whole hw pipeline (workers, prefetch thread, decode, batch preprocessing) on the
+    CPU with the stand-in decoder: the same batches as the nvJPEG path."""
+    from featurekit.data import open_source
+
+    monkeypatch.setattr(_decode, "HwDecoder", lambda device: _FakeHw(refuse={1}))
+    folder = tmp_path / "imgs" / "a"
+    folder.mkdir(parents=True)
+    for k in range(7):
+        (folder / f"j{k}.jpg").write_bytes(_jpeg(40 + 5 * k, 30 + 3 * k, seed=k))
+    (folder / "junk.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 50)
+    src = open_source(tmp_path / "imgs", val_fraction=0, test_fraction=0)
+    items = src.splits["train"]
+    pre = Preprocess(40, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    sampler = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    runs = {}
+    for decode in ("device", "hw"):
+        with _decode.device_batches(src, items, pre, decode, "cpu", sampler, 0) as ready:
+            runs[decode] = list(ready)
+    for (pa, ga, xa, fa), (pb, gb, xb, fb) in zip(runs["device"], runs["hw"]):
+        assert pa == pb and ga == gb and fa == fb
+        assert torch.equal(xa, xb)
+    assert [reason for b in runs["hw"] for _, reason in b[3]]  # junk.jpg, with its reason

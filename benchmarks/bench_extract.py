@@ -5,9 +5,11 @@ Two suites, on generated folders of ImageNet-like JPEGs:
 ``throughput`` (issue 7; the default on a CUDA machine) -- in one run, on one folder of JPEGs of
 300-640 px a side (~70 KB), images/s of:
 
-* decode ceilings: CPU workers (featurekit's CPU path, no model) and the device path (workers
-  read bytes, batched decode -- nvJPEG on CUDA -- in a prefetch thread, resize/crop/normalise on
-  the device; no model);
+* decode ceilings, steady state: from bytes in memory (each batched GPU decoder -- nvJPEG, and
+  nvImageCodec's JPEG engines where they work -- alone and with extract's batch preprocessing;
+  one CPU core's decode, extrapolated to all cores) and through extract's own pipeline without
+  the model (DataLoader workers, prefetch thread, decode, preprocessing) for every decode path,
+  timed after the first batches (worker start-up is reported apart, not in the rate);
 * bare forward ceilings on pre-made tensors on the device: eager and ``torch.compile``,
   channels_last, bf16 autocast on CUDA (fp32 on the CPU);
 * the tutorial-style naive baseline: PIL DataLoader, fp32, default layout, ``.cpu().numpy()``
@@ -184,24 +186,103 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def decode_ceilings(folder: Path, model: str, device: str, batch: int, workers: int) -> dict:
-    """Images/s of featurekit's two decode paths alone (no model), exactly as extract runs them
-    (``featurekit._decode.device_batches``): the tensors end on ``device``, ready to run."""
+def decode_paths(device: str) -> list[str]:
+    """The decode paths of ``extract`` that run on ``device``: cpu, device (nvJPEG on CUDA,
+    torchvision's decoder elsewhere), and hw where nvImageCodec's JPEG engines work."""
+    paths = ["cpu", "device"]
+    if device.startswith("cuda"):
+        from featurekit._decode import hw_problem
+
+        if hw_problem(device) is None:
+            paths.append("hw")
+    return paths
+
+
+def decode_ceilings(folder: Path, model: str, device: str, batch: int, workers: int,
+                    limit: int | None = None, warm_batches: int = 3) -> dict:
+    """Steady-state images/s of each decode path through extract's own pipeline
+    (``featurekit._decode.device_batches``: DataLoader workers, the prefetch thread, batched
+    decode and preprocessing; no model), the tensors ending on ``device`` ready to run. The
+    clock starts after ``warm_batches`` batches: worker start-up and the decoders' first
+    calls are not in the rate (they are in ``*_first_batches_seconds``)."""
     from featurekit import _decode, data
     from featurekit.models import default_preprocess
 
     src = data.open_source(folder, val_fraction=0, test_fraction=0)
-    items, pre = src.splits["train"], default_preprocess(model)
+    items, pre = src.splits["train"][:limit], default_preprocess(model)
     sampler = [list(range(i, min(i + batch, len(items)))) for i in range(0, len(items), batch)]
     out = {}
-    for name, decode in (("decode_cpu_workers", "cpu"), ("decode_device", "device")):
-        t = time.perf_counter()
-        n = 0
+    for decode in decode_paths(device):
+        t0 = time.perf_counter()
+        n, k, t = 0, 0, None
         with _decode.device_batches(src, items, pre, decode, device, sampler, workers) as ready:
-            for _, good, _, _ in ready:
-                n += len(good)
+            for _, good, x, _ in ready:
+                k += 1
+                if k == warm_batches:
+                    _sync(device)
+                    t = time.perf_counter()
+                    out[f"loader_{decode}_first_batches_seconds"] = t - t0
+                elif t is not None:
+                    n += len(good)
         _sync(device)
-        out[name] = n / (time.perf_counter() - t)
+        if t is not None and n:
+            out[f"loader_{decode}"] = n / (time.perf_counter() - t)
+    return out
+
+
+def decode_from_memory(folder: Path, model: str, device: str, batch: int, limit: int) -> dict:
+    """Decode ceilings from bytes already in memory, steady state (one warm-up batch): each
+    batched GPU decoder alone, and with extract's batch preprocessing; on the CPU one core's
+    torchvision decode (+ preprocessing), times the cores as ``*_all_cores_extrapolated``."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from featurekit import _decode, data
+    from featurekit.models import default_preprocess
+
+    src = data.open_source(folder, val_fraction=0, test_fraction=0)
+    blobs = [torch.frombuffer(bytearray((src.root / it.path).read_bytes()), dtype=torch.uint8)
+             for it in src.splits["train"][:limit]]
+    pre = default_preprocess(model)
+    out: dict = {"memory_images": len(blobs)}
+    decoders = {}
+    if device.startswith("cuda"):
+        decoders["nvjpeg"] = lambda chunk: decode_jpeg(chunk, mode=ImageReadMode.RGB, device=device)
+        if "hw" in decode_paths(device):
+            decoders["hw"] = _decode.HwDecoder(device)
+    prep = _decode.BatchPreprocess(pre, device)
+    chunks = [blobs[i:i + batch] for i in range(0, len(blobs), batch)]
+    for name, dec in decoders.items():
+        for with_prep in (False, True):
+            def step(chunk):
+                imgs = dec(chunk)
+                if with_prep:
+                    prep(_decode.DecodedBatch(list(range(len(imgs))), dict(enumerate(imgs)), {}, []))
+            step(chunks[0])
+            _sync(device)
+            t = time.perf_counter()
+            for chunk in chunks[1:]:
+                step(chunk)
+            _sync(device)
+            n = sum(len(c) for c in chunks[1:])
+            out[f"memory_{name}{'_preprocessed' if with_prep else ''}"] = n / (time.perf_counter() - t)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cpu_pre = _decode.TensorPreprocess(pre)
+        sample = blobs[: min(len(blobs), 256)]
+        for with_prep in (False, True):
+            t = time.perf_counter()
+            for b in sample:
+                x = decode_jpeg(b, mode=ImageReadMode.RGB)
+                if with_prep:
+                    cpu_pre(x)
+            rate = len(sample) / (time.perf_counter() - t)
+            key = f"memory_cpu_one_core{'_preprocessed' if with_prep else ''}"
+            out[key] = rate
+            out[key.replace("one_core", "all_cores_extrapolated")] = rate * (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -349,6 +430,7 @@ def throughput_suite(args: argparse.Namespace) -> dict:
     for model in args.models.split(","):
         r: dict = {}
         print(f"{model}: decode ceilings", file=sys.stderr)
+        r.update(decode_from_memory(folder, model, dev, args.batch_size, min(4096, args.images)))
         r.update(decode_ceilings(folder, model, dev, args.batch_size, args.workers))
         print(f"{model}: forward ceilings", file=sys.stderr)
         r.update(forward_ceilings(model, dev, args.batch_size, 5 if args.quick else 50, compile_too))
@@ -365,7 +447,7 @@ def throughput_suite(args: argparse.Namespace) -> dict:
         steady = best["steady_images_per_second"] or best["pass_images_per_second"]
         r["best_extract_steady"] = steady
         r["ratio_extract_over_naive"] = steady / r["naive"]
-        r["ratio_extract_over_decode_device"] = steady / r["decode_device"]
+        r["ratio_extract_over_loader_device"] = steady / r["loader_device"] if r.get("loader_device") else None
         res["models"][model] = r
         print(f"\n{model}: images/s")
         for k, v in r.items():
@@ -373,6 +455,8 @@ def throughput_suite(args: argparse.Namespace) -> dict:
                 v = (f"steady {v['steady_images_per_second'] or float('nan'):,.1f}, whole process "
                      f"{v['process_images_per_second']:,.1f} ({v['process_seconds']:.1f} s; "
                      f"{v['decode']}, {v['precision']})")
+            elif v is None:
+                v = "-"
             else:
                 v = f"{v:,.3f}" if k.startswith("ratio") else f"{v:,.1f}"
             print(f"  {k:34s} {v}")

@@ -333,7 +333,9 @@ def hw_problem(device: str) -> str | None:
     from torchvision.io import encode_jpeg
 
     try:
-        import nvidia.nvimgcodec  # noqa: F401
+        import nvidia.nvimgcodec as _probe  # noqa: F401
+
+        del _probe
     except ImportError:
         return f"nvImageCodec is not installed ({HW_HINT})"
     try:

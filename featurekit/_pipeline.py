@@ -116,6 +116,23 @@ class Prefetcher:
         self.close()
 
 
+def background(fn: Callable[..., Any], *args: Any, **kwargs: Any):
+    """``fn(*args, **kwargs)`` started now in a daemon thread (an error elsewhere never waits
+    for it at exit); the returned future's ``result()`` waits and re-raises its exception."""
+    from concurrent.futures import Future
+
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="featurekit-background", daemon=True).start()
+    return future
+
+
 class Consumer:
     """Runs ``fn(item)`` for every item :meth:`put`, in order, in one thread; ``depth`` items
     may wait. An exception in ``fn`` stops the thread and is raised by the next :meth:`put`

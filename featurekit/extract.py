@@ -118,7 +118,8 @@ def default_workers(device: str) -> int:
 @dataclass
 class _Plan:
     """Everything ``extract`` resolved before building anything: options checked, device,
-    precision and decode path chosen, weights file loaded, source listed."""
+    precision and decode path chosen, weights file loaded; the source is being listed
+    (``listing``) and is in ``src`` once ``extract`` has waited for it."""
 
     src: Any
     out_path: Path
@@ -142,6 +143,7 @@ class _Plan:
     commit_seconds: float
 
     dist: Any = None  # featurekit._dist.Dist: this process under torchrun (or world 1)
+    listing: Any = None  # the future of ``src`` (data.open_source in a thread)
 
     @property
     def on_cuda(self) -> bool:
@@ -187,7 +189,10 @@ def extract(
                  precision=precision, dtype=dtype, decode=decode, compile=compile, seed=seed,
                  val_fraction=val_fraction, test_fraction=test_fraction, overwrite=overwrite,
                  resume=resume, commit_seconds=commit_seconds, log=log)
-    backbone, net, dims = _build(plan)
+    if plan.spec.kind == "imagenet":  # a download may follow: only for a source that lists
+        plan.src = plan.listing.result()
+    backbone, net, dims = _build(plan)  # while the source is listed, when nothing downloads
+    plan.src = plan.listing.result()
     options, attrs = _records(plan, backbone)
     summary = ExtractSummary(
         out=str(plan.out_path), model=backbone.name, weights=backbone.weights, device=plan.device,
@@ -259,7 +264,7 @@ def _plan(source, out, *, model, weights, layers, pool, image_size, batch_size, 
           precision, dtype, decode, compile, seed, val_fraction, test_fraction, overwrite,
           resume, commit_seconds, log) -> _Plan:
     """Check every option, then resolve device, precision, decode path and batch size, load
-    the weights file and list the source; nothing is built or downloaded here."""
+    the weights file, and start listing the source; nothing is built or downloaded here."""
     from featurekit import _resources, data, models
     from featurekit import options as opt
 
@@ -278,8 +283,11 @@ def _plan(source, out, *, model, weights, layers, pool, image_size, batch_size, 
         ("--commit-seconds", opt.COMMIT_SECONDS, commit_seconds),
     ):
         rng.check(name, value)
-    from featurekit import _dist
+    from featurekit import _dist, _pipeline
 
+    # listed in a thread meanwhile: CUDA initialisation, the decoder probes, the model build
+    listing = _pipeline.background(data.open_source, source, seed=seed, val_fraction=val_fraction,
+                                   test_fraction=test_fraction)
     dist_info, dev = _dist.init(resolve_device(device))  # under torchrun: this rank's GPU
     prec = resolve_precision(precision, dev)
     decode = _resolve_decode(decode, dev, log)
@@ -291,8 +299,7 @@ def _plan(source, out, *, model, weights, layers, pool, image_size, batch_size, 
     _resources.check_batch_fits(image_size=size, batch_size=batch_size, device=dev,
                                 half=prec != "fp32", workers=workers,
                                 decoded_on_host=decode == "cpu")
-    src = data.open_source(source, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
-    return _Plan(src=src, out_path=out_path, spec=spec, model=model, layers=layer_list, pool=pool,
+    return _Plan(src=None, listing=listing, out_path=out_path, spec=spec, model=model, layers=layer_list, pool=pool,
                  image_size=image_size, batch_size=batch_size, workers=workers, device=dev,
                  precision=prec, dtype=dtype, decode=decode, compile=compile, seed=seed,
                  val_fraction=val_fraction, test_fraction=test_fraction, resume=resume,
@@ -353,8 +360,18 @@ def _build(plan: _Plan):
     net.to(plan.device, memory_format=torch.channels_last)
     dims = net.dims()  # before compiling: the dry run's shape would be compiled too
     if plan.compile:
+        # inductor's compiled kernels and graphs kept across runs (torch's default is under
+        # /tmp, often lost): a second run of the same model and batch size skips most of it
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
         net.compile()
     return backbone, net, dims
+
+
+def compile_cache_dir() -> Path:
+    """Where ``--compile`` keeps torch inductor's cache: $TORCHINDUCTOR_CACHE_DIR when set, else
+    $XDG_CACHE_HOME/featurekit/inductor (~/.cache/featurekit/inductor)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(base, "featurekit", "inductor"))
 
 
 def _records(plan: _Plan, backbone) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -322,3 +322,21 @@ def test_decode_paths_agree(tmp_path, digits_jpegs):
     save_head(result, head)
     other = float(np.mean(load_head(head)["head"].predict(xt) == yt))
     assert abs(other - result.report["accuracy"]) <= 0.005, (other, result.report["accuracy"])
+
+
+def test_gpu_suite_help_and_no_gpu():
+    """benchmarks/gpu_suite.py: --help works anywhere; without a GPU one line, exit 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_suite.py"
+    r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "OUT_DIR" in r.stdout
+    if torch.cuda.is_available():
+        return
+    r = subprocess.run([sys.executable, str(script), "/nonexistent-out"], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no CUDA GPU" in r.stderr
+    assert not Path("/nonexistent-out").exists()

@@ -49,6 +49,27 @@ def parse_layers(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def layer_nodes(model, layers: list[str] | None = None, blocks: bool = False) -> dict[str, str]:
+    """The one registry of featurekit's layer names on a ResNet: name -> submodule path whose
+    output is that layer (``penultimate`` is the global pool; a stage's or a block's output is
+    after its last ReLU). ``layers`` default to the four stages; ``blocks`` adds each stage's
+    blocks (``layer3.0``, ...) before the stage itself. Used by sparsity's hooks; FeatureNet
+    runs the same stages by hand."""
+    out: dict[str, str] = {}
+    for name in parse_layers(layers or list(STAGES)):
+        if name == "penultimate":
+            out[name] = "avgpool"
+            continue
+        if blocks:
+            for i in range(len(model.get_submodule(name))):
+                out[f"{name}.{i}"] = f"{name}.{i}"
+        out[name] = name
+    return out
+
+
 def check_pool(pool: str) -> str:
     if pool not in POOLS:
         raise ModelError(f"unknown pool {pool!r}; valid: {', '.join(POOLS)}")

@@ -23,9 +23,6 @@ from typing import Any, Iterable
 
 from featurekit.errors import FeaturekitError, ModelError
 
-STAGE_LAYERS = ("layer1", "layer2", "layer3", "layer4")
-
-
 @dataclass
 class ChannelStats:
     """Streaming per-channel counts of one layer's output."""
@@ -99,25 +96,6 @@ def collect(model, batches: Iterable[Any], modules: dict[str, str], dead_thresho
     return {name: s.result(dead_threshold) for name, s in rec.stats.items()}
 
 
-def resnet_modules(model, layers: list[str] | None, blocks: bool) -> dict[str, str]:
-    """featurekit layer names -> ResNet submodule paths (a block's output is after its ReLU)."""
-    names = list(layers) if layers else list(STAGE_LAYERS)
-    out: dict[str, str] = {}
-    for name in names:
-        if name == "penultimate":
-            out[name] = "avgpool"
-        elif name in STAGE_LAYERS:
-            if blocks:
-                for i in range(len(getattr(model, name))):
-                    out[f"{name}.{i}"] = f"{name}.{i}"
-            out[name] = name
-        else:
-            raise ModelError(
-                f"unknown layer {name!r}; valid layers: penultimate, {', '.join(STAGE_LAYERS)}"
-            )
-    return out
-
-
 def _pick_split(source, split: str | None) -> str:
     if split is None:
         for s in ("test", "val", "train"):
@@ -151,14 +129,11 @@ def sparsity(
 ) -> dict[str, Any]:
     """Statistics per layer for each weights; the ``--json`` shape of ``featurekit sparsity``."""
     from featurekit import data, models
-    from featurekit.extract import default_workers, resolve_device, resolve_precision
+    from featurekit.extract import _resolve_decode, _stderr, default_workers, resolve_device, resolve_precision
 
     if model is not None:
         models.check_model(model)
-    layer_list = None
-    if layers:
-        layer_list = [s.strip() for s in layers.split(",")] if isinstance(layers, str) else list(layers)
-        layer_list = [s for s in layer_list if s]
+    layer_list = models.parse_layers(layers) if layers else None
     from featurekit import options as opt
 
     for name, rng, value in (
@@ -175,13 +150,15 @@ def sparsity(
     specs = [models.resolve_weights(w) for w in all_weights]  # every file checked before any pass
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
+    decode = _resolve_decode("auto", dev, _stderr)  # extract's decode paths and pipeline
     n_workers = default_workers(dev) if workers is None else workers
     from featurekit import _resources
 
     for spec in specs:
         size = models.preprocess_for(model if spec.model_name is None else None, spec, image_size).crop_size
         _resources.check_batch_fits(image_size=size, batch_size=batch_size, device=dev,
-                                    half=prec != "fp32", workers=n_workers)
+                                    half=prec != "fp32", workers=n_workers,
+                                    decoded_on_host=decode == "cpu")
     src = data.open_source(source, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
     split = _pick_split(src, split)
     items = src.splits[split]
@@ -202,7 +179,7 @@ def sparsity(
         backbone = models.build_backbone(model if spec.model_name is None else None, spec,
                                          seed=seed, image_size=image_size)
         net = backbone.model.to(dev, memory_format=torch.channels_last).eval()
-        nets.append((given, backbone.preprocess, net, resnet_modules(net, layer_list, blocks)))
+        nets.append((given, backbone.preprocess, net, models.layer_nodes(net, layer_list, blocks)))
         names.append(backbone.name)
     order = list(nets[0][3])
     if any(list(m) != order for *_, m in nets):
@@ -215,26 +192,12 @@ def sparsity(
     for entry in nets:
         groups.setdefault(json.dumps(entry[1].to_dict(), sort_keys=True), []).append(entry)
 
-    from featurekit._decode import CpuDataset
-
     per_weights: dict[str, dict[str, dict[str, float]]] = {}
     with progress_bar(enabled=progress) as bar:
         for group in groups.values():
-            ds = CpuDataset(src, items, group[0][1])  # extract's CPU decoding
-            loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=n_workers,
-                                                 collate_fn=data.collate, pin_memory=dev.startswith("cuda"))
-            task = bar.add_task(f"sparsity {', '.join(g[0] for g in group)}", total=len(ds))
-            with contextlib.ExitStack() as stack, torch.inference_mode():
-                recorders = [stack.enter_context(Recorder(net, modules)) for _, _, net, modules in group]
-                for positions, _, x, _ in loader:
-                    bar.advance(task, len(positions))
-                    if x is None:
-                        continue
-                    x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                    for _, _, net, _ in group:
-                        with torch.autocast(dev.split(":")[0], dtype=autocast_dtype or torch.float32,
-                                            enabled=autocast_dtype is not None):
-                            net(x)
+            task = bar.add_task(f"sparsity {', '.join(g[0] for g in group)}", total=len(items))
+            recorders = _pass(group, src, items, decode, dev, batch_size, n_workers,
+                              autocast_dtype, lambda n: bar.advance(task, n))
             for (given, *_), rec in zip(group, recorders):
                 per_weights[given] = {name: st.result(dead_threshold) for name, st in rec.stats.items()}
     return {
@@ -248,6 +211,34 @@ def sparsity(
             for name in order
         ],
     }
+
+
+def _pass(group, src, items, decode: str, dev: str, batch_size: int, workers: int,
+          autocast_dtype, advance) -> list[Recorder]:
+    """One pass of extract's batch pipeline (``_decode.device_batches``: decoding workers,
+    prefetch thread, batch preprocessing on the device) over ``items``, every model of the
+    group (weights sharing one preprocessing) run on each batch under its hooks."""
+    import torch
+
+    from featurekit import _decode
+
+    sampler = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
+    preprocess = group[0][1]
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        recorders = [stack.enter_context(Recorder(net, modules)) for _, _, net, modules in group]
+        if dev.startswith("cuda"):
+            stack.enter_context(torch.cuda.device(dev))
+        ready = stack.enter_context(_decode.device_batches(src, items, preprocess, decode, dev,
+                                                          sampler, workers))
+        for positions, _, x, _ in ready:
+            advance(len(positions))
+            if x is None:
+                continue
+            for _, _, net, _ in group:
+                with torch.autocast(dev.split(":")[0], dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    net(x)
+    return recorders
 
 
 OUTPUT_FILES = ["sparsity.csv", "sparsity.json", "sparsity.png"]

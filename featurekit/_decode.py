@@ -319,7 +319,7 @@ class HwDecoder:
         import torch
 
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        out = self._decoder.decode([d.numpy() for d in datas], params=self._params,
+        out = self._decoder.decode([d.numpy().tobytes() for d in datas], params=self._params,
                                    cuda_stream=stream)
         # DLPack hands the device buffers over without a copy, ordered on this stream
         return [None if im is None else torch.from_dlpack(im).permute(2, 0, 1) for im in out]
@@ -339,11 +339,12 @@ def hw_problem(device: str) -> str | None:
     except ImportError:
         return f"nvImageCodec is not installed ({HW_HINT})"
     try:
-        data = encode_jpeg(torch.full((3, 16, 16), 128, dtype=torch.uint8))
+        g = torch.Generator().manual_seed(0)  # a photo-sized baseline JPEG, 4:2:0 like most
+        data = encode_jpeg(torch.randint(0, 256, (3, 256, 320), dtype=torch.uint8, generator=g))
         img = HwDecoder(device)([data])[0]
         if img is None:
             return "this GPU's hardware JPEG decoder refused a plain JPEG (no JPEG engines?)"
-        if tuple(img.shape) != (3, 16, 16):
+        if tuple(img.shape) != (3, 256, 320):
             return f"decoded to {tuple(img.shape)}"
         return None
     except Exception as exc:

@@ -54,29 +54,47 @@ def axis_matrix(in_len, out_len, crop: int, width: int, mode: str, antialias: bo
     rf = r.float()
     j = torch.arange(width, device=dev, dtype=torch.float32)[None, None, :]
     L = in_len[:, None]
-    if mode in ("nearest", "nearest-exact"):
-        src = torch.floor((rf + 0.5) * scale if mode == "nearest-exact" else rf * scale)
-        src = torch.minimum(src.long(), L - 1)
-        w = (j.long() == src[..., None]).float()
-    elif antialias and mode in ("bilinear", "bicubic"):
-        w = _aa_weights(rf, scale, L, j, mode)
-    elif mode == "bilinear":
-        src = (scale * (rf + 0.5) - 0.5).clamp_min(0)
-        i0 = src.long()
-        i1 = torch.minimum(i0 + 1, L - 1)
-        l1 = src - i0.float()
-        w = _scatter(width, (i0, 1 - l1), (i1, l1))
-    elif mode == "bicubic":
-        src = scale * (rf + 0.5) - 0.5
-        i0 = torch.floor(src)
-        t = src - i0
-        i0 = i0.long()
-        taps = [((i0 + d).clamp(min=0).minimum(L - 1), c)
-                for d, c in zip((-1, 0, 1, 2), _cubic(t, -0.75))]
-        w = _scatter(width, *taps)
-    else:
+    if mode not in MODES:
         raise ValueError(f"interpolation {mode!r} is not one of {', '.join(MODES)}")
+    if mode.startswith("nearest"):
+        w = _nearest(rf, scale, L, j, exact=mode == "nearest-exact")
+    elif antialias:
+        w = _aa_weights(rf, scale, L, j, mode)
+    else:
+        w = (_bilinear if mode == "bilinear" else _bicubic)(rf, scale, L, width)
     return w * inside[..., None]
+
+
+def _nearest(rf, scale, L, j, exact: bool):
+    """interpolate's nearest (floor(r * scale)) and nearest-exact (floor((r + 0.5) * scale))."""
+    import torch
+
+    src = torch.floor((rf + 0.5) * scale if exact else rf * scale)
+    src = torch.minimum(src.long(), L - 1)
+    return (j.long() == src[..., None]).float()
+
+
+def _bilinear(rf, scale, L, width: int):
+    """interpolate's bilinear without antialiasing (half-pixel centres, clamped at 0)."""
+    import torch
+
+    src = (scale * (rf + 0.5) - 0.5).clamp_min(0)
+    i0 = src.long()
+    i1 = torch.minimum(i0 + 1, L - 1)
+    l1 = src - i0.float()
+    return _scatter(width, (i0, 1 - l1), (i1, l1))
+
+
+def _bicubic(rf, scale, L, width: int):
+    """interpolate's bicubic without antialiasing (Keys a = -0.75, borders clamped)."""
+    import torch
+
+    src = scale * (rf + 0.5) - 0.5
+    i0 = torch.floor(src)
+    t = src - i0
+    i0 = i0.long()
+    return _scatter(width, *[((i0 + d).clamp(min=0).minimum(L - 1), c)
+                             for d, c in zip((-1, 0, 1, 2), _cubic(t, -0.75))])
 
 
 def _aa_weights(rf, scale, L, j, mode: str):

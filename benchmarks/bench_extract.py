@@ -249,7 +249,7 @@ def decode_from_memory(folder: Path, model: str, device: str, batch: int, limit:
     if device.startswith("cuda"):
         decoders["nvjpeg"] = lambda chunk: decode_jpeg(chunk, mode=ImageReadMode.RGB, device=device)
         if "hw" in decode_paths(device):
-            decoders["hw"] = _decode.HwDecoder(device)
+            decoders["hw"] = _decode.HwDecoder.on(device)
     prep = _decode.BatchPreprocess(pre, device)
     chunks = [blobs[i:i + batch] for i in range(0, len(blobs), batch)]
     for name, dec in decoders.items():

@@ -303,6 +303,16 @@ class HwDecoder:
     (EXIF orientation is applied by the caller, as for nvJPEG), or None for an image the
     engines refuse (e.g. some progressive or CMYK files)."""
 
+    _made: dict[str, HwDecoder] = {}
+
+    @classmethod
+    def on(cls, device: str) -> HwDecoder:
+        """One decoder per device and process: the probe's is the one the run uses (making
+        one costs a noticeable part of a second)."""
+        if device not in cls._made:
+            cls._made[device] = cls(device)
+        return cls._made[device]
+
     def __init__(self, device: str) -> None:
         import torch
         from nvidia import nvimgcodec
@@ -341,7 +351,7 @@ def hw_problem(device: str) -> str | None:
     try:
         g = torch.Generator().manual_seed(0)  # a photo-sized baseline JPEG, 4:2:0 like most
         data = encode_jpeg(torch.randint(0, 256, (3, 256, 320), dtype=torch.uint8, generator=g))
-        img = HwDecoder(device)([data])[0]
+        img = HwDecoder.on(device)([data])[0]
         if img is None:
             return "this GPU's hardware JPEG decoder refused a plain JPEG (no JPEG engines?)"
         if tuple(img.shape) != (3, 256, 320):
@@ -431,7 +441,7 @@ def device_batches(source, items, preprocess, decode: str, device: str, batch_sa
         dataset = BytesDataset(source, items, preprocess)
         collate_fn = collate_packed
         prepare = BatchPreprocess(preprocess, device)
-        hw = HwDecoder(device) if decode == "hw" else None
+        hw = HwDecoder.on(device) if decode == "hw" else None
 
         def fetch(b):  # prefetch thread: the batch's decode and preprocessing, on its stream
             decoded = decode_on_device(b, device, dataset.pil_transform, hw)

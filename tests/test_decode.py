@@ -327,7 +327,7 @@ def test_device_batches_on_the_hw_path(monkeypatch, tmp_path):
     CPU with the stand-in decoder: the same batches as the nvJPEG path."""
     from featurekit.data import open_source
 
-    monkeypatch.setattr(_decode, "HwDecoder", lambda device: _FakeHw(refuse={1}))
+    monkeypatch.setattr(_decode.HwDecoder, "on", staticmethod(lambda device: _FakeHw(refuse={1})))
     folder = tmp_path / "imgs" / "a"
     folder.mkdir(parents=True)
     for k in range(7):

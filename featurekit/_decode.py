@@ -267,23 +267,31 @@ def decode_on_device(b: PackedBatch, device: str, pil_transform, hw=None) -> Dec
 
 
 def _decode_batch(datas: list[Any], device: str, hw) -> list[Any]:
-    """One batched call; a None for each image it did not decode (all, if the call failed)."""
+    """One batched call; a None for each image it did not decode (all, if the call failed:
+    one bad file fails nvJPEG's whole batch). Running out of device memory is not a bad file:
+    it is raised."""
+    import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
         if hw is not None:
             return hw(datas)
         return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
+    except torch.OutOfMemoryError:
+        raise
+    except Exception:
         return [None] * len(datas)
 
 
 def _nvjpeg_one(data, device: str):
+    import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
+    except torch.OutOfMemoryError:
+        raise
+    except Exception:
         return None
 
 

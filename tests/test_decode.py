@@ -345,3 +345,15 @@ def test_device_batches_on_the_hw_path(monkeypatch, tmp_path):
         assert pa == pb and ga == gb and fa == fb
         assert torch.equal(xa, xb)
     assert [reason for b in runs["hw"] for _, reason in b[3]]  # junk.jpg, with its reason
+
+
+def test_out_of_memory_in_a_batch_decode_is_not_a_bad_file():
+    """A decoder failing for lack of device memory must surface (extract turns it into one
+    line and keeps the committed rows), not send every image to PIL."""
+    def oom(datas):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    data = torch.frombuffer(bytearray(_jpeg(20, 20)), dtype=torch.uint8)
+    with pytest.raises(torch.OutOfMemoryError):
+        _decode._decode_batch([data], "cpu", oom)
+    assert _decode._decode_batch([data], "cpu", lambda d: 1 / 0) == [None]  # any other failure

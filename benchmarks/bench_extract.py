@@ -48,7 +48,7 @@ from multiprocessing import Pool
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WORK = HERE / "_work"
+WORK = Path(os.environ.get("FEATUREKIT_BENCH_WORK") or HERE / "_work")  # generated data
 sys.path.insert(0, str(HERE.parent))  # featurekit from this checkout when not installed
 
 

@@ -340,3 +340,27 @@ def test_gpu_suite_help_and_no_gpu():
     r = subprocess.run([sys.executable, str(script), "/nonexistent-out"], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no CUDA GPU" in r.stderr
     assert not Path("/nonexistent-out").exists()
+
+
+def test_gpu_suite_code_runs_in_cpu_smoke_mode(tmp_path):
+    """The GPU suite's stages (agreement, ceilings, extract processes) run end to end on tiny
+    data on the CPU, so a GPU session's few minutes are not lost to a broken script."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_suite.py"
+    env = {**os.environ, "FEATUREKIT_BENCH_WORK": str(tmp_path / "work")}
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), "--cpu-smoke",
+                        "--images", "24", "--budget", "900"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "out" / "gpu-suite.json").read_text())
+    stages = res["stages"]
+    assert set(stages) == {"agreement", "ceilings", "extract"}
+    assert not any("failed" in v or "skipped" in v for v in stages.values())
+    agree = stages["agreement"]
+    assert agree["device"]["mean_cosine_vs_cpu"] >= 0.999 and agree["device"]["points_vs_cpu"] <= 0.5
+    assert agree["awkward"]["cpu"]["skipped"] == agree["awkward"]["device"]["skipped"]
+    assert stages["extract"]["resnet18"]["process_seconds"] > stages["extract"]["imports_process_seconds"]

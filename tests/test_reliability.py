@@ -298,17 +298,38 @@ def _bad_corpus(root: Path) -> dict[str, str | None]:
     }
 
 
-@pytest.mark.parametrize("decode", ["cpu", "device"])
+def _half_refusing_hw(device):
+    """A stand-in for nvImageCodec's JPEG engines on the CPU: decodes as torchvision does but
+    refuses every other image (the fallbacks must take them)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode(datas):
+        out = []
+        for k, d in enumerate(datas):
+            try:
+                out.append(None if k % 2 else decode_jpeg(d, mode=ImageReadMode.RGB))
+            except RuntimeError:
+                out.append(None)
+        return out
+
+    return decode
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device", "hw"])
 def test_every_bad_image_kind(tmp_path, runner, decode, monkeypatch):
-    """On every decode path ('device' is the GPU path's code, run here on the CPU)."""
+    """On every decode path ('device' is the GPU path's code, run here on the CPU; 'hw' the
+    same with a stand-in for the JPEG engines that refuses half of the images)."""
     root = tmp_path / "bad"
     expected = _bad_corpus(root)
     out = tmp_path / "bad.h5"
-    if decode == "device":
-        import featurekit.extract as ex
+    if decode != "cpu":
+        import importlib
 
-        real = ex.extract
-        monkeypatch.setattr(ex, "extract", lambda *a, **k: real(*a, **{**k, "decode": "device"}))
+        ex = importlib.import_module("featurekit.extract")
+        from featurekit import _decode
+
+        monkeypatch.setattr(ex, "_resolve_decode", lambda *a: decode)
+        monkeypatch.setattr(_decode.HwDecoder, "on", staticmethod(_half_refusing_hw))
     r = invoke(runner, "extract", root, "--out", out, *TINY, "--val-fraction", "0", "--test-fraction", "0")
     assert r.exit_code == 0, r.stderr
     assert "Traceback" not in r.stderr and "empty_class" in r.stderr  # warned, kept

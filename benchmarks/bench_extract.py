@@ -198,6 +198,11 @@ def decode_paths(device: str) -> list[str]:
     return paths
 
 
+def _precision(device: str) -> str:
+    """extract's default precision on ``device`` (its batch preprocessing follows it)."""
+    return "bf16" if device.startswith("cuda") else "fp32"
+
+
 def decode_ceilings(folder: Path, model: str, device: str, batch: int, workers: int,
                     limit: int | None = None, warm_batches: int = 3) -> dict:
     """Steady-state images/s of each decode path through extract's own pipeline
@@ -215,7 +220,8 @@ def decode_ceilings(folder: Path, model: str, device: str, batch: int, workers: 
     for decode in decode_paths(device):
         t0 = time.perf_counter()
         n, k, t = 0, 0, None
-        with _decode.device_batches(src, items, pre, decode, device, sampler, workers) as ready:
+        with _decode.device_batches(src, items, pre, decode, device, sampler, workers,
+                                    _precision(device)) as ready:
             for _, good, x, _ in ready:
                 k += 1
                 if k == warm_batches:
@@ -250,7 +256,7 @@ def decode_from_memory(folder: Path, model: str, device: str, batch: int, limit:
         decoders["nvjpeg"] = lambda chunk: decode_jpeg(chunk, mode=ImageReadMode.RGB, device=device)
         if "hw" in decode_paths(device):
             decoders["hw"] = _decode.HwDecoder.on(device)
-    prep = _decode.BatchPreprocess(pre, device)
+    prep = _decode.BatchPreprocess(pre, device, _precision(device))
     chunks = [blobs[i:i + batch] for i in range(0, len(blobs), batch)]
     for name, dec in decoders.items():
         for with_prep in (False, True):

@@ -380,11 +380,14 @@ class BatchPreprocess:
     values are rounded and clamped to 0..255, as torchvision's uint8 resize does on the GPU.
     """
 
-    def __init__(self, preprocess, device: str) -> None:
+    def __init__(self, preprocess, device: str, precision: str = "fp32") -> None:
         import torch
 
         self.p = preprocess
         self.device = device
+        # the resize's matrix products in float16 on a GPU when the pass itself is bf16/fp16
+        half = precision != "fp32" and device.startswith("cuda")
+        self.dtype = torch.float16 if half else torch.float32
         self.mode = preprocess.interpolation
         self.antialias = bool(preprocess.antialias)
         std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1)
@@ -404,7 +407,8 @@ class BatchPreprocess:
         x = None
         if batch.images:
             x = resize_crop([batch.images[i] for i in good if i in batch.images],
-                            self.p.resize_size, self.p.crop_size, self.mode, self.antialias)
+                            self.p.resize_size, self.p.crop_size, self.mode, self.antialias,
+                            dtype=self.dtype)
             if self.round:
                 x.round_().clamp_(0, 255)
             x = x.mul_(self.scale).sub_(self.shift).contiguous(memory_format=torch.channels_last)
@@ -429,7 +433,8 @@ def _rows(rows: dict[int, int], chosen: dict[int, Any], device: str):
 
 @contextlib.contextmanager
 def device_batches(source, items, preprocess, decode: str, device: str, batch_sampler,
-                   workers: int) -> Iterator[Iterator[tuple[list[int], list[int], Any, list]]]:
+                   workers: int, precision: str = "fp32"
+                   ) -> Iterator[Iterator[tuple[list[int], list[int], Any, list]]]:
     """Batches of ``items`` ready for the forward pass: (positions, good positions, float
     tensor on ``device`` in channels_last or None, [(position, reason)]).
 
@@ -448,7 +453,7 @@ def device_batches(source, items, preprocess, decode: str, device: str, batch_sa
     if decode in ("device", "hw"):
         dataset = BytesDataset(source, items, preprocess)
         collate_fn = collate_packed
-        prepare = BatchPreprocess(preprocess, device)
+        prepare = BatchPreprocess(preprocess, device, precision)
         hw = HwDecoder.on(device) if decode == "hw" else None
 
         def fetch(b):  # prefetch thread: the batch's decode and preprocessing, on its stream

@@ -485,7 +485,7 @@ def _run_pass(plan: _Plan, backbone, net, writer, summary: ExtractSummary, progr
     with progress_bar(enabled=progress) as bar, \
             (torch.cuda.device(dev) if on_cuda else contextlib.nullcontext()), \
             _decode.device_batches(src, items, backbone.preprocess, plan.decode, dev, batches,
-                                   plan.workers) as ready, \
+                                   plan.workers, plan.precision) as ready, \
             _pipeline.Consumer(write) as writing:
         task = bar.add_task("extract", total=len(items),
                             completed=sum(d["next_index"] for d in done.values()))

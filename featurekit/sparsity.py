@@ -172,7 +172,6 @@ def sparsity(
 
     from featurekit._progress import progress_bar
 
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
     # every model is built before any pass: a bad checkpoint fails in seconds, not after a pass
     nets, names = [], []
     for given, spec in zip(all_weights, specs):
@@ -196,8 +195,8 @@ def sparsity(
     with progress_bar(enabled=progress) as bar:
         for group in groups.values():
             task = bar.add_task(f"sparsity {', '.join(g[0] for g in group)}", total=len(items))
-            recorders = _pass(group, src, items, decode, dev, batch_size, n_workers,
-                              autocast_dtype, lambda n: bar.advance(task, n))
+            recorders = _pass(group, src, items, decode, dev, batch_size, n_workers, prec,
+                              lambda n: bar.advance(task, n))
             for (given, *_), rec in zip(group, recorders):
                 per_weights[given] = {name: st.result(dead_threshold) for name, st in rec.stats.items()}
     return {
@@ -214,7 +213,7 @@ def sparsity(
 
 
 def _pass(group, src, items, decode: str, dev: str, batch_size: int, workers: int,
-          autocast_dtype, advance) -> list[Recorder]:
+          precision: str, advance) -> list[Recorder]:
     """One pass of extract's batch pipeline (``_decode.device_batches``: decoding workers,
     prefetch thread, batch preprocessing on the device) over ``items``, every model of the
     group (weights sharing one preprocessing) run on each batch under its hooks."""
@@ -224,12 +223,13 @@ def _pass(group, src, items, decode: str, dev: str, batch_size: int, workers: in
 
     sampler = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
     preprocess = group[0][1]
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     with contextlib.ExitStack() as stack, torch.inference_mode():
         recorders = [stack.enter_context(Recorder(net, modules)) for _, _, net, modules in group]
         if dev.startswith("cuda"):
             stack.enter_context(torch.cuda.device(dev))
         ready = stack.enter_context(_decode.device_batches(src, items, preprocess, decode, dev,
-                                                          sampler, workers))
+                                                          sampler, workers, precision))
         for positions, _, x, _ in ready:
             advance(len(positions))
             if x is None:

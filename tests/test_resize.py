@@ -62,3 +62,13 @@ def test_chunks_bound_the_padded_buffer_and_keep_the_order():
     for c in chunks:
         if len(c) > 1:
             assert len(c) * max(shapes[k][0] for k in c) * max(shapes[k][1] for k in c) <= 500
+
+
+def test_float16_products_stay_within_a_fraction_of_a_grey_level(images):
+    """The GPU's bf16/fp16 passes resize with float16 matrix products (tensor cores): within
+    0.1 of a grey level of float32 on average, under one level everywhere."""
+    ref = resize_crop(images, 32, 28, "bilinear", True)
+    half = resize_crop(images, 32, 28, "bilinear", True, dtype=torch.float16)
+    assert half.dtype == torch.float32 and half.shape == ref.shape
+    err = (half - ref).abs()
+    assert err.max() < 1.0 and err.mean() < 0.1, (err.max(), err.mean())

@@ -256,6 +256,11 @@ def _extract_sharded(plan: _Plan, backbone, net, options, attrs, summary: Extrac
                            shard=shards.identity(d.rank, d.world, mine, options))
     _dist.barrier(d)  # every shard complete
     _dist.decide(d, lambda: shards.finalise(out, d.world, options, attrs, ranges))
+    stale = shards.stale_shards(out, d.world) if d.main else []
+    if stale:
+        log(f"note: {shards.shard_dir(out)} also holds {len(stale)} shard file(s) of an earlier "
+            f"run with another number of processes (e.g. {stale[0].name}); they are not used "
+            "and can be deleted")
     seen = int(_dist.all_sum([float(seen)], d, "cpu" if not plan.on_cuda else plan.device)[0])
     return _summarise(summary, out if d.main else path, seconds, seen)
 

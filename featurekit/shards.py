@@ -38,6 +38,16 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
     return shard_dir(out) / f"{rank:05d}-of-{world:05d}.h5"
 
 
+def stale_shards(out: Path, world: int) -> list[Path]:
+    """Shard files in the folder that are not this run's (an earlier run with another number
+    of processes): never read, never deleted unasked; the user is told once."""
+    own = {shard_path(out, r, world).name for r in range(world)}
+    folder = shard_dir(out)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("*-of-*.h5") if p.name not in own)
+
+
 def rank_ranges(split_sizes: dict[str, int], batch_size: int, world: int) -> list[dict[str, list[int]]]:
     """Per rank, [start, end) of each split in source order: whole batches of the
     single-process run, as evenly as they go (the last ranks may get none)."""

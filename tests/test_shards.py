@@ -71,12 +71,18 @@ def same_rows(a: Path, b: Path) -> None:
 
 def test_two_ranks_make_the_single_process_cache(folder, reference, tmp_path, runner):
     out = tmp_path / "sharded.h5"
+    stale = tmp_path / "sharded.h5.shards" / "00002-of-00003.h5"  # an earlier 3-process run's
+    stale.parent.mkdir()
+    stale.write_bytes(b"an earlier run's shard")
     p = torchrun(["extract", folder, "--out", out, *ARGS])
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr[-3000:]
     assert stderr.count("extracted 157 images (3 skipped") == 1  # rank 0 alone reports
     assert sorted(x.name for x in (tmp_path / "sharded.h5.shards").iterdir()) == [
-        "00000-of-00002.h5", "00001-of-00002.h5"]
+        "00000-of-00002.h5", "00001-of-00002.h5", "00002-of-00003.h5"]
+    # the stale shard is neither used nor deleted: the user is told once
+    assert stale.read_bytes() == b"an earlier run's shard"
+    assert stderr.count("1 shard file(s) of an earlier run") == 1, stderr[-2000:]
     with h5py.File(out, "r") as f:
         assert f.attrs["layout"] == "sharded"
         assert f["train/features/penultimate"].is_virtual

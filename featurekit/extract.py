@@ -189,7 +189,9 @@ def extract(
                  precision=precision, dtype=dtype, decode=decode, compile=compile, seed=seed,
                  val_fraction=val_fraction, test_fraction=test_fraction, overwrite=overwrite,
                  resume=resume, commit_seconds=commit_seconds, log=log)
-    if plan.spec.kind == "imagenet":  # a download may follow: only for a source that lists
+    from featurekit.models import may_download
+
+    if may_download(plan.model, plan.spec):  # download only for a source that lists
         plan.src = plan.listing.result()
     backbone, net, dims = _build(plan)  # while the source is listed, when nothing downloads
     plan.src = plan.listing.result()

@@ -325,12 +325,27 @@ def _load_backbone_state(model, state: dict[str, Any], given: str, name: str) ->
         model.fc.load_state_dict(fc)
 
 
-def _hub_file_sha256(url: str) -> str:
+def _hub_file(url: str) -> Path:
     import torch
     from urllib.parse import urlparse
 
-    path = Path(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    return Path(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+
+
+def _hub_file_sha256(url: str) -> str:
+    path = _hub_file(url)
     return sha256_file(path) if path.is_file() else ""
+
+
+def may_download(name: str | None, spec: WeightsSpec) -> bool:
+    """Whether building ``name`` with ``spec`` may download (imagenet weights not yet in
+    torch's hub cache)."""
+    if spec.kind != "imagenet":
+        return False
+    from torchvision import models
+
+    url = models.get_model_weights(name or DEFAULT_MODEL).DEFAULT.url
+    return not _hub_file(url).is_file()
 
 
 # --------------------------------------------------------------------------- feature nodes

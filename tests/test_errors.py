@@ -91,6 +91,22 @@ def test_unreadable_and_mismatched_weights(tmp_path, image_folder, runner):
     assert_user_error(r, "cannot load weights file")
 
 
+def test_a_bad_source_is_reported_before_any_download(tmp_path, runner, monkeypatch):
+    """The source is listed in a thread while the model builds, but never while imagenet
+    weights download: a source that does not list stops the run before any download."""
+    from torchvision.models._api import WeightsEnum
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # nothing cached: would download
+    tried = []
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *a, **k: tried.append(1))
+    empty = tmp_path / "empty" / "cls"
+    empty.mkdir(parents=True)
+    r = invoke(runner, "extract", empty.parent, "--out", tmp_path / "x.h5", "--model", "resnet18",
+               "--device", "cpu", "--no-progress")
+    assert_user_error(r, "no images found")
+    assert not tried
+
+
 def test_offline_imagenet_download_says_what_to_do(tmp_path, image_folder, runner, monkeypatch):
     from torchvision.models._api import WeightsEnum
 

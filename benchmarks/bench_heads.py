@@ -323,13 +323,13 @@ def main() -> None:
         print(json.dumps(out))
         return
 
-    from benchmarks.bench_extract import machine
-
     plan = rows_for(args.setting, args.heads.split(","), args.backends.split(","))
     for data in SETTINGS[args.setting]:
         dataset(data, args.setting)  # made once, outside the timed children
     rows = []
     t0 = time.perf_counter()
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"heads-{args.setting}.json"
     for row in plan:
         if row["status"] != "planned":
             rows.append(row)
@@ -342,14 +342,20 @@ def main() -> None:
         print(f"  {r['data']} {r['head']} {r['backend']}: {r['status']} "
               f"{r.get('selection_seconds', r.get('selection_seconds_at_least', float('nan'))):.2f} s "
               f"acc {r.get('accuracy', float('nan')):.4f}", file=sys.stderr, flush=True)
-    result = {"benchmark": "bench_heads", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "setting": args.setting, "machine": machine(), "seconds": time.perf_counter() - t0,
-              "rows": rows, "speedups": speedups(rows)}
+        _write(path, args.setting, rows, t0, partial=True)  # a run cut short keeps its rows
+    result = _write(path, args.setting, rows, t0, partial=False)
     print(table(result))
-    args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"heads-{args.setting}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"recorded in {path}")
+
+
+def _write(path: Path, setting: str, rows: list[dict], t0: float, partial: bool) -> dict:
+    from benchmarks.bench_extract import machine
+
+    result = {"benchmark": "bench_heads", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "setting": setting, "machine": machine(), "seconds": time.perf_counter() - t0,
+              "partial": partial, "rows": rows, "speedups": speedups(rows)}
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def table(result: dict) -> str:

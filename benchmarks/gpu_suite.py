@@ -229,8 +229,9 @@ def heads(out: Path, seconds: float) -> dict:
         return {"returncode": r.returncode, "tail": r.stdout[-3000:] + r.stderr[-1500:],
                 "trimmed": "scikit-learn fits cut at 20 s each (extrapolated, marked in its JSON)"}
     except subprocess.TimeoutExpired as exc:
-        tail = (exc.stdout or b"")[-3000:]
-        return {"cut": f"at the suite's budget ({seconds:.0f} s)",
+        tail = (exc.stderr or b"")[-3000:]
+        partial = out / "heads-gpu.json"  # bench_heads writes its rows as they end
+        return {"cut": f"at the suite's budget ({seconds:.0f} s); rows so far in {partial}",
                 "tail": tail.decode(errors="replace") if isinstance(tail, bytes) else tail}
 
 

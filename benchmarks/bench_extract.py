@@ -9,7 +9,8 @@ Two suites, on generated folders of ImageNet-like JPEGs:
   nvImageCodec's JPEG engines where they work -- alone and with extract's batch preprocessing;
   one CPU core's decode, extrapolated to all cores) and through extract's own pipeline without
   the model (DataLoader workers, prefetch thread, decode, preprocessing) for every decode path,
-  timed after the first batches (worker start-up is reported apart, not in the rate);
+  counted after the same warm-up as extract's own steady rate (like with like), and over the
+  whole pass with worker start-up (a lower bound);
 * bare forward ceilings on pre-made tensors on the device: eager and ``torch.compile``,
   channels_last, bf16 autocast on CUDA (fp32 on the CPU);
 * the tutorial-style naive baseline: PIL DataLoader, fp32, default layout, ``.cpu().numpy()``
@@ -204,35 +205,41 @@ def _precision(device: str) -> str:
 
 
 def decode_ceilings(folder: Path, model: str, device: str, batch: int, workers: int,
-                    limit: int | None = None, warm_batches: int = 3) -> dict:
-    """Steady-state images/s of each decode path through extract's own pipeline
+                    limit: int | None = None) -> dict:
+    """Images/s of each decode path through extract's own pipeline
     (``featurekit._decode.device_batches``: DataLoader workers, the prefetch thread, batched
-    decode and preprocessing; no model), the tensors ending on ``device`` ready to run. The
-    clock starts after ``warm_batches`` batches: worker start-up and the decoders' first
-    calls are not in the rate (they are in ``*_first_batches_seconds``)."""
+    decode and preprocessing; no model), the tensors ending on ``device`` ready to run.
+
+    ``loader_<path>``: counted at the consumer after the same warm-up as extract's own steady
+    rate (``max(2 batches, 10%)`` of the images), so the two compare like with like (both
+    profit alike from batches the workers decoded ahead during the warm-up).
+    ``loader_<path>_whole``: every image over the whole pass, worker start-up included (a
+    lower bound). ``loader_<path>_first_batch_seconds``: start-up to the first batch."""
     from featurekit import _decode, data
     from featurekit.models import default_preprocess
 
     src = data.open_source(folder, val_fraction=0, test_fraction=0)
     items, pre = src.splits["train"][:limit], default_preprocess(model)
     sampler = [list(range(i, min(i + batch, len(items)))) for i in range(0, len(items), batch)]
+    warm = max(2 * batch, len(items) // 10)  # extract._run_pass's rule
     out = {}
     for decode in decode_paths(device):
         t0 = time.perf_counter()
-        n, k, t = 0, 0, None
+        seen, mark = 0, None
         with _decode.device_batches(src, items, pre, decode, device, sampler, workers,
                                     _precision(device)) as ready:
-            for _, good, x, _ in ready:
-                k += 1
-                if k == warm_batches:
+            for positions, _, _, _ in ready:
+                if seen == 0:
+                    out[f"loader_{decode}_first_batch_seconds"] = time.perf_counter() - t0
+                if mark is None and seen >= warm:
                     _sync(device)
-                    t = time.perf_counter()
-                    out[f"loader_{decode}_first_batches_seconds"] = t - t0
-                elif t is not None:
-                    n += len(good)
+                    mark = (seen, time.perf_counter())
+                seen += len(positions)
         _sync(device)
-        if t is not None and n:
-            out[f"loader_{decode}"] = n / (time.perf_counter() - t)
+        end = time.perf_counter()
+        out[f"loader_{decode}_whole"] = seen / (end - t0)
+        if mark is not None and seen > mark[0]:
+            out[f"loader_{decode}"] = (seen - mark[0]) / (end - mark[1])
     return out
 
 
@@ -345,15 +352,16 @@ def naive_baseline(folder: Path, model: str, device: str, batch: int, workers: i
     return len(items) / (time.perf_counter() - t)
 
 
-def extract_process(folder: Path, model: str, device: str, out: Path, extra: list[str]) -> dict:
+def extract_process(folder: Path, model: str, device: str, out: Path, extra: list[str],
+                    env: dict[str, str] | None = None) -> dict:
     cmd = [sys.executable, "-m", "featurekit", "extract", str(folder), "--out", str(out),
            "--overwrite", "--model", model, "--weights", "none", "--device", device,
            "--val-fraction", "0", "--test-fraction", "0", "--no-progress", "--json", *extra]
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - t
     if r.returncode != 0:
-        sys.exit(f"extract failed: {r.stderr[-2000:]}")
+        raise RuntimeError(f"extract failed ({' '.join(extra) or 'defaults'}): {r.stderr[-2000:]}")
     s = json.loads(r.stdout)
     import h5py
 

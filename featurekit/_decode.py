@@ -267,20 +267,22 @@ def decode_on_device(b: PackedBatch, device: str, pil_transform, hw=None) -> Dec
 
 
 def _decode_batch(datas: list[Any], device: str, hw) -> list[Any]:
-    """One batched call; a None for each image it did not decode (all, if the call failed:
-    one bad file fails nvJPEG's whole batch). Running out of device memory is not a bad file:
-    it is raised."""
+    """One batched call; a None for each image it did not decode as 3-channel CHW (all, if the
+    call failed: one bad file fails nvJPEG's whole batch). Running out of device memory is not
+    a bad file: it is raised."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
-        if hw is not None:
-            return hw(datas)
-        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+        out = hw(datas) if hw is not None else decode_jpeg(datas, mode=ImageReadMode.RGB,
+                                                            device=device)
     except torch.OutOfMemoryError:
         raise
     except Exception:
         return [None] * len(datas)
+    if len(out) != len(datas):  # never pair images with the wrong files
+        return [None] * len(datas)
+    return [img if img is not None and img.ndim == 3 and img.shape[0] == 3 else None for img in out]
 
 
 def _nvjpeg_one(data, device: str):

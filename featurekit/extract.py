@@ -297,10 +297,10 @@ def _plan(source, out, *, model, weights, layers, pool, image_size, batch_size, 
                                    test_fraction=test_fraction)
     dist_info, dev = _dist.init(resolve_device(device))  # under torchrun: this rank's GPU
     prec = resolve_precision(precision, dev)
-    decode = _resolve_decode(decode, dev, log)
+    out_path = check_output(out, overwrite or resume)
+    decode = _choose_decode(decode, dev, dist_info, out_path, resume, log)
     batch_size = batch_size or (256 if dev.startswith("cuda") else 64)  # CPU gains nothing past 64
     workers = _share_cores(dev, dist_info) if workers is None else workers
-    out_path = check_output(out, overwrite or resume)
     spec = models.resolve_weights(weights)
     size = models.preprocess_for(model, spec, image_size).crop_size
     _resources.check_batch_fits(image_size=size, batch_size=batch_size, device=dev,
@@ -325,6 +325,43 @@ def _share_cores(dev: str, dist_info) -> int:
         torch.set_num_threads(max(1, cpus() // local))
     workers = default_workers(dev)
     return max(min(workers, 1), workers // local)
+
+
+_DECODE_ORDER = ("cpu", "device", "hw")  # from the most widely available to the least
+_AS_OPTION = {"cpu": "cpu", "device": "gpu", "hw": "hw"}  # a recorded path as --decode
+
+
+def _choose_decode(decode: str, dev: str, d, out_path: Path, resume: bool, log) -> str:
+    """The decode path of this run: ``--decode`` resolved on this device, except that
+    ``--resume`` with ``auto`` keeps the path the output was started with (when this device
+    has it: a resumed cache stays one run's), and that under torchrun every rank takes the
+    same, the most widely available of the ranks' own (shards of one cache must agree)."""
+    from featurekit import _dist
+
+    if resume and decode == "auto":
+        recorded = _recorded_decode(out_path, d)
+        if recorded == "cpu" or (recorded in _AS_OPTION and dev.startswith("cuda")):
+            decode = _AS_OPTION[recorded]
+    mine = _resolve_decode(decode, dev, log)
+    choices = _dist.all_gather(mine, d)
+    chosen = min(choices, key=_DECODE_ORDER.index)
+    if len(set(choices)) > 1 and d.main:
+        log(f"note: the ranks' decoders differ ({', '.join(sorted(set(choices)))}); every rank "
+            f"uses {DECODE_ATTR[chosen]}")
+    return chosen
+
+
+def _recorded_decode(out_path: Path, d) -> str | None:
+    """The decode path recorded in the file this process would resume (its shard under
+    torchrun), or None."""
+    from featurekit import shards
+    from featurekit.cache import read_header
+
+    path = shards.shard_path(out_path, d.rank, d.world) if d.world > 1 else out_path
+    try:
+        return (read_header(path).get("options") or {}).get("decode") if path.exists() else None
+    except Exception:  # not a cache: --resume itself refuses it, with the reason
+        return None
 
 
 def _resolve_decode(decode: str, dev: str, log) -> str:

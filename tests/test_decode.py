@@ -357,3 +357,65 @@ def test_out_of_memory_in_a_batch_decode_is_not_a_bad_file():
     with pytest.raises(torch.OutOfMemoryError):
         _decode._decode_batch([data], "cpu", oom)
     assert _decode._decode_batch([data], "cpu", lambda d: 1 / 0) == [None]  # any other failure
+
+
+def test_a_decoder_answer_that_does_not_fit_falls_back():
+    """A decoder returning fewer images than it was given, or an image that is not 3-channel
+    CHW (a grey JPEG as HxWx1), never pairs pixels with the wrong file: those go to the
+    fallbacks."""
+    data = torch.frombuffer(bytearray(_jpeg(20, 20)), dtype=torch.uint8)
+    grey = torch.zeros(1, 20, 20, dtype=torch.uint8)
+    rgb = torch.zeros(3, 20, 20, dtype=torch.uint8)
+    assert _decode._decode_batch([data, data], "cpu", lambda d: [rgb]) == [None, None]
+    out = _decode._decode_batch([data, data], "cpu", lambda d: [grey, rgb])
+    assert out[0] is None and out[1] is rgb
+
+
+def test_resume_keeps_the_decode_path_and_ranks_agree(tmp_path, monkeypatch):
+    """--resume with auto keeps the path the cache was started with (when the device has it);
+    under torchrun every rank takes the most widely available of the ranks' paths."""
+    import importlib
+
+    from featurekit import _dist
+
+    ex = importlib.import_module("featurekit.extract")
+    monkeypatch.setattr(_decode, "hw_problem", lambda d: None)  # JPEG engines "work"
+    monkeypatch.setattr(_decode, "nvjpeg_problem", lambda d: None)
+    one = _dist.Dist()
+    lines = []
+    assert ex._choose_decode("auto", "cuda:0", one, tmp_path / "new.h5", True, lines.append) == "hw"
+    monkeypatch.setattr(ex, "_recorded_decode", lambda path, d: "device")  # started on nvJPEG
+    assert ex._choose_decode("auto", "cuda:0", one, tmp_path / "c.h5", True, lines.append) == "device"
+    assert ex._choose_decode("auto", "cuda:0", one, tmp_path / "c.h5", False, lines.append) == "hw"
+    assert ex._choose_decode("hw", "cuda:0", one, tmp_path / "c.h5", True, lines.append) == "hw"
+    monkeypatch.setattr(ex, "_recorded_decode", lambda path, d: "cpu")
+    assert ex._choose_decode("auto", "cuda:0", one, tmp_path / "c.h5", True, lines.append) == "cpu"
+    assert lines == []
+    monkeypatch.setattr(_dist, "all_gather", lambda obj, d: ["hw", obj, "device"])
+    rank0 = _dist.Dist(rank=0, world=3)
+    assert ex._choose_decode("auto", "cuda:0", rank0, tmp_path / "n.h5", False, lines.append) == "device"
+    assert len(lines) == 1 and "every rank uses nvjpeg" in lines[0]
+
+
+def test_recorded_decode_reads_the_cache_or_its_shard(tmp_path):
+    import importlib
+
+    from featurekit import _dist, shards
+    from featurekit.extract import extract
+
+    ex = importlib.import_module("featurekit.extract")
+    root = tmp_path / "imgs" / "a"
+    root.mkdir(parents=True)
+    for k in range(4):
+        (root / f"{k}.jpg").write_bytes(_jpeg(24, 24, seed=k))
+    out = tmp_path / "c.h5"
+    extract(tmp_path / "imgs", out, model="resnet18", weights="none", image_size=32, device="cpu",
+            decode="device", workers=0, progress=False, val_fraction=0, test_fraction=0)
+    assert ex._recorded_decode(out, _dist.Dist()) == "device"
+    assert ex._recorded_decode(tmp_path / "none.h5", _dist.Dist()) is None
+    (tmp_path / "junk.h5").write_bytes(b"junk")
+    assert ex._recorded_decode(tmp_path / "junk.h5", _dist.Dist()) is None
+    shard = shards.shard_path(out, 1, 2)
+    shard.parent.mkdir()
+    shard.write_bytes(out.read_bytes())
+    assert ex._recorded_decode(out, _dist.Dist(rank=1, world=2)) == "device"

@@ -250,6 +250,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=350.0, help="seconds for the whole suite")
     ap.add_argument("--images", type=int, default=16384)
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace gpu-suite.json / heads-gpu.json already in OUT_DIR")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="check the script's code without a GPU: tiny data on the CPU, no heads; "
                          "its figures mean nothing")
@@ -263,7 +265,14 @@ def main() -> None:
               "machine with an NVIDIA GPU", file=sys.stderr)
         raise SystemExit(2)
     from benchmarks.bench_extract import WORK, machine, make_varied_jpegs
+    from featurekit.errors import OutputError
+    from featurekit.extract import check_output_folder
 
+    try:  # results of an earlier run are never replaced unasked
+        check_output_folder(args.out, ["gpu-suite.json", "heads-gpu.json"], args.overwrite)
+    except OutputError as exc:
+        print(f"gpu_suite: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     args.out.mkdir(parents=True, exist_ok=True)
     suite = Suite(args.out, args.budget)
     suite.results["machine"] = machine()

@@ -208,6 +208,8 @@ class Executor:
     ``pip install "featurekit[dask]"``). Units come back in order."""
 
     def __init__(self, jobs: int | None = None, scheduler: str | None = None) -> None:
+        if scheduler is not None and not scheduler.strip():
+            raise HeadError("--dask-scheduler needs the scheduler's address, e.g. tcp://HOST:8786")
         self.jobs = jobs or default_jobs()
         self.scheduler = scheduler
         self.remote = scheduler is not None

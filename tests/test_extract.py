@@ -364,3 +364,9 @@ def test_gpu_suite_code_runs_in_cpu_smoke_mode(tmp_path):
     assert agree["device"]["mean_cosine_vs_cpu"] >= 0.999 and agree["device"]["points_vs_cpu"] <= 0.5
     assert agree["awkward"]["cpu"]["skipped"] == agree["awkward"]["device"]["skipped"]
     assert stages["extract"]["resnet18"]["process_seconds"] > stages["extract"]["imports_process_seconds"]
+    # a second run into the same folder never replaces the first one's results unasked
+    before = (tmp_path / "out" / "gpu-suite.json").read_bytes()
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), "--cpu-smoke"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "--overwrite" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "out" / "gpu-suite.json").read_bytes() == before

@@ -136,7 +136,8 @@ def test_predict_warns_on_other_precision_or_decode(small_cache, tmp_path, runne
 
 def _args(kind: str, tmp, cache) -> list:
     f = {"weights": tmp / "w.pt", "checkpoint": tmp / "run" / "last.pt", "skops": tmp / "h.skops",
-         "joblib": tmp / "h.joblib", "cache": tmp / "c.h5", "csv": tmp / "s.csv"}[kind]
+         "joblib": tmp / "h.joblib", "cache": tmp / "c.h5", "pack": tmp / "c.h5",
+         "csv": tmp / "s.csv"}[kind]
     tiny = ["--model", "resnet18", "--image-size", "32", "--device", "cpu", "--no-progress"]
     return f, {
         "weights": ["extract", "digits", "--out", tmp / "x.h5", "--weights", f, *tiny],
@@ -145,11 +146,12 @@ def _args(kind: str, tmp, cache) -> list:
         "skops": ["predict", f, cache, "--out", tmp / "p.csv"],
         "joblib": ["predict", f, cache, "--out", tmp / "p.csv"],
         "cache": ["fit", f, "--head", "logistic", "--out", tmp / "h2.skops"],
+        "pack": ["pack", f, "--out", tmp / "one.h5"],
         "csv": ["extract", f, "--out", tmp / "x.h5", "--weights", "none", *tiny],
     }[kind]
 
 
-@pytest.mark.parametrize("kind", ["weights", "checkpoint", "skops", "joblib", "cache", "csv"])
+@pytest.mark.parametrize("kind", ["weights", "checkpoint", "skops", "joblib", "cache", "pack", "csv"])
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 @given(blob=st.one_of(st.binary(max_size=64), st.binary(min_size=64, max_size=4096),
                       st.just(b""), st.just(b"PK\x03\x04"), st.just(b"\x89HDF\r\n\x1a\n")))
@@ -163,6 +165,7 @@ def test_arbitrary_bytes_as_any_input_file(kind, blob, small_cache, tmp_path_fac
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert path.read_bytes() == blob  # the file given is never changed
+    assert not (tmp / "one.h5").exists()  # and pack wrote nothing
 
 
 def test_trusted_junk_pickles_are_one_line(small_cache, tmp_path, runner):

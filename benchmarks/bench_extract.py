@@ -426,7 +426,7 @@ def ratio_suite(args: argparse.Namespace) -> dict:
               f"{row['process_images_per_second']:8.1f} {row['median_inner_seconds']:8.2f}")
     print(f"ratio bare / extract    = {result['ratio_bare_over_extract']:.3f}")
     print(f"ratio bare-cl / extract = {result['ratio_bare_cl_over_extract']:.3f}  (goal >= 0.9)")
-    _record(args, f"extract-cpu-{args.model}-{n}.json", result)
+    record(args, f"extract-cpu-{args.model}-{n}.json", result)
     return result
 
 
@@ -474,11 +474,12 @@ def throughput_suite(args: argparse.Namespace) -> dict:
             else:
                 v = f"{v:,.3f}" if k.startswith("ratio") else f"{v:,.1f}"
             print(f"  {k:34s} {v}")
-    _record(args, f"extract-throughput-{'cuda' if dev.startswith('cuda') else 'cpu'}-{args.images}.json", res)
+    record(args, f"extract-throughput-{'cuda' if dev.startswith('cuda') else 'cpu'}-{args.images}.json", res)
     return res
 
 
-def _record(args: argparse.Namespace, name: str, result: dict) -> None:
+def record(args: argparse.Namespace, name: str, result: dict) -> None:
+    """``result`` as JSON in ``args.results``/``name`` (every benchmark script records so)."""
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / name).write_text(json.dumps(result, indent=2) + "\n")
     print(f"recorded in {args.results / name}")

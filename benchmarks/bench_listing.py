@@ -13,7 +13,6 @@ benchmarks/results/listing-<files>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -59,7 +58,7 @@ def timed(fn, folder: Path) -> tuple[float, int]:
 
 
 def main() -> None:
-    from benchmarks.bench_extract import machine
+    from benchmarks.bench_extract import WORK, machine, record
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=int, default=16384)
@@ -67,10 +66,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--results", type=Path, default=HERE / "results")
     args = ap.parse_args()
-    folder = make_files(HERE / "_work" / f"listing-{args.files}", args.files, args.classes)
-    import featurekit.data  # noqa: F401  (imports are not what is measured)
-
-    listing(folder)  # warm the OS caches and numpy's first use
+    folder = make_files(WORK / f"listing-{args.files}", args.files, args.classes)
+    listing(folder)  # warm the OS caches, the imports and numpy's first use
     runs: dict[str, list[float]] = {"bare_walk_stat": [], "open_source": []}
     for _ in range(args.repeats):
         for name, fn in (("bare_walk_stat", bare_walk), ("open_source", listing)):
@@ -85,10 +82,7 @@ def main() -> None:
               "goals": {"open_source_seconds_max": 0.3, "ratio_max": 3.0}}
     print(f"{args.files} files: open_source {med['open_source']:.3f} s, bare os.walk + os.stat "
           f"{med['bare_walk_stat']:.3f} s (ratio {result['open_source_over_bare']:.2f})")
-    args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"listing-{args.files}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"recorded in {path}")
+    record(args, f"listing-{args.files}.json", result)
 
 
 if __name__ == "__main__":

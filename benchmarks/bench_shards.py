@@ -14,7 +14,6 @@ benchmarks/results/shards-<device>-<images>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -58,7 +57,7 @@ def timed(cmd: list[str], out: Path) -> float:
 
 
 def main() -> None:
-    from benchmarks.bench_extract import machine, make_jpegs
+    from benchmarks.bench_extract import machine, make_jpegs, record
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=400)
@@ -83,10 +82,7 @@ def main() -> None:
               "torchrun_over_plain": med["torchrun"] / med["plain"]}
     print(f"{args.images} images, {args.model} on {args.device}: one process {med['plain']:.2f} s, "
           f"torchrun x{args.nproc} {med['torchrun']:.2f} s (ratio {result['torchrun_over_plain']:.3f})")
-    args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"shards-{args.device}-{args.images}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"recorded in {path}")
+    record(args, f"shards-{args.device}-{args.images}.json", result)
 
 
 if __name__ == "__main__":

@@ -136,15 +136,11 @@ class CpuDataset:
         return len(self.items)
 
     def __getitem__(self, i: int):
-        from featurekit.data import DecodeError
-
         try:
             return i, decode_cpu(self.source, self.items[i], self.pil_transform,
                                  self.tensor_transform), ""
-        except DecodeError as exc:
-            return i, None, str(exc)
         except Exception as exc:  # one bad file must never stop the run; record why
-            return i, None, f"{type(exc).__name__}: {exc}"
+            return i, None, _reason(exc)
 
 
 def nvjpeg_problem(device: str) -> str | None:
@@ -160,8 +156,13 @@ def nvjpeg_problem(device: str) -> str | None:
             return f"decoded to {tuple(img.shape)} on {img.device}"
         return None
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
-        return f"{type(exc).__name__}: {first}"[:200]
+        return _why(exc)
+
+
+def _why(exc: Exception) -> str:
+    """A probe's failure in one short line."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:200]
 
 
 class BytesDataset:
@@ -178,8 +179,6 @@ class BytesDataset:
         return len(self.items)
 
     def __getitem__(self, i: int):
-        from featurekit.data import DecodeError
-
         try:
             item = self.items[i]
             if self.source.kind == "digits":
@@ -188,10 +187,8 @@ class BytesDataset:
             if data[:3] == JPEG_MAGIC:
                 return i, "jpeg", (data, _pixel_guard(data)), ""
             return i, "ready", self.pil_transform(pil_from_bytes(data)), ""
-        except DecodeError as exc:
-            return i, None, None, str(exc)
-        except Exception as exc:
-            return i, None, None, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # one bad file must never stop the run; record why
+            return i, None, None, _reason(exc)
 
 
 class PackedBatch(NamedTuple):
@@ -368,8 +365,7 @@ def hw_problem(device: str) -> str | None:
             return f"decoded to {tuple(img.shape)}"
         return None
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
-        return f"{type(exc).__name__}: {first}"[:200]
+        return _why(exc)
 
 
 class BatchPreprocess:

@@ -76,7 +76,7 @@ def run_bench(
         n_classes = len(cache.classes)
         seed = int(cache.attrs.get("seed", 0))
     rows: list[dict[str, Any]] = []
-    units: list[tuple[int, tuple]] = []  # (row index, arguments of _combination)
+    units: list[tuple[int, str, str, tuple]] = []  # (row index, head, backend, _combination's args)
     for layer in layer_list:
         for head, head_backends in head_list:
             for backend in dict.fromkeys(resolve_backend(b, head) if b == "auto" else b
@@ -88,7 +88,7 @@ def run_bench(
                     rows.append({**base, "status": f"skipped: {head} has no {backend} backend"})
                 else:
                     rows.append(base)
-                    units.append((len(rows) - 1, (
+                    units.append((len(rows) - 1, head, backend, (
                         str(Path(cache_path).resolve()), allow_incomplete, layer, train, evaluate,
                         select, head, backend, n_classes, seed, metric, refit)))
     for i, report in _run_combinations(units, jobs, scheduler, progress):
@@ -108,17 +108,17 @@ def _run_combinations(units, jobs, scheduler, progress):
     selection themselves (featurekit's torch heads: GPU, or every core) here one after
     another, the others in ``jobs`` processes at once (each of their fits on one thread)."""
     from featurekit._progress import progress_bar
-    from featurekit.heads import _REGISTRY
+    from featurekit.heads import _REGISTRY, batched
     from featurekit.select import Executor
 
     with Executor(jobs, scheduler) as ex, progress_bar(enabled=progress, unit="combination") as bar:
         task = bar.add_task("bench", total=len(units))
-        here = [] if ex.remote else [u for u in units if hasattr(_REGISTRY[(u[1][6], u[1][7])], "fit_grid")]
+        here = [] if ex.remote else [u for u in units if batched(_REGISTRY[(u[1], u[2])])]
         away = [u for u in units if u not in here]
-        for i, args in here:
+        for i, _, _, args in here:
             yield i, _combination(*args)
             bar.advance(task, 1)
-        for (i, _), report in zip(away, ex.map(_combination, [args for _, args in away])):
+        for (i, *_), report in zip(away, ex.map(_combination, [u[3] for u in away])):
             yield i, report
             bar.advance(task, 1)
 

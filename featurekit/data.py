@@ -223,7 +223,7 @@ def _image_files(folder: str, prefix: str, stats: dict[str, tuple[int, int]]) ->
     """Image files under ``folder`` (recursively, following symlinks once) as paths relative
     to the source root (``prefix`` is the folder's own), sorted; each file's (size, mtime_ns)
     goes into ``stats`` (size -1 when it cannot be read, e.g. a broken link). One ``os.scandir``
-    per folder and the stat its entry caches: no pathlib object per file."""
+    per folder and one stat per file: no pathlib object per file."""
     found: list[str] = []
     seen: set[str] = set()
     todo = [(folder, prefix)]
@@ -239,14 +239,13 @@ def _image_files(folder: str, prefix: str, stats: dict[str, tuple[int, int]]) ->
             continue
         subdirs = []
         for e in entries:
-            name = e.name
-            if name[0] == ".":
+            if not _visible(e.name):
                 continue
             if _entry_is_dir(e):
-                subdirs.append((e.path, f"{rel}{name}/"))
-            elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(rel + name)
-                stats[rel + name] = _entry_stat(e)
+                subdirs.append((e.path, f"{rel}{e.name}/"))
+            elif _is_image_name(e.name):
+                found.append(rel + e.name)
+                stats[rel + e.name] = _stat(e.path)
         todo += sorted(subdirs, reverse=True)  # depth first in name order, as os.walk sorted
     found.sort()
     return found
@@ -257,14 +256,6 @@ def _entry_is_dir(e: os.DirEntry) -> bool:
         return e.is_dir()  # follows symlinks
     except OSError:
         return False
-
-
-def _entry_stat(e: os.DirEntry) -> tuple[int, int]:
-    try:
-        st = e.stat()  # follows symlinks, as os.stat
-        return st.st_size, st.st_mtime_ns
-    except OSError:
-        return -1, 0
 
 
 def _class_dirs(folder: Path) -> list[str]:

@@ -73,6 +73,16 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
+def autocast(device: str, precision: str):
+    """``torch.autocast`` for a pass in ``precision`` on ``device`` (disabled for fp32); the
+    one place extract, sparsity and finetune map a precision to it."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.split(":")[0], dtype=dtype or torch.float32,
+                          enabled=dtype is not None)
+
+
 def check_output(out: str | os.PathLike[str], overwrite: bool) -> Path:
     """Refuse an existing output (unless ``overwrite``) or a folder we cannot write to."""
     p = Path(out)
@@ -412,10 +422,10 @@ def _build(plan: _Plan):
 
 
 def compile_cache_dir() -> Path:
-    """Where ``--compile`` keeps torch inductor's cache: $TORCHINDUCTOR_CACHE_DIR when set, else
-    $XDG_CACHE_HOME/featurekit/inductor (~/.cache/featurekit/inductor)."""
+    """Where ``--compile`` keeps torch inductor's cache unless $TORCHINDUCTOR_CACHE_DIR names
+    another: $XDG_CACHE_HOME/featurekit/inductor (~/.cache/featurekit/inductor)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(base, "featurekit", "inductor"))
+    return Path(base, "featurekit", "inductor")
 
 
 def _records(plan: _Plan, backbone) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -508,7 +518,6 @@ def _run_pass(plan: _Plan, backbone, net, writer, summary: ExtractSummary, progr
         for k in range(len(names))
         for i in range(done[names[k]]["next_index"], sizes[k], plan.batch_size)
     ]
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
 
     def write(p) -> None:
         """Writer thread: one batch's rows and skipped files, then advance past it; what is
@@ -540,10 +549,7 @@ def _run_pass(plan: _Plan, backbone, net, writer, summary: ExtractSummary, progr
             k = next(k for k in reversed(range(len(names))) if positions[0] >= starts[k])
             feats, event = {}, None
             if x is not None:
-                with torch.inference_mode(), torch.autocast(
-                    dev.split(":")[0], dtype=autocast_dtype or torch.float32,
-                    enabled=autocast_dtype is not None,
-                ):
+                with torch.inference_mode(), autocast(dev, plan.precision):
                     out = net(x)
                 feats = {layer: t.float().to("cpu", non_blocking=on_cuda) for layer, t in out.items()}
             # counters as of this batch (the tensors are replaced, never changed, later)

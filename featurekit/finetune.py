@@ -627,11 +627,9 @@ def _train(run: _Run, backbone, net, opt, sched, state: _Progress, train_ds, val
 
 
 def _autocast(run: _Run):
-    import torch
+    from featurekit.extract import autocast
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.opts.precision)
-    return torch.autocast(run.device.split(":")[0], dtype=dtype or torch.float32,
-                          enabled=dtype is not None)
+    return autocast(run.device, run.opts.precision)
 
 
 def _train_epoch(run: _Run, net, step_model, opt, train_ds, sampler, epoch: int,

@@ -17,6 +17,7 @@ HDF5 1.10 or newer (h5py 2.9+); :func:`pack` copies any cache into one ordinary 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -131,7 +132,10 @@ def _write_logical(f, out: Path, files: list[Path], headers, attrs) -> None:
     copied, counters summed."""
     from featurekit.cache import _str_dtype
 
-    with _open_all(files) as shards:
+    import h5py
+
+    with contextlib.ExitStack() as stack:
+        shards = [stack.enter_context(h5py.File(p, "r")) for p in files]
         for split in shards[0]:
             g = f.create_group(split)
             parts = [s[split] for s in shards]
@@ -175,25 +179,6 @@ def _fill(dtype):
     if dtype.kind in "iu":
         return -1
     return None
-
-
-class _open_all:
-    """Open shard files read-only together (closed on exit)."""
-
-    def __init__(self, files: list[Path]) -> None:
-        self.files = files
-
-    def __enter__(self):
-        import h5py
-
-        self.handles = []
-        for p in self.files:
-            self.handles.append(h5py.File(p, "r"))
-        return self.handles
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.close()
 
 
 def check(path: Path, attrs: dict[str, Any]) -> None:

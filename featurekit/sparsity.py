@@ -220,10 +220,10 @@ def _pass(group, src, items, decode: str, dev: str, batch_size: int, workers: in
     import torch
 
     from featurekit import _decode
+    from featurekit.extract import autocast
 
     sampler = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
     preprocess = group[0][1]
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     with contextlib.ExitStack() as stack, torch.inference_mode():
         recorders = [stack.enter_context(Recorder(net, modules)) for _, _, net, modules in group]
         if dev.startswith("cuda"):
@@ -235,8 +235,7 @@ def _pass(group, src, items, decode: str, dev: str, batch_size: int, workers: in
             if x is None:
                 continue
             for _, _, net, _ in group:
-                with torch.autocast(dev.split(":")[0], dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None):
+                with autocast(dev, precision):
                     net(x)
     return recorders
 

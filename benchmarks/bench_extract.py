@@ -188,9 +188,9 @@ def _sync(device: str) -> None:
 
 
 def decode_paths(device: str) -> list[str]:
-    """The decode paths of ``extract`` that run on ``device``: cpu, device (nvJPEG on CUDA,
+    """The decode paths of ``extract`` that run on ``device``: cpu, gpu (nvJPEG on CUDA,
     torchvision's decoder elsewhere), and hw where nvImageCodec's JPEG engines work."""
-    paths = ["cpu", "device"]
+    paths = ["cpu", "gpu"]
     if device.startswith("cuda"):
         from featurekit._decode import hw_problem
 

@@ -81,7 +81,7 @@ def dataset(name: str, setting: str):
 
 def _digits():
     from featurekit.cache import open_cache
-    from featurekit.extract import extract
+    from featurekit import extract
 
     cache = WORK / "digits-resnet18-64.h5"
     if not cache.exists():
@@ -190,7 +190,9 @@ def run_sampled(args) -> dict:
     out = {"mode": "extrapolated", "selection": method, "grid_points": len(grid),
            "folds": len(splits), "sampled_points": [grid[g] for g in sample[:len(times)]],
            "sampled_seconds": times}
-    cores = select.default_jobs()
+    from featurekit._resources import cpus
+
+    cores = cpus()
     if cut:
         done = sum(times) + args.budget
         out["selection_seconds_at_least"] = done
@@ -233,7 +235,7 @@ def _warm(args) -> str | None:
         return None
     import torch
 
-    from featurekit.heads._torch import resolve_device
+    from featurekit.heads._torch._common import resolve_device
 
     device = resolve_device(args.device)
     a = torch.ones(256, 256, device=device)
@@ -317,7 +319,7 @@ def main() -> None:
     if args.one:
         out = {"full": run_full, "extrapolated": run_sampled, "once": run_once}[args.one](args)
         if args.backend == "torch":
-            from featurekit.heads._torch import resolve_device
+            from featurekit.heads._torch._common import resolve_device
 
             out["device"] = resolve_device(args.device)
         print(json.dumps(out))

@@ -9,19 +9,21 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> module that defines it
 _EXPORTS = {
     "FeaturekitError": "featurekit.errors",
     "open_cache": "featurekit.cache",
     "Cache": "featurekit.cache",
-    "extract": "featurekit.extract",
+    "extract": "featurekit.extraction",  # the module is not named extract: never shadowed
     "open_source": "featurekit.data",
     "list_models": "featurekit.models",
     "create_head": "featurekit.heads",
     "list_heads": "featurekit.heads",
     "fit_head": "featurekit.fit",
+    "predict": "featurekit.fit",
+    "pack": "featurekit.cache",
     "run_bench": "featurekit.bench",
 }
 

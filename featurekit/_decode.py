@@ -1,13 +1,19 @@
-"""Decoding and preprocessing paths of ``extract``.
+"""Decode paths, the choice among them, and the pipeline that feeds ``extract`` and ``sparsity``.
+
+One vocabulary everywhere (``--decode``, the cache's ``decode`` attribute, the code): ``cpu``,
+``gpu``, ``hw``; ``auto`` resolves to one of them. Caches of older featurekit versions recorded
+``nvjpeg``/``nvimgcodec-hw``/``device``: :func:`~featurekit.options.canonical_decode` reads them as ``gpu``/``hw``.
 
 * ``cpu``: DataLoader workers decode and preprocess. JPEGs go through torchvision's libjpeg
   decoder and a uint8 tensor resize (about 2x faster than PIL on the benchmark's 500x375 JPEGs:
   1.2 vs 2.45 ms per image on one core); every other format goes through PIL
   (:func:`featurekit.data.load_image`), because torchvision's PNG decoder can crash the process
   on malformed files, returns uint16 for 16-bit PNGs and has no decompression-bomb guard.
-* ``device``: workers only read file bytes; JPEGs are decoded in batches on the compute device
-  (nvJPEG on CUDA, ``torchvision.io.decode_jpeg(..., device=...)``) and resized, cropped and
+* ``gpu``: workers only read file bytes; JPEGs are decoded in batches on the compute device
+  (nvJPEG on CUDA, ``torchvision.io.decode_jpeg(..., device=...)``; torchvision's CPU decoder
+  with ``--device cpu``, which is how the tests run this path) and resized, cropped and
   normalised there. Anything nvJPEG cannot decode falls back to the CPU path, or is skipped.
+* ``hw``: as ``gpu``, the batch decoded by nvImageCodec on the GPU's hardware JPEG engines.
 
 Before any torchvision decode, the pixel count from PIL's header (``Image.open`` without
 loading) is checked against PIL's decompression-bomb limit.
@@ -20,7 +26,67 @@ import io
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+from featurekit.options import DECODE_PATHS as PATHS
+from featurekit.options import DECODES
+from featurekit.options import canonical_decode as canonical
+
 JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def check(decode: str) -> str:
+    from featurekit.errors import FeaturekitError
+
+    if canonical(decode) not in DECODES:
+        raise FeaturekitError(f"unknown --decode {decode!r}; valid: {', '.join(DECODES)}")
+    return canonical(decode)
+
+
+def resolve(decode: str, dev: str, log) -> str:
+    """``auto``/``hw``/``gpu``/``cpu`` -> the path this run takes on ``dev``. Each GPU decoder
+    is probed once on CUDA. ``auto`` takes the first that works of hw, gpu (nvJPEG), cpu (the
+    CPU with a warning); ``hw`` falls back the same way with one warning; ``gpu`` needs nvJPEG
+    on CUDA (with ``--device cpu`` it is torchvision's batched decoder on the CPU)."""
+    from featurekit.errors import DeviceError, FeaturekitError
+
+    decode = check(decode)
+    if not dev.startswith("cuda"):
+        if decode == "hw":
+            raise FeaturekitError("--decode hw needs a CUDA --device; use --decode cpu")
+        return "cpu" if decode == "auto" else decode
+    if decode == "cpu":
+        return decode
+    hw = hw_problem(dev) if decode in ("auto", "hw") else None
+    if decode in ("auto", "hw") and hw is None:
+        return "hw"
+    nvjpeg = nvjpeg_problem(dev)
+    if decode == "gpu" and nvjpeg:
+        raise DeviceError(f"--decode gpu: nvJPEG does not work here ({nvjpeg}); use --decode cpu")
+    if nvjpeg is None:
+        if decode == "hw":
+            log(f"warning: --decode hw: {hw}; decoding with nvJPEG on the GPU instead")
+        return "gpu"
+    why = f"{hw}; nvJPEG: {nvjpeg}" if decode == "hw" else f"nvJPEG does not work here ({nvjpeg})"
+    log(f"warning: {why}; decoding on the CPU")
+    return "cpu"
+
+
+def choose(decode: str, dev: str, d, recorded: str | None, log) -> str:
+    """The decode path of a run: ``decode`` resolved on this device, except that with ``auto``
+    a ``recorded`` path (the one a resumed output was started with) is kept when this device
+    has it (a resumed cache stays one run's), and that under torchrun every rank takes the
+    same, the most widely available of the ranks' own (shards of one cache must agree)."""
+    from featurekit import _dist
+
+    recorded = canonical(recorded)
+    if check(decode) == "auto" and (recorded == "cpu" or (recorded in PATHS and dev.startswith("cuda"))):
+        decode = recorded
+    mine = resolve(decode, dev, log)
+    choices = _dist.all_gather(mine, d)
+    chosen = min(choices, key=PATHS.index)
+    if len(set(choices)) > 1 and d.main:
+        log(f"note: the ranks' decoders differ ({', '.join(sorted(set(choices)))}); every rank "
+            f"uses {chosen}")
+    return chosen
 
 
 def _pixel_guard(data: bytes) -> int:
@@ -166,7 +232,7 @@ def _why(exc: Exception) -> str:
 
 
 class BytesDataset:
-    """position -> (position, kind, payload, reason) for the ``device`` path, packed per batch
+    """position -> (position, kind, payload, reason) for the ``gpu``/``hw`` paths, packed per batch
     by :func:`collate_packed`: ``("jpeg", (bytes, EXIF orientation))`` for JPEGs, ``("ready",
     float tensor)`` for other formats (decoded by PIL in the worker), ``(None, None, reason)``
     for failures."""
@@ -192,7 +258,7 @@ class BytesDataset:
 
 
 class PackedBatch(NamedTuple):
-    """One batch of the ``device`` path as the workers hand it over: every JPEG's bytes in one
+    """One batch of the ``gpu``/``hw`` paths as the workers hand it over: every JPEG's bytes in one
     tensor (one shared-memory transfer per batch instead of one per image)."""
 
     positions: list[int]
@@ -436,7 +502,7 @@ def device_batches(source, items, preprocess, decode: str, device: str, batch_sa
     """Batches of ``items`` ready for the forward pass: (positions, good positions, float
     tensor on ``device`` in channels_last or None, [(position, reason)]).
 
-    DataLoader workers decode (``cpu``) or read bytes (``device``); a prefetch thread readies
+    DataLoader workers decode (``cpu``) or read bytes (``gpu``, ``hw``); a prefetch thread readies
     each batch for the device on its own CUDA stream (nvJPEG's blocking batch decode and the
     batch-level resize and normalisation, or the pinned host-to-device copy), so the consuming
     thread only runs the model, and each batch reaches it as one tensor. Used by ``extract``
@@ -448,7 +514,7 @@ def device_batches(source, items, preprocess, decode: str, device: str, batch_sa
     from featurekit.data import collate
 
     on_cuda = device.startswith("cuda")
-    if decode in ("device", "hw"):
+    if decode in ("gpu", "hw"):
         dataset = BytesDataset(source, items, preprocess)
         collate_fn = collate_packed
         prepare = BatchPreprocess(preprocess, device, precision)

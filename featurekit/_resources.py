@@ -93,30 +93,24 @@ def check_batch_fits(
         )
 
 
-def training_bytes_per_image(model_name: str, image_size: int, half: bool,
-                             stages: list[str]) -> int:
-    """Per image, the convolution outputs of the trained ``stages`` (``conv1`` is the stem,
-    ``layer1``..``layer4``) that a training step keeps for its backward pass (each is the saved
-    input of the BatchNorm after it): measured on the meta device at 64 px, where it costs no
-    memory, and scaled by the image area."""
-    import torch
-    from torchvision import models
+def default_workers(device: str) -> int:
+    """Decoding workers: one per core on a GPU machine (cap 16); on the CPU the forward pass
+    already uses every core, so one worker overlaps decoding with compute."""
+    n = cpus()
+    if device.startswith("cuda"):
+        return max(1, min(16, n))
+    return 1 if n > 1 else 0
 
-    with torch.device("meta"):
-        model = models.get_model(model_name, weights=None)
-    total = 0
 
-    def count(module, inputs, output) -> None:
-        nonlocal total
-        total += output.numel()
+def share_cores(device: str, local_ranks: int) -> int:
+    """Decoding workers, and on the CPU torch threads, for one of ``local_ranks`` processes
+    torchrun started on this host (LOCAL_WORLD_SIZE): the host's cores shared among them."""
+    if local_ranks > 1 and not device.startswith("cuda"):
+        import torch
 
-    hooks = [m.register_forward_hook(count) for name, m in model.named_modules()
-             if isinstance(m, torch.nn.Conv2d) and name.split(".")[0] in stages]
-    with torch.no_grad():
-        model(torch.empty(1, 3, 64, 64, device="meta"))
-    for h in hooks:
-        h.remove()
-    return int(total * (image_size / 64) ** 2 * (2 if half else 4))
+        torch.set_num_threads(max(1, cpus() // local_ranks))
+    workers = default_workers(device)
+    return max(min(workers, 1), workers // max(1, local_ranks))
 
 
 def cpus() -> int:

@@ -1,17 +1,21 @@
-"""head x backend x layer comparisons on one cache: tables and a plot.
+"""``featurekit bench``: head x backend x layer comparisons on one cache, tables and a plot.
 
-Every combination runs under the selection protocol of :mod:`featurekit.fit`; features are read
-once per (split, layer) and shared by every head.
+Every combination runs under the selection protocol of :mod:`featurekit.fit`, as one unit of
+work that reads its own rows from the cache (so units can run on other processes or machines).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 from typing import Any
 
-from featurekit.errors import HeadError
+from featurekit._outputs import (
+    check_output_folder,
+    save_figure,
+    write_csv,
+    write_json,
+    write_text,
+)
 
 OUTPUT_FILES = ["results.csv", "results.json", "results.md", "results.png"]
 COLUMNS = ["head", "backend", "layer", "status", "params", "accuracy", "balanced_accuracy",
@@ -46,60 +50,61 @@ def run_bench(
     """Fit every head x backend x layer; write results.{csv,json,md} and results.png in ``out``
     (refusing to replace existing ones unless ``overwrite``). Each combination is one unit of
     work: ``jobs`` processes here, or a Dask cluster (``scheduler``), whose workers read the
-    cache themselves."""
+    cache themselves. Selection warnings are given here, one per combination that has any."""
     from featurekit.cache import open_cache
-    from featurekit.extract import check_output_folder
-    from featurekit.fit import choose_splits
-    from featurekit.heads import _REGISTRY, BACKENDS, HEADS, list_backends, resolve_backend
+    from featurekit.fit import check_request, read_request, warn_selection
+    from featurekit.heads import HEADS
 
     backend_list = _comma(backends, ["auto"])
     # a head is a name (run on every --backends entry) or name:backend (on that backend only)
     head_list = [(h.partition(":")[0], [h.partition(":")[2]] if ":" in h else backend_list)
                  for h in _comma(heads, list(HEADS))]
     for h, bs in head_list:
-        if h not in HEADS:
-            raise HeadError(f"unknown head {h!r}; valid heads: {', '.join(HEADS)}")
         for b in bs:
-            if b not in BACKENDS and b != "auto":
-                raise HeadError(f"unknown backend {b!r}; valid: auto, {', '.join(BACKENDS)}")
-    from featurekit.select import metric_function
-
-    metric_function(metric)
-    available = list_backends()
+            check_request(h, b, metric)
     out_dir = check_output_folder(out, OUTPUT_FILES, overwrite) if out is not None else None
-
     with open_cache(cache_path, allow_incomplete=allow_incomplete) as cache:
-        layer_list = _comma(layers, ["penultimate"] if "penultimate" in cache.layers else cache.layers[:1])
-        for layer in layer_list:
-            cache.dim(layer)  # validates the name
-        train, evaluate, select = choose_splits(cache, train_split, eval_split)
-        n_classes = len(cache.classes)
-        seed = int(cache.attrs.get("seed", 0))
-    rows: list[dict[str, Any]] = []
-    units: list[tuple[int, str, str, tuple]] = []  # (row index, head, backend, _combination's args)
-    for layer in layer_list:
-        for head, head_backends in head_list:
-            for backend in dict.fromkeys(resolve_backend(b, head) if b == "auto" else b
-                                         for b in head_backends):
-                base = {"head": head, "backend": backend, "layer": layer, "eval_split": evaluate}
-                if backend not in available:
-                    rows.append({**base, "status": f"skipped: {backend} is not available here"})
-                elif (head, backend) not in _REGISTRY:
-                    rows.append({**base, "status": f"skipped: {head} has no {backend} backend"})
-                else:
-                    rows.append(base)
-                    units.append((len(rows) - 1, head, backend, (
-                        str(Path(cache_path).resolve()), allow_incomplete, layer, train, evaluate,
-                        select, head, backend, n_classes, seed, metric, refit)))
+        layer_list = [read_request(cache, layer, train_split, eval_split).layer
+                      for layer in _comma(layers, [None])]
+        req = read_request(cache, layer_list[0], train_split, eval_split)
+    rows, units = _combinations(head_list, layer_list, req, str(Path(cache_path).resolve()),
+                                allow_incomplete, metric, refit)
     for i, report in _run_combinations(units, jobs, scheduler, progress):
         rows[i] = {**rows[i], **report, "status": "ok"}
-    result = {"cache": str(cache_path), "train_split": train, "eval_split": evaluate,
-              "selection": "val split" if select else "k-fold cv on train", "metric": metric,
-              "refit": "train+val" if refit and select else "train", "results": rows}
+        warn_selection(rows[i]["head"], rows[i]["backend"], report["selection"])
+    result = {"cache": str(cache_path), "train_split": req.train, "eval_split": req.evaluate,
+              "selection": "val split" if req.select else "k-fold cv on train", "metric": metric,
+              "refit": "train+val" if refit and req.select else "train", "results": rows}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         result["files"] = write_outputs(result, out_dir)
     return result
+
+
+def _combinations(head_list, layer_list, req, cache_path: str, allow_incomplete: bool,
+                  metric: str, refit: bool) -> tuple[list[dict[str, Any]], list[tuple]]:
+    """A row per head x backend x layer (a backend that is not available here, or that lacks
+    the head, is a skipped row), and the units that run: (row index, head, backend, args)."""
+    from featurekit.heads import has, list_backends, resolve_backend
+
+    available = list_backends()
+    rows: list[dict[str, Any]] = []
+    units: list[tuple[int, str, str, tuple]] = []
+    for layer in layer_list:
+        for head, head_backends in head_list:
+            for backend in dict.fromkeys(resolve_backend(b, head) if b == "auto" else b
+                                         for b in head_backends):
+                base = {"head": head, "backend": backend, "layer": layer, "eval_split": req.evaluate}
+                if backend not in available:
+                    rows.append({**base, "status": f"skipped: {backend} is not available here"})
+                elif not has(head, backend):
+                    rows.append({**base, "status": f"skipped: {head} has no {backend} backend"})
+                else:
+                    rows.append(base)
+                    units.append((len(rows) - 1, head, backend, (
+                        cache_path, allow_incomplete, layer, req.train, req.evaluate, req.select,
+                        head, backend, req.n_classes, req.seed, metric, refit)))
+    return rows, units
 
 
 def _run_combinations(units, jobs, scheduler, progress):
@@ -107,13 +112,13 @@ def _run_combinations(units, jobs, scheduler, progress):
     itself: on a Dask cluster all of them; on this machine the heads that run a whole
     selection themselves (featurekit's torch heads: GPU, or every core) here one after
     another, the others in ``jobs`` processes at once (each of their fits on one thread)."""
-    from featurekit._progress import progress_bar
-    from featurekit.heads import _REGISTRY, batched
-    from featurekit.select import Executor
+    from featurekit._console import progress_bar
+    from featurekit._parallel import Executor
+    from featurekit.heads import batched, entry
 
     with Executor(jobs, scheduler) as ex, progress_bar(enabled=progress, unit="combination") as bar:
         task = bar.add_task("bench", total=len(units))
-        here = [] if ex.remote else [u for u in units if batched(_REGISTRY[(u[1], u[2])])]
+        here = [] if ex.remote else [u for u in units if batched(entry(u[1], u[2]))]
         away = [u for u in units if u not in here]
         for i, _, _, args in here:
             yield i, _combination(*args)
@@ -126,14 +131,14 @@ def _run_combinations(units, jobs, scheduler, progress):
 def _combination(cache_path, allow_incomplete, layer, train, evaluate, select, head, backend,
                  n_classes, seed, metric, refit) -> dict[str, Any]:
     """One head x backend x layer: selection, refit, evaluation, reading its rows from the
-    cache (once per process); its own fits run one after another here."""
+    cache (nothing kept after it returns); its own fits run one after another here."""
+    from featurekit._parallel import CacheRows, Executor, read_rows
     from featurekit._resources import cpus, torch_threads
     from featurekit.fit import fit_on_arrays
-    from featurekit.select import CacheRows, Executor, _read_rows
 
-    X, y = _read_rows(CacheRows(cache_path, layer, train, None, allow_incomplete))
-    Xe, ye = _read_rows(CacheRows(cache_path, layer, evaluate, None, allow_incomplete))
-    Xs, ys = (_read_rows(CacheRows(cache_path, layer, select, None, allow_incomplete))
+    X, y = read_rows(CacheRows(cache_path, layer, train, None, allow_incomplete))
+    Xe, ye = read_rows(CacheRows(cache_path, layer, evaluate, None, allow_incomplete))
+    Xs, ys = (read_rows(CacheRows(cache_path, layer, select, None, allow_incomplete))
               if select else (None, None))
     with torch_threads(cpus()):  # as in a fresh process on this machine, wherever it runs
         _, report = fit_on_arrays(head, backend, X, y, Xe, ye, n_classes, X_sel=Xs, y_sel=ys,
@@ -142,7 +147,7 @@ def _combination(cache_path, allow_incomplete, layer, train, evaluate, select, h
     return report
 
 
-def _cell(row: dict[str, Any], col: str) -> str:
+def cell(row: dict[str, Any], col: str) -> str:
     v = row.get(col, "")
     if col == "params" and isinstance(v, dict):
         return " ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}" for k, val in v.items())
@@ -150,15 +155,12 @@ def _cell(row: dict[str, Any], col: str) -> str:
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """results.csv, .json, .md and .png, each whole or not at all."""
     rows = result["results"]
     files = {name: out_dir / name for name in OUTPUT_FILES}
-    with open(files["results.csv"], "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(COLUMNS)
-        for r in rows:
-            w.writerow([_cell(r, c) for c in COLUMNS])
-    files["results.json"].write_text(json.dumps(result, indent=2, default=str) + "\n")
-    files["results.md"].write_text(markdown_table(result) + "\n")
+    write_csv(files["results.csv"], COLUMNS, ([cell(r, c) for c in COLUMNS] for r in rows))
+    write_json(files["results.json"], result)
+    write_text(files["results.md"], markdown_table(result) + "\n")
     plot(rows, files["results.png"], title=Path(result["cache"]).name)
     return {k: str(v) for k, v in files.items()}
 
@@ -174,7 +176,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     for r in result["results"]:
         num = lambda k: f"{r[k]:.4f}" if isinstance(r.get(k), float) else ""  # noqa: E731
         lines.append(
-            f"| {r['head']} | {r['backend']} | {r['layer']} | {_cell(r, 'params')} | {num('accuracy')} "
+            f"| {r['head']} | {r['backend']} | {r['layer']} | {cell(r, 'params')} | {num('accuracy')} "
             f"| {num('balanced_accuracy')} | {num('macro_f1')} | {num('fit_seconds')} "
             f"| {num('predict_seconds')} | {r['status']} |"
         )
@@ -202,5 +204,4 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
     ax.set_title(f"featurekit bench {title}".strip())
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -1,6 +1,7 @@
-"""The HDF5 feature cache: format v1, its writer and its reader.
+"""The HDF5 feature cache: its writer, its reader, and ``pack``.
 
-The format is written down in ``docs/cache-format.md``. In short::
+The format (constants, versions, attribute codec: :mod:`featurekit._h5format`) is written down
+in ``docs/cache-format.md``. In short::
 
     /                          attrs: format, format_version, featurekit_version, created, model,
                                       weights, weights_sha256, layers (JSON), pool,
@@ -29,38 +30,25 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from featurekit._atomic import replacing
+from featurekit._h5format import (
+    JSON_ATTRS,
+    FORMAT,
+    SHARDED,
+    SINGLE_VERSION,
+    chunk_rows,
+    decode_value,
+    encode_attr,
+    read_header,
+    root_attrs,
+    str_dtype,
+)
+from featurekit._outputs import check_output, replacing
 from featurekit.errors import CacheError, OutputError
+from featurekit.options import SPLITS
 
-FORMAT = "featurekit-cache"
-FORMAT_VERSION = 1
-JSON_ATTRS = ("layers", "preprocess", "classes", "source", "zero_fraction", "zero_counts", "options",
-              "shard", "shards")
-_STR = None  # h5py string dtype, made on first use
-
-
-def _str_dtype():
-    global _STR
-    if _STR is None:
-        import h5py
-
-        _STR = h5py.string_dtype("utf-8")
-    return _STR
-
-
-def _chunk_rows(dim: int, itemsize: int) -> int:
-    """Rows per HDF5 chunk: about 1 MiB per chunk, so row-block reads touch few chunks."""
-    return max(1, min(4096, (1 << 20) // max(1, dim * itemsize)))
-
+__all__ = ["Cache", "CacheWriter", "WriteFailed", "open_cache", "pack", "read_header"]
 
 # --------------------------------------------------------------------------- writer
-
-
-def _attr(key: str, value: Any) -> Any:
-    """JSON for structured attributes; plain ``str`` for str subclasses (h5py rejects them)."""
-    if key in JSON_ATTRS:
-        return json.dumps(value)
-    return str(value) if isinstance(value, str) else value
 
 
 class WriteFailed(OutputError):
@@ -69,32 +57,6 @@ class WriteFailed(OutputError):
     printing the message (see cli._handles_errors)."""
 
     hard_exit = True
-
-
-def _quiet_failed_hdf5() -> None:
-    """After a failed write, h5py's object finalizers report "Can't decrement id ref count"
-    (Cython prints them through sys.excepthook, or sys.unraisablehook), some before the failure
-    reaches any handler; they say nothing the user's one line does not, so writers drop exactly
-    those from the moment they open a file."""
-    import sys
-
-    def is_noise(exc: BaseException | None) -> bool:
-        return isinstance(exc, RuntimeError) and "ref count" in str(exc)
-
-    if getattr(sys.excepthook, "_featurekit_quiet", False):
-        return
-    previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
-
-    def excepthook(exc_type, exc, tb) -> None:
-        if not is_noise(exc):
-            previous_except(exc_type, exc, tb)
-
-    def unraisablehook(unraisable) -> None:
-        if not is_noise(unraisable.exc_value):
-            previous_unraisable(unraisable)
-
-    excepthook._featurekit_quiet = True  # type: ignore[attr-defined]
-    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
 class CacheWriter:
@@ -126,45 +88,14 @@ class CacheWriter:
         # and an old output replaced with --overwrite stays until then.
         # HDF5 1.8 file format: dense (large) attributes, and no superblock "open for write" flag,
         # which would make a killed file unopenable without h5clear (1.10+ formats set it)
-        _quiet_failed_hdf5()
         with replacing(self.path) as tmp:  # a half-made header is worth nothing
             self._f = h5py.File(tmp, "w", libver=("v108", "v108"))
             try:
-                self._create(attrs, split_sizes)
+                _create(self._f, attrs, split_sizes, self.layer_dims, self.dtype)
             except BaseException:
                 self._f.close()
                 raise
-
-    def _create(self, attrs: dict[str, Any], split_sizes: dict[str, int]) -> None:
-        root = self._f.attrs
-        for key, value in attrs.items():
-            root[key] = _attr(key, value)
-        root["format"] = FORMAT
-        root["format_version"] = FORMAT_VERSION
-        root["complete"] = False
-        self._buffers: dict[str, _Buffer] = {}
-        for split, n in split_sizes.items():
-            g = self._f.create_group(split)
-            g.attrs["rows"] = 0
-            g.attrs["next_index"] = 0
-            g.attrs["n_skipped"] = 0
-            g.attrs["n_source"] = n
-            cap = max(n, 1)
-            g.create_dataset("labels", shape=(cap,), maxshape=(None,), dtype=np.int64,
-                             chunks=(min(cap, 8192),))
-            g.create_dataset("paths", shape=(cap,), maxshape=(None,), dtype=_str_dtype(),
-                             chunks=(min(cap, 4096),))
-            g.create_dataset("file_stat", shape=(cap, 2), maxshape=(None, 2), dtype=np.int64,
-                             chunks=(min(cap, 8192), 2))
-            fg = g.create_group("features")
-            for layer, dim in self.layer_dims.items():
-                fg.create_dataset(layer, shape=(cap, dim), maxshape=(None, dim), dtype=self.dtype,
-                                  chunks=(min(cap, _chunk_rows(dim, self.dtype.itemsize)), dim))
-            sg = g.create_group("skipped")
-            for name in ("path", "reason"):
-                sg.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_str_dtype(), chunks=(256,))
-            self._buffers[split] = _Buffer()
-        self._f.flush()
+        self._buffers = {split: _Buffer() for split in split_sizes}
 
     @classmethod
     def reopen(cls, path: str | os.PathLike[str], commit_rows: int = 512,
@@ -176,32 +107,16 @@ class CacheWriter:
         self.path = Path(path)
         self.commit_rows, self.commit_seconds = max(1, commit_rows), commit_seconds
         self._last_commit = time.monotonic()
-        _quiet_failed_hdf5()
         self._f = h5py.File(self.path, "r+")
         try:
-            self.dtype = np.dtype(str(_decode(self._f.attrs["dtype"])))
+            self.dtype = np.dtype(str(decode_value(self._f.attrs["dtype"])))
             self.layer_dims = {}
             self._buffers = {}
             for split in self._f:
                 g = self._f[split]
                 for layer, ds in g["features"].items():
                     self.layer_dims[layer] = int(ds.shape[1])
-                # Cut every dataset back to what was committed. Rows past it may hold data that
-                # reached the disk before the kill, its strings referring to heap objects that
-                # never did: overwriting such a string makes HDF5 free a missing heap object
-                # ("bad heap index"). Shrinking resets those slots to the fill value.
-                rows = int(g.attrs["rows"])
-                for ds in _row_datasets(g):
-                    if ds.shape[0] != rows:
-                        ds.resize(rows, axis=0)
-                # Strings: shrinking clears a partly kept chunk only in memory; a kill during
-                # the flush of an earlier resume could leave the shape cut on disk but the
-                # chunk's tail stale (reproduced by the kill test). Clear the tails on disk,
-                # every time (this also cuts skipped entries written after the last commit).
-                _clear_strings_past(g["paths"], rows)
-                sg, k = g["skipped"], int(g.attrs.get("n_skipped", 0))
-                for name in ("path", "reason"):
-                    _clear_strings_past(sg[name], k)
+                _cut_to_commit(g)
                 self._buffers[split] = _Buffer(next_index=int(g.attrs["next_index"]))
             self._f.flush()
         except BaseException:
@@ -221,8 +136,7 @@ class CacheWriter:
         }
 
     def attr(self, key: str, default: Any = None) -> Any:
-        value = self._f.attrs.get(key, default)
-        value = _decode(value)
+        value = decode_value(self._f.attrs.get(key, default))
         if key in JSON_ATTRS and isinstance(value, str):
             return json.loads(value)
         return value
@@ -308,7 +222,7 @@ class CacheWriter:
 
     def set_attrs(self, **attrs: Any) -> None:
         for key, value in attrs.items():
-            self._f.attrs[key] = _attr(key, value)
+            self._f.attrs[key] = encode_attr(key, value)
 
     def finish(self) -> None:
         """Commit what is queued, trim every split to its rows, mark the cache complete."""
@@ -338,6 +252,57 @@ class CacheWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _create(f, attrs: dict[str, Any], split_sizes: dict[str, int], dims: dict[str, int],
+            dtype: np.dtype) -> None:
+    """A new cache's header, split groups and empty row datasets (sized for the source)."""
+    root = f.attrs
+    for key, value in attrs.items():
+        root[key] = encode_attr(key, value)
+    root["format"] = FORMAT
+    root["format_version"] = SINGLE_VERSION
+    root["complete"] = False
+    for split, n in split_sizes.items():
+        g = f.create_group(split)
+        for key in ("rows", "next_index", "n_skipped"):
+            g.attrs[key] = 0
+        g.attrs["n_source"] = n
+        cap = max(n, 1)
+        g.create_dataset("labels", shape=(cap,), maxshape=(None,), dtype=np.int64,
+                         chunks=(min(cap, 8192),))
+        g.create_dataset("paths", shape=(cap,), maxshape=(None,), dtype=str_dtype(),
+                         chunks=(min(cap, 4096),))
+        g.create_dataset("file_stat", shape=(cap, 2), maxshape=(None, 2), dtype=np.int64,
+                         chunks=(min(cap, 8192), 2))
+        fg = g.create_group("features")
+        for layer, dim in dims.items():
+            fg.create_dataset(layer, shape=(cap, dim), maxshape=(None, dim), dtype=dtype,
+                              chunks=(min(cap, chunk_rows(dim, dtype.itemsize)), dim))
+        sg = g.create_group("skipped")
+        for name in ("path", "reason"):
+            sg.create_dataset(name, shape=(0,), maxshape=(None,), dtype=str_dtype(), chunks=(256,))
+    f.flush()
+
+
+def _cut_to_commit(g) -> None:
+    """Cut every dataset of a split group back to what was committed.
+
+    Rows past it may hold data that reached the disk before the kill, its strings referring to
+    heap objects that never did: overwriting such a string makes HDF5 free a missing heap
+    object ("bad heap index"). Shrinking resets those slots to the fill value. Strings:
+    shrinking clears a partly kept chunk only in memory; a kill during the flush of an earlier
+    resume could leave the shape cut on disk but the chunk's tail stale (reproduced by the kill
+    test), so the tails are cleared on disk, every time (this also cuts skipped entries written
+    after the last commit)."""
+    rows = int(g.attrs["rows"])
+    for ds in _row_datasets(g):
+        if ds.shape[0] != rows:
+            ds.resize(rows, axis=0)
+    _clear_strings_past(g["paths"], rows)
+    sg, k = g["skipped"], int(g.attrs.get("n_skipped", 0))
+    for name in ("path", "reason"):
+        _clear_strings_past(sg[name], k)
 
 
 def _clear_strings_past(ds, keep: int) -> None:
@@ -388,14 +353,6 @@ class _Buffer:
 # --------------------------------------------------------------------------- reader
 
 
-def _decode(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def _guarded(fn):
     """Reading a damaged file can fail deep in h5py with many exception types; users get one
     CacheError line instead."""
@@ -436,8 +393,6 @@ class Cache:
 
     @property
     def splits(self) -> list[str]:
-        from featurekit.data import SPLITS
-
         return [s for s in SPLITS if s in self._f] + sorted(
             s for s in self._f if s not in SPLITS
         )
@@ -458,7 +413,7 @@ class Cache:
 
     @_guarded
     def paths(self, split: str) -> list[str]:
-        return [_decode(p) for p in self._group(split)["paths"][: self.n_rows(split)]]
+        return [decode_value(p) for p in self._group(split)["paths"][: self.n_rows(split)]]
 
     @_guarded
     def features(self, split: str, layer: str, block_rows: int = 8192) -> np.ndarray:
@@ -488,7 +443,7 @@ class Cache:
     @_guarded
     def skipped(self, split: str) -> list[tuple[str, str]]:
         sg = self._group(split)["skipped"]
-        return [(_decode(p), _decode(r)) for p, r in zip(sg["path"][:], sg["reason"][:])]
+        return [(decode_value(p), decode_value(r)) for p, r in zip(sg["path"][:], sg["reason"][:])]
 
     @_guarded
     def summary(self) -> dict[str, Any]:
@@ -572,53 +527,12 @@ def open_cache(path: str | os.PathLike[str], allow_incomplete: bool = False) -> 
     return Cache(p, f, attrs)
 
 
-def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The validated root attributes of a featurekit cache, read without opening the file for
-    writing (``extract --resume`` checks a file this way before it may touch it)."""
-    import h5py
-
-    p = Path(path)
-    try:
-        f = h5py.File(p, "r")
-    except OSError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CacheError(f"{p} is not a featurekit cache (it cannot be read as HDF5: {first})") from None
-    try:
-        with f:
-            return _root_attrs(p, f)
-    except CacheError:
-        raise
-    except Exception as exc:  # h5py raises many types on damaged files
-        raise CacheError(f"{p} is damaged: {type(exc).__name__}: {exc}") from None
-
-
-def _root_attrs(p: Path, f: Any) -> dict[str, Any]:
-    """Root attributes, decoded (JSON ones parsed); refuses other files and newer versions."""
-    attrs = {k: _decode(v) for k, v in f.attrs.items()}
-    if attrs.get("format") != FORMAT:
-        raise CacheError(f"{p} is not a featurekit cache (no format={FORMAT!r} attribute)")
-    version = attrs.get("format_version")
-    if not isinstance(version, int):
-        raise CacheError(f"{p} has no valid format_version")
-    if version > FORMAT_VERSION:
-        raise CacheError(
-            f"{p} has cache format {version}, newer than this featurekit reads "
-            f"({FORMAT_VERSION}); upgrade featurekit"
-        )
-    for key in JSON_ATTRS:
-        if key in attrs and isinstance(attrs[key], str):
-            try:
-                attrs[key] = json.loads(attrs[key])
-            except json.JSONDecodeError:
-                raise CacheError(f"{p}: attribute {key!r} is not valid JSON") from None
-    return attrs
-
-
 def _validate(p: Path, f: Any, allow_incomplete: bool) -> dict[str, Any]:
-    import h5py
-
-    attrs = _root_attrs(p, f)
-    if attrs.get("layout") == "sharded":  # its row data live in the shards: they must be there
+    attrs = root_attrs(p, f)
+    sharded = attrs.get("layout") == SHARDED
+    if attrs["format_version"] > SINGLE_VERSION and not sharded:
+        raise CacheError(f"{p} is damaged: format {attrs['format_version']} without its shards' list")
+    if sharded:  # its row data live in the shards: they must be there
         from featurekit.shards import check
 
         check(p, attrs)
@@ -633,31 +547,90 @@ def _validate(p: Path, f: Any, allow_incomplete: bool) -> dict[str, Any]:
             f"{p} is incomplete (extraction was interrupted); rerun extract with --resume, "
             "or pass --allow-incomplete to read the committed rows"
         )
-    splits = [k for k in f.keys()]
-    if not splits:
+    if not list(f.keys()):
         raise CacheError(f"{p} holds no split groups")
-    for s in splits:
-        g = f[s]
-        if not isinstance(g, h5py.Group):
-            raise CacheError(f"{p}: /{s} is not a split group")
-        for name in ("labels", "paths", "features", "skipped"):
-            if name not in g:
-                raise CacheError(f"{p}: split {s!r} lacks /{s}/{name}")
-        rows = g.attrs.get("rows")
-        if rows is None:
-            raise CacheError(f"{p}: split {s!r} lacks its 'rows' attribute")
-        rows = int(rows)
-        sizes = [g["labels"].shape[0], g["paths"].shape[0]]
-        if "file_stat" in g:
-            sizes.append(g["file_stat"].shape[0])
-        for layer in attrs["layers"]:
-            if layer not in g["features"]:
-                raise CacheError(f"{p}: split {s!r} lacks features for layer {layer!r}")
-            sizes.append(g["features"][layer].shape[0])
-        if any(n < rows for n in sizes) or (bool(attrs.get("complete")) and any(n != rows for n in sizes)):
-            raise CacheError(
-                f"{p}: split {s!r} has mismatched row counts (rows={rows}, datasets {sizes})"
-            )
-        if g["skipped"]["path"].shape != g["skipped"]["reason"].shape:
-            raise CacheError(f"{p}: split {s!r} has mismatched skipped path/reason lists")
+    for split in f.keys():
+        _check_split(p, f[split], split, attrs)
     return attrs
+
+
+def _check_split(p: Path, g: Any, s: str, attrs: dict[str, Any]) -> None:
+    """A split group has its datasets, a committed row count, and rows for every layer."""
+    import h5py
+
+    if not isinstance(g, h5py.Group):
+        raise CacheError(f"{p}: /{s} is not a split group")
+    for name in ("labels", "paths", "features", "skipped"):
+        if name not in g:
+            raise CacheError(f"{p}: split {s!r} lacks /{s}/{name}")
+    rows = g.attrs.get("rows")
+    if rows is None:
+        raise CacheError(f"{p}: split {s!r} lacks its 'rows' attribute")
+    rows = int(rows)
+    sizes = [g["labels"].shape[0], g["paths"].shape[0]]
+    if "file_stat" in g:
+        sizes.append(g["file_stat"].shape[0])
+    for layer in attrs["layers"]:
+        if layer not in g["features"]:
+            raise CacheError(f"{p}: split {s!r} lacks features for layer {layer!r}")
+        sizes.append(g["features"][layer].shape[0])
+    if any(n < rows for n in sizes) or (bool(attrs.get("complete")) and any(n != rows for n in sizes)):
+        raise CacheError(
+            f"{p}: split {s!r} has mismatched row counts (rows={rows}, datasets {sizes})"
+        )
+    if g["skipped"]["path"].shape != g["skipped"]["reason"].shape:
+        raise CacheError(f"{p}: split {s!r} has mismatched skipped path/reason lists")
+
+
+# --------------------------------------------------------------------------- pack
+
+
+def pack(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
+         overwrite: bool = False) -> Path:
+    """Copy any cache (sharded or not) into one ordinary file (format 1): the same groups,
+    attributes and data, in HDF5's 1.8 format, under a temporary name and renamed when
+    complete."""
+    import h5py
+
+    src, out = Path(src), check_output(out, overwrite)
+    if src.exists() and src.resolve() == out.resolve():
+        raise OutputError("pack: --out is the cache itself; give another file")
+    with open_cache(src) as cache, replacing(out) as tmp:
+        f_in = cache._f
+        with h5py.File(tmp, "w", libver=("v108", "v108")) as f:
+            for key, value in f_in.attrs.items():
+                if key not in ("layout", "shards", "complete"):
+                    f.attrs[key] = value
+            f.attrs["format_version"] = SINGLE_VERSION
+            f.attrs["complete"] = False
+            for split in f_in:
+                _copy_split(f_in[split], f.create_group(split))
+            f.flush()
+            f.attrs["complete"] = True
+    return out
+
+
+def _copy_split(g_in, g, block: int = 8192) -> None:
+    """A split group's attributes and datasets, read in row blocks (virtual or not), written
+    with featurekit's usual chunking."""
+    for key, value in g_in.attrs.items():
+        g.attrs[key] = value
+    for name, ds in _walk(g_in):
+        target = g.require_group(os.path.dirname(name)) if "/" in name else g
+        n = ds.shape[0]
+        rows = chunk_rows(ds.shape[1], ds.dtype.itemsize) if ds.ndim == 2 else 8192
+        out = target.create_dataset(os.path.basename(name), shape=ds.shape, dtype=ds.dtype,
+                                    maxshape=(None, *ds.shape[1:]),
+                                    chunks=(max(1, min(n, rows)), *ds.shape[1:]))
+        for start in range(0, n, block):
+            out[start:start + block] = ds[start:start + block]
+
+
+def _walk(group, prefix: str = ""):
+    import h5py
+
+    for key, item in group.items():
+        if isinstance(item, h5py.Dataset):
+            yield prefix + key, item
+        else:
+            yield from _walk(item, prefix + key + "/")

@@ -1,7 +1,9 @@
 """The ``featurekit`` command line: each command parses, calls one library function, renders.
 
 User errors (:class:`~featurekit.errors.FeaturekitError`) become one line on stderr and exit
-code 2. ``--json`` puts exactly one JSON object on stdout; progress and logs go to stderr.
+code 2; warnings one ``warning: …`` line each. ``--json`` puts exactly one JSON object on
+stdout; progress and logs go to stderr. Help is plain text (no markup: a ``[default: …]`` in a
+help string is shown as written), wrapped to the terminal.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -17,6 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from featurekit import options as opt
+from featurekit._console import log as _err
 from featurekit.errors import FeaturekitError
 
 
@@ -56,10 +58,15 @@ _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Clic
 
 app = typer.Typer(
     cls=_OneLineErrors,
-    help="Run a ResNet once, compare classifiers on its cached features in seconds.",
+    help="Run a ResNet once, compare classifiers on its cached features in seconds.\n\n"
+         "\b\nExample (offline, on scikit-learn's digits):\n"
+         "  featurekit demo --out demo/\n"
+         "  featurekit extract ./birds --model resnet50 --out birds.h5\n"
+         "  featurekit bench birds.h5 --out bench/",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 
@@ -70,22 +77,17 @@ def _console():
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
-def _err(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _showwarning(message, category, filename, lineno, file=None, line=None) -> None:
-    _err(f"warning: {message}")
-
-
 def _handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn library errors into one line and exit code 2; Ctrl-C into exit code 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        warnings.showwarning = _showwarning
+        from featurekit._console import one_line_warnings, quiet_hdf5_noise
+
+        quiet_hdf5_noise()
         try:
-            return fn(*args, **kwargs)
+            with one_line_warnings():
+                return fn(*args, **kwargs)
         except FeaturekitError as exc:
             if not getattr(exc, "quiet", False):  # under torchrun, rank 0 alone says it
                 _err("error: " + " ".join(str(exc).split()))  # one line, whatever a library said
@@ -117,20 +119,9 @@ def _live(progress: bool) -> bool:
 
 
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    """The library's results are JSON-ready: nothing is converted here."""
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
     sys.stdout.flush()
-
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # --------------------------------------------------------------------------- extract
@@ -141,7 +132,7 @@ _SOURCE_HELP = "A folder ROOT/<class>/<img> or ROOT/<split>/<class>/<img>, a CSV
 @app.command()
 @_handles_errors
 def extract(
-    source: str = typer.Argument(..., help=_SOURCE_HELP),
+    source: str = typer.Argument(..., metavar="SOURCE", help=_SOURCE_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="The HDF5 cache to write."),
     model: Optional[str] = typer.Option(
         None, help="torchvision ResNet-family model [default: resnet50, or the checkpoint's]."
@@ -156,21 +147,24 @@ def extract(
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16."),
     dtype: str = typer.Option("float32", help="Storage type of features: float32 | float16."),
     decode: str = typer.Option("auto", help="auto (hw, else gpu, on CUDA) | cpu (workers decode) | gpu (batched nvJPEG on the GPU) | hw (the GPU's JPEG engines via nvImageCodec: featurekit[nvimgcodec]; falls back to gpu, then cpu, with a warning)."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the forward pass (GPU, long runs)."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the forward pass (GPU, long runs) [default: off]."),
     seed: int = typer.Option(0, parser=opt.SEED, help="Seed of the split and of random init."),
     val_fraction: float = typer.Option(0.15, parser=opt.FRACTION, help="Share of each class for val, for sources without split folders (0: none)."),
     test_fraction: float = typer.Option(0.15, parser=opt.FRACTION, help="Share of each class for test, for sources without split folders (0: none)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
     resume: bool = typer.Option(False, help="Continue an interrupted cache after its last commit (same source and options)."),
     commit_seconds: float = typer.Option(2.0, parser=opt.COMMIT_SECONDS, help="Commit rows to disk at least this often (a kill loses at most this much work)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout [default: off]."),
     progress: bool = typer.Option(True, help="Show a progress bar on stderr."),
 ) -> None:
     """Run a ResNet over SOURCE once and write its activations to an HDF5 cache.
 
-    Example: featurekit extract ./birds --model resnet50 --layers penultimate,layer3 --out birds.h5
+    \b
+    Example:
+      featurekit extract ./birds --model resnet50 --layers penultimate,layer3 \\
+          --out birds.h5
     """
-    from featurekit.extract import extract as run
+    from featurekit.extraction import extract as run
 
     summary = run(
         source, out, model=model, weights=weights, layers=layers, pool=pool,
@@ -180,9 +174,7 @@ def extract(
         test_fraction=test_fraction, overwrite=overwrite, resume=resume,
         commit_seconds=commit_seconds, progress=progress, log=_err,
     )
-    import os
-
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+    if summary.rank != 0:  # under torchrun only rank 0 reports
         return
     if json_out:
         _print_json(summary.to_dict())
@@ -205,14 +197,15 @@ def extract(
 @app.command()
 @_handles_errors
 def info(
-    cache: Path = typer.Argument(..., help="A featurekit HDF5 cache."),
+    cache: Path = typer.Argument(..., metavar="CACHE", help="A featurekit HDF5 cache."),
     verify: bool = typer.Option(False, help="Compare with the source now: files added, removed or changed since extraction."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout [default: off]."),
 ) -> None:
     """Describe a cache: splits, rows, layers, classes, model, weights, skipped files.
 
     An interrupted cache is described too, clearly marked incomplete.
 
+    \b
     Example: featurekit info birds.h5 --json
     """
     from featurekit.cache import open_cache
@@ -288,15 +281,16 @@ def _render_info(s: dict[str, Any]) -> None:
 @app.command()
 @_handles_errors
 def pack(
-    cache: Path = typer.Argument(..., help="A featurekit cache, sharded or not."),
+    cache: Path = typer.Argument(..., metavar="CACHE", help="A featurekit cache, sharded or not."),
     out: Path = typer.Option(..., "--out", "-o", help="The single-file cache to write."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
 ) -> None:
-    """Copy a cache (e.g. the logical cache of a sharded extraction) into one ordinary file.
+    """Copy a cache into one ordinary file (the logical cache of a sharded extraction too).
 
+    \b
     Example: featurekit pack birds.h5 --out birds-one.h5
     """
-    from featurekit.shards import pack as run
+    from featurekit.cache import pack as run
 
     written = run(cache, out, overwrite=overwrite)
     _err(f"packed {cache} -> {written}")
@@ -308,39 +302,35 @@ def pack(
 @app.command()
 @_handles_errors
 def fit(
-    cache: Path = typer.Argument(..., help="A featurekit HDF5 cache."),
+    cache: Path = typer.Argument(..., metavar="CACHE", help="A featurekit HDF5 cache."),
     head: str = typer.Option(..., help="logistic | linearsvc | svm (RBF SVC) | nystroem (RBF approximation + logistic)."),
     out: Path = typer.Option(..., "--out", "-o", help="The head file: NAME.skops (safe to load, shareable) or NAME.joblib (a pickle; cuML heads)."),
     backend: str = typer.Option("auto", help="auto (torch on a CUDA GPU where the head has it, else sklearn) | sklearn | torch | cuml."),
     layer: Optional[str] = typer.Option(None, help="Cached layer to fit on [default: penultimate]."),
-    c: Optional[float] = typer.Option(None, "--C", parser=opt.POSITIVE, help="Fix C (> 0) instead of choosing it on the grid."),
-    gamma: Optional[float] = typer.Option(None, parser=opt.POSITIVE, help="Fix the RBF gamma (> 0; svm) instead of choosing it."),
+    c: Optional[float] = typer.Option(None, "--C", parser=opt.POSITIVE, help="Fix C (> 0) instead of choosing it [default: chosen on the grid]."),
+    gamma: Optional[float] = typer.Option(None, parser=opt.POSITIVE, help="Fix the RBF gamma (> 0; svm, nystroem) instead of choosing it [default: chosen on the grid]."),
     train_split: str = typer.Option("train", help="Split to train on."),
     eval_split: Optional[str] = typer.Option(None, help="Split to report [default: test, else val]."),
     select_metric: str = typer.Option("accuracy", help="What selection maximises: accuracy | balanced_accuracy."),
     refit: bool = typer.Option(True, help="Refit the chosen point on train + val (--no-refit: train only)."),
     jobs: Optional[int] = typer.Option(None, parser=opt.JOBS, help="Processes for point-by-point fits [default: every core]."),
-    dask_scheduler: Optional[str] = typer.Option(None, help="Run the selection's units on this Dask scheduler (tcp://HOST:PORT); workers read the cache themselves."),
+    dask_scheduler: Optional[str] = typer.Option(None, help="Run the selection's units on this Dask scheduler (tcp://HOST:PORT); workers read the cache themselves [default: none, processes here]."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
     allow_incomplete: bool = typer.Option(False, help="Use the committed rows of an interrupted cache."),
     progress: bool = typer.Option(True, help="Show the selection's progress on stderr (on a terminal)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout [default: off]."),
 ) -> None:
     """Fit a head on cached features; C (and gamma) are chosen without touching the reported split.
 
+    \b
     Example: featurekit fit birds.h5 --head svm --out birds-svm.skops --json
     """
-    from featurekit.extract import check_output
-    from featurekit.fit import check_head_output, fit_head, save_head
-    from featurekit.heads import resolve_backend
+    from featurekit.fit import fit_head
 
-    check_output(out, overwrite)
-    check_head_output(out, resolve_backend(backend, head))
-    result = fit_head(cache, head, backend=backend, layer=layer, C=c, gamma=gamma,
-                      train_split=train_split, eval_split=eval_split, allow_incomplete=allow_incomplete,
-                      metric=select_metric, refit=refit, jobs=jobs, progress=_live(progress),
-                      scheduler=dask_scheduler)
-    save_head(result, out)
+    result = fit_head(cache, head, out=out, overwrite=overwrite, backend=backend, layer=layer,
+                      C=c, gamma=gamma, train_split=train_split, eval_split=eval_split,
+                      allow_incomplete=allow_incomplete, metric=select_metric, refit=refit,
+                      jobs=jobs, progress=_live(progress), scheduler=dask_scheduler)
     r = result.report
     if json_out:
         _print_json(r)
@@ -363,25 +353,25 @@ def fit(
 @_handles_errors
 def predict(
     head_file: Path = typer.Argument(..., metavar="HEAD", help="A head saved by featurekit fit."),
-    cache: Path = typer.Argument(..., help="A featurekit cache with the same backbone and layer."),
+    cache: Path = typer.Argument(..., metavar="CACHE", help="A featurekit cache with the same backbone and layer."),
     out: Path = typer.Option(..., "--out", "-o", help="CSV to write: path,label,prediction,score."),
     split: Optional[str] = typer.Option(None, help="Split to predict [default: the head's reported split]."),
     force: bool = typer.Option(False, help="Predict even if the cache's backbone/layer/preprocessing differ."),
     trust: bool = typer.Option(False, help="Load a .joblib head: a pickle, which runs the code it holds; only for files you made."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
     allow_incomplete: bool = typer.Option(False, help="Use the committed rows of an interrupted cache."),
-    json_out: bool = typer.Option(False, "--json", help="Print a summary as one JSON object on stdout."),
+    json_out: bool = typer.Option(False, "--json", help="Print a summary as one JSON object on stdout [default: off]."),
 ) -> None:
     """Predict a cache split with a saved head; writes one CSV row per sample.
 
-    Example: featurekit predict birds-svm.skops birds.h5 --split test --out preds.csv
+    \b
+    Example:
+      featurekit predict birds-svm.skops birds.h5 --split test --out preds.csv
     """
-    from featurekit.extract import check_output
-    from featurekit.fit import predict_to_csv
+    from featurekit.fit import predict as run
 
-    check_output(out, overwrite)
-    summary = predict_to_csv(head_file, cache, out, split=split, force=force,
-                             allow_incomplete=allow_incomplete, trust=trust)
+    summary = run(head_file, cache, out, split=split, force=force,
+                  allow_incomplete=allow_incomplete, trust=trust, overwrite=overwrite)
     if json_out:
         _print_json(summary)
         return
@@ -392,25 +382,28 @@ def predict(
 @app.command()
 @_handles_errors
 def bench(
-    cache: Path = typer.Argument(..., help="A featurekit HDF5 cache."),
+    cache: Path = typer.Argument(..., metavar="CACHE", help="A featurekit HDF5 cache."),
     heads: str = typer.Option("logistic,linearsvc,svm,nystroem", help="Comma list of heads."),
     backends: str = typer.Option("auto", help="Comma list of backends: auto (per head: torch on a CUDA GPU, else sklearn), sklearn, torch, cuml."),
     layers: Optional[str] = typer.Option(None, help="Comma list of cached layers [default: penultimate]."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for results.{csv,json,md,png}."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for results.{csv,json,md,png} [default: none, print only]."),
     train_split: str = typer.Option("train", help="Split to train on."),
     eval_split: Optional[str] = typer.Option(None, help="Split to report [default: test, else val]."),
     allow_incomplete: bool = typer.Option(False, help="Use the committed rows of an interrupted cache."),
     select_metric: str = typer.Option("accuracy", help="What selection maximises: accuracy | balanced_accuracy."),
     refit: bool = typer.Option(True, help="Refit the chosen point on train + val (--no-refit: train only)."),
     jobs: Optional[int] = typer.Option(None, parser=opt.JOBS, help="Processes for the combinations [default: every core]."),
-    dask_scheduler: Optional[str] = typer.Option(None, help="Run the combinations on this Dask scheduler (tcp://HOST:PORT); workers read the cache themselves."),
+    dask_scheduler: Optional[str] = typer.Option(None, help="Run the combinations on this Dask scheduler (tcp://HOST:PORT); workers read the cache themselves [default: none, processes here]."),
     overwrite: bool = typer.Option(False, help="Replace results.* already in --out."),
     progress: bool = typer.Option(True, help="Show each selection's progress on stderr (on a terminal)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout [default: off]."),
 ) -> None:
     """Compare every head x backend x layer under the same selection protocol.
 
-    Example: featurekit bench birds.h5 --heads logistic,svm --layers penultimate,layer3 --out bench/
+    \b
+    Example:
+      featurekit bench birds.h5 --heads logistic,svm --layers penultimate,layer3 \\
+          --out bench/
     """
     from featurekit.bench import run_bench
 
@@ -433,12 +426,12 @@ def _render_bench(result: dict[str, Any]) -> None:
     numeric = ("accuracy", "bal. acc.", "macro F1", "select s", "fit s")
     for col in ("head", "backend", "layer", "params", *numeric, "status"):
         t.add_column(col, justify="right" if col in numeric else "left")
-    from featurekit.bench import _cell
+    from featurekit.bench import cell
 
     for r in result["results"]:
         f = lambda k: f"{r[k]:.4f}" if isinstance(r.get(k), float) else ""  # noqa: E731
         s = lambda k: f"{r[k]:.2f}" if isinstance(r.get(k), float) else ""  # noqa: E731
-        t.add_row(r["head"], r["backend"], r["layer"], _cell(r, "params"), f("accuracy"),
+        t.add_row(r["head"], r["backend"], r["layer"], cell(r, "params"), f("accuracy"),
                   f("balanced_accuracy"), f("macro_f1"), s("selection_seconds"), s("fit_seconds"),
                   r["status"] if r.get("converged", True) else "ok (not converged)")
     _console().print(t)
@@ -452,7 +445,7 @@ def _render_bench(result: dict[str, Any]) -> None:
 @app.command()
 @_handles_errors
 def finetune(
-    source: str = typer.Argument(..., help=_SOURCE_HELP),
+    source: str = typer.Argument(..., metavar="SOURCE", help=_SOURCE_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: best.pt, last.pt, metrics.csv, curves.png."),
     model: Optional[str] = typer.Option(None, help="torchvision ResNet-family model [default: resnet50, or the checkpoint's]."),
     weights: str = typer.Option("imagenet", help="imagenet | none (train from scratch) | PATH."),
@@ -466,24 +459,28 @@ def finetune(
     optimizer: str = typer.Option("adamw", help="adamw | sgd (momentum 0.9, Nesterov)."),
     weight_decay: Optional[float] = typer.Option(None, parser=opt.WEIGHT_DECAY, help="Weight decay, 0-10 [default: 0.05 adamw, 5e-4 sgd]."),
     scheduler: str = typer.Option("cosine", help="cosine | step (x0.1 every epochs/3) | none."),
-    augment: str = typer.Option("standard", help="standard | none (see README)."),
+    augment: str = typer.Option("standard", help="standard | none (see docs/finetune.md)."),
     image_size: Optional[int] = typer.Option(None, parser=opt.IMAGE_SIZE, help="Resize shorter side to N and centre-crop N x N (16-8192) [default: the weights' own]."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    workers: Optional[int] = typer.Option(None, parser=opt.WORKERS, help="DataLoader workers."),
+    workers: Optional[int] = typer.Option(None, parser=opt.WORKERS, help="DataLoader workers [default: 1 on CPU, one per core (max 16) on CUDA]."),
     seed: int = typer.Option(0, parser=opt.SEED, help="Seed of the split, the init and the data order."),
     val_fraction: float = typer.Option(0.15, parser=opt.FRACTION, help="As for extract; with split folders but no val/, the share of train held out for val (0: no val; best.pt by train accuracy)."),
     test_fraction: float = typer.Option(0.15, parser=opt.FRACTION, help="As for extract (test is never used here)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from last.pt."),
     overwrite: bool = typer.Option(False, help="Start over in a folder that holds a run."),
-    early_stop: Optional[int] = typer.Option(None, parser=opt.PATIENCE, help="Stop after N epochs without val improvement."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
+    early_stop: Optional[int] = typer.Option(None, parser=opt.PATIENCE, help="Stop after N epochs without val improvement [default: off]."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout [default: off]."),
     progress: bool = typer.Option(True, help="Show progress bars on stderr."),
 ) -> None:
     """Train a ResNet on SOURCE: from scratch, linear probe, partial or full fine-tuning.
 
-    Example: featurekit finetune ./birds --model resnet50 --train-layers layer4,fc --out runs/r50
-    Multi-GPU: torchrun --nproc_per_node=4 -m featurekit finetune ./birds --out runs/r50
+    \b
+    Example:
+      featurekit finetune ./birds --model resnet50 --train-layers layer4,fc \\
+          --out runs/r50
+    Multi-GPU:
+      torchrun --nproc_per_node=4 -m featurekit finetune ./birds --out runs/r50
     """
     from featurekit.finetune import finetune as run
 
@@ -495,9 +492,7 @@ def finetune(
         val_fraction=val_fraction, test_fraction=test_fraction, resume=resume,
         overwrite=overwrite, early_stop=early_stop, progress=progress, log=_err,
     )
-    import os
-
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+    if summary["rank"] != 0:  # under torchrun only rank 0 reports
         return
     if json_out:
         _print_json(summary)
@@ -515,40 +510,40 @@ def finetune(
 @app.command()
 @_handles_errors
 def sparsity(
-    source: str = typer.Argument(..., help=_SOURCE_HELP),
+    source: str = typer.Argument(..., metavar="SOURCE", help=_SOURCE_HELP),
     model: Optional[str] = typer.Option(None, help="torchvision ResNet-family model [default: resnet50, or the checkpoint's]."),
     weights: str = typer.Option("imagenet", help="imagenet | none | PATH (state dict or finetune checkpoint)."),
-    compare: Optional[List[str]] = typer.Option(None, help="More weights to compare (repeat, or a comma list)."),
+    compare: Optional[List[str]] = typer.Option(None, help="More weights to compare (repeat, or a comma list) [default: none]."),
     layers: Optional[str] = typer.Option(None, help="Comma list of layer1..layer4, penultimate [default: layer1..layer4]."),
     blocks: bool = typer.Option(False, help="Also every residual block's output (after its ReLU)."),
     split: Optional[str] = typer.Option(None, help="Split to measure [default: test, else val, else train]."),
-    max_images: Optional[int] = typer.Option(None, parser=opt.MAX_IMAGES, help="A seeded random subset of at most N images."),
+    max_images: Optional[int] = typer.Option(None, parser=opt.MAX_IMAGES, help="A seeded random subset of at most N images [default: all]."),
     dead_threshold: float = typer.Option(0.99, parser=opt.DEAD_THRESHOLD, help="A channel is dead when zero on at least this share of images x positions, in (0, 1]."),
     image_size: Optional[int] = typer.Option(None, parser=opt.IMAGE_SIZE, help="Resize shorter side to N and centre-crop N x N (16-8192), for every weights [default: each weights' own]."),
     batch_size: int = typer.Option(64, parser=opt.BATCH_SIZE, help="Images per forward pass."),
-    workers: Optional[int] = typer.Option(None, parser=opt.WORKERS, help="DataLoader decoding workers."),
+    workers: Optional[int] = typer.Option(None, parser=opt.WORKERS, help="DataLoader decoding workers [default: 1 on CPU, one per core (max 16) on CUDA]."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     seed: int = typer.Option(0, parser=opt.SEED, help="Seed of the split, random init and --max-images subset."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for sparsity.csv/.json/.png [default: write nothing]."),
     overwrite: bool = typer.Option(False, help="Replace sparsity.* already in --out."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout [default: off]."),
     progress: bool = typer.Option(True, help="Show a progress bar on stderr."),
 ) -> None:
     """Dead-activation share per layer: exact zeros, dead channels, mean activation; one column per weights.
 
-    Example: featurekit sparsity ./birds --weights imagenet --compare runs/r50/best.pt --out sparsity/
+    \b
+    Example:
+      featurekit sparsity ./birds --weights imagenet --compare runs/r50/best.pt \\
+          --out sparsity/
     """
-    from featurekit.sparsity import check_outputs, write_outputs
     from featurekit.sparsity import sparsity as run
 
-    if out is not None:
-        check_outputs(out, overwrite)
     extra = [w.strip() for item in (compare or []) for w in item.split(",") if w.strip()]
     result = run(source, model=model, weights=weights, compare=extra, layers=layers, blocks=blocks,
                  split=split, max_images=max_images, dead_threshold=dead_threshold,
                  image_size=image_size, batch_size=batch_size, workers=workers, device=device,
-                 seed=seed, progress=progress)
-    files = write_outputs(result, out) if out is not None else {}
+                 seed=seed, out=out, overwrite=overwrite, progress=progress)
+    files = result.get("files") or {}
     if json_out:
         _print_json(result)
         return
@@ -582,6 +577,7 @@ def demo(
 ) -> None:
     """Offline end-to-end run: extract scikit-learn's digits with an untrained resnet18, bench four heads.
 
+    \b
     Example: featurekit demo --out demo/
     """
     from featurekit.demo import run_demo

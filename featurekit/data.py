@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from featurekit._console import warn
 from featurekit.errors import SourceError
+from featurekit.options import SPLITS
 
-SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
@@ -306,9 +307,7 @@ def _folder_source(
         )
     empty = [c for c, n in counts.items() if n == 0]
     if empty:
-        warnings.warn(
-            f"class folders with no images (kept in classes): {', '.join(empty)}", stacklevel=2
-        )
+        warn(f"class folders with no images (kept in classes): {', '.join(empty)}")
     return _build(
         "folder", spec, root, classes, per_split, split_layout, seed, val_fraction, test_fraction,
         stats=stats,
@@ -453,16 +452,10 @@ def split_items(
         assignment[perm[n_test : n_test + n_val]] = 1
     for name in ("val", "test"):
         if bumped[name]:
-            warnings.warn(
-                f"the {name} split is too small for every class to appear by rounding; "
-                f"{bumped[name]} class(es) give it one image each",
-                stacklevel=3,
-            )
+            warn(f"the {name} split is too small for every class to appear by rounding; "
+                 f"{bumped[name]} class(es) give it one image each")
         if absent[name]:
-            warnings.warn(
-                f"{len(absent[name])} class(es) have too few images to appear in {name}",
-                stacklevel=3,
-            )
+            warn(f"{len(absent[name])} class(es) have too few images to appear in {name}")
     out: dict[str, list[Item]] = {}
     for code, name in enumerate(SPLITS):
         chosen = [it for it, a in zip(items, assignment) if a == code]

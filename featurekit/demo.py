@@ -12,9 +12,10 @@ def run_demo(out: str | Path | None = None, progress: bool = True,
     """Extract digits with an untrained resnet18 at 64 px into ``out``, describe the cache, and
     bench the four heads on it (results.{csv,json,md,png} in ``out/bench``). Files of an
     earlier demo in ``out`` are replaced only with ``overwrite``."""
+    from featurekit._outputs import check_output_folder
     from featurekit.bench import OUTPUT_FILES, run_bench
     from featurekit.cache import open_cache
-    from featurekit.extract import check_output_folder, extract
+    from featurekit.extraction import extract
 
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="featurekit-demo-"))
     check_output_folder(folder, ["digits.h5", *(f"bench/{n}" for n in OUTPUT_FILES)], overwrite)

@@ -17,7 +17,6 @@ ranks and summed, and only rank 0 writes files.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import random
@@ -27,16 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from featurekit import __version__, _dist
-from featurekit._atomic import replacing
+from featurekit._console import log as _log
+from featurekit._device import autocast
+from featurekit._outputs import replacing, save_figure, write_csv
 from featurekit.errors import FeaturekitError, ModelError, OutputError
+from featurekit.models import PARTS, part_modules
 
-STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4", "fc")  # conv1 = stem (conv1 + bn1)
-TRAIN_LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4", "fc")
+TRAIN_LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4", "fc")  # --train-layers (and all)
 METRICS_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "none")
 AUGMENTS = ("standard", "none")
-HEADS = ("linear", "mlp")
+FC_HEADS = ("linear", "mlp")  # --head: what replaces the classifier
 
 
 @dataclass
@@ -73,14 +74,14 @@ def parse_train_layers(spec: str) -> list[str]:
     """``all`` | ``fc`` | comma list of layer1..layer4, fc."""
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if names == ["all"]:
-        return list(STAGES)
+        return list(PARTS)
     bad = [n for n in names if n not in TRAIN_LAYER_NAMES]
     if not names or bad:
         raise ModelError(
             f"unknown --train-layers entry {bad[0] if bad else spec!r}; use all, fc, or a comma "
             f"list of {', '.join(TRAIN_LAYER_NAMES)}"
         )
-    return [s for s in STAGES if s in names]
+    return [s for s in PARTS if s in names]
 
 
 def default_lr(optimizer: str, weights: str, train_layers: list[str]) -> float:
@@ -107,19 +108,11 @@ def build_model(backbone_model, n_classes: int, head: str, hidden: int, dropout:
     return backbone_model
 
 
-def _stage_modules(model) -> dict[str, list[Any]]:
-    return {
-        "conv1": [model.conv1, model.bn1],
-        **{f"layer{i}": [getattr(model, f"layer{i}")] for i in range(1, 5)},
-        "fc": [model.fc],
-    }
-
-
 def freeze(model, train_layers: list[str]) -> tuple[int, int]:
     """requires_grad only for the trained stages; returns (trainable, total) parameter counts."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for stage, modules in _stage_modules(model).items():
+    for stage, modules in part_modules(model).items():
         if stage in train_layers:
             for m in modules:
                 for p in m.parameters():
@@ -131,7 +124,7 @@ def freeze(model, train_layers: list[str]) -> tuple[int, int]:
 def set_train_mode(model, train_layers: list[str]) -> None:
     """Train mode for the trained stages only: frozen BatchNorm statistics must not move."""
     model.eval()
-    for stage, modules in _stage_modules(model).items():
+    for stage, modules in part_modules(model).items():
         if stage in train_layers:
             for m in modules:
                 m.train()
@@ -254,11 +247,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r[k] is None else r[k]) for k in METRICS_COLUMNS})
+    write_csv(path, METRICS_COLUMNS,
+              ([("" if r[k] is None else r[k]) for k in METRICS_COLUMNS] for r in rows))
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
@@ -281,9 +271,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    with replacing(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- the run
@@ -350,9 +338,11 @@ def finetune(
     overwrite: bool = False,
     early_stop: int | None = None,
     progress: bool = True,
-    log=print,
+    log=None,
 ) -> dict[str, Any]:
-    """Train; returns a summary (best epoch and accuracy, what it was chosen by, files)."""
+    """Train; returns a summary (best epoch and accuracy, what it was chosen by, files; under
+    torchrun ``rank``: rank 0 reports for the run)."""
+    log = log or _log
     run = _plan(source, out, model=model, weights=weights, train_layers=train_layers, head=head,
                 hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
                 optimizer=optimizer, weight_decay=weight_decay, scheduler=scheduler,
@@ -383,12 +373,13 @@ def _plan(source, out, *, model, weights, train_layers, head, hidden, dropout, e
     0 reads last.pt once and shares it), list the source and its val split."""
     from featurekit import data, models
     from featurekit import options as opt
-    from featurekit.extract import default_workers, resolve_device, resolve_precision
+    from featurekit._device import resolve_device, resolve_precision
+    from featurekit._resources import default_workers
 
     if model is not None:
         models.check_model(model)
     layers = parse_train_layers(train_layers)
-    for name, value, valid in (("--head", head, HEADS), ("--optimizer", optimizer, OPTIMIZERS),
+    for name, value, valid in (("--head", head, FC_HEADS), ("--optimizer", optimizer, OPTIMIZERS),
                                ("--scheduler", scheduler, SCHEDULERS), ("--augment", augment, AUGMENTS)):
         if value not in valid:
             raise FeaturekitError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
@@ -481,11 +472,11 @@ def _val_split(src, val_fraction: float, seed: int) -> dict[str, Any]:
 
 def _check_memory(name: str, layers: list[str], size: int, batch_size: int, dev: str, prec: str,
                   workers: int) -> None:
-    from featurekit import _resources
+    from featurekit import _resources, models
 
     half = prec != "fp32"
     trained = [s for s in layers if s != "fc"]  # frozen stages keep no activations for backward
-    extra = _resources.training_bytes_per_image(name, size, half, trained) if trained else 0
+    extra = models.training_bytes_per_image(name, size, half, trained) if trained else 0
     _resources.check_batch_fits(image_size=size, batch_size=batch_size, device=dev, half=half,
                                 workers=workers, per_image_extra=extra, what="a training step")
 
@@ -517,7 +508,7 @@ def _build(run: _Run):
 
 def _datasets(run: _Run, backbone, progress: bool):
     """Train and val datasets of the images that decode (checked once, up front, across ranks)."""
-    from featurekit._progress import progress_bar
+    from featurekit._console import progress_bar
 
     src = run.src
     with progress_bar(enabled=progress and run.dist.main, unit="img") as bar:
@@ -627,8 +618,6 @@ def _train(run: _Run, backbone, net, opt, sched, state: _Progress, train_ds, val
 
 
 def _autocast(run: _Run):
-    from featurekit.extract import autocast
-
     return autocast(run.device, run.opts.precision)
 
 
@@ -637,7 +626,7 @@ def _train_epoch(run: _Run, net, step_model, opt, train_ds, sampler, epoch: int,
     """One pass over this rank's shard; (loss, accuracy) summed over every rank."""
     import torch
 
-    from featurekit._progress import progress_bar
+    from featurekit._console import progress_bar
 
     o, dev = run.opts, run.device
     scaler = torch.amp.GradScaler(enabled=o.precision == "fp16" and dev.startswith("cuda"))
@@ -732,5 +721,5 @@ def _summary(run: _Run, state: _Progress, counts: tuple[int, int], epochs_run: i
         "best_acc": state.best_acc, "best_by": "val_acc" if by_val else "train_acc",
         "best_val_acc": state.best_acc if by_val else None, "val_split": run.val_split,
         "trainable": counts[0], "total": counts[1],
-        "files": [str(run.run_dir / n) for n in RUN_FILES],
+        "files": [str(run.run_dir / n) for n in RUN_FILES], "rank": run.dist.rank,
     }

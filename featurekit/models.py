@@ -70,6 +70,45 @@ def layer_nodes(model, layers: list[str] | None = None, blocks: bool = False) ->
     return out
 
 
+# the parts of a ResNet that train or stay frozen as a whole (conv1: the stem, conv1 + bn1)
+PARTS = ("conv1", "layer1", "layer2", "layer3", "layer4", "fc")
+
+
+def part_modules(model) -> dict[str, list[Any]]:
+    """A ResNet's modules per part of :data:`PARTS`."""
+    return {
+        "conv1": [model.conv1, model.bn1],
+        **{f"layer{i}": [getattr(model, f"layer{i}")] for i in range(1, 5)},
+        "fc": [model.fc],
+    }
+
+
+def training_bytes_per_image(model_name: str, image_size: int, half: bool,
+                             stages: list[str]) -> int:
+    """Per image, the convolution outputs of the trained ``stages`` (``conv1`` is the stem,
+    ``layer1``..``layer4``) that a training step keeps for its backward pass (each is the saved
+    input of the BatchNorm after it): measured on the meta device at 64 px, where it costs no
+    memory, and scaled by the image area."""
+    import torch
+    from torchvision import models
+
+    with torch.device("meta"):
+        model = models.get_model(model_name, weights=None)
+    total = 0
+
+    def count(module, inputs, output) -> None:
+        nonlocal total
+        total += output.numel()
+
+    hooks = [m.register_forward_hook(count) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Conv2d) and name.split(".")[0] in stages]
+    with torch.no_grad():
+        model(torch.empty(1, 3, 64, 64, device="meta"))
+    for h in hooks:
+        h.remove()
+    return int(total * (image_size / 64) ** 2 * (2 if half else 4))
+
+
 def check_pool(pool: str) -> str:
     if pool not in POOLS:
         raise ModelError(f"unknown pool {pool!r}; valid: {', '.join(POOLS)}")
@@ -385,8 +424,10 @@ class FeatureNet:
 
     def compile(self) -> FeatureNet:
         """torch.compile the stage forward (worth it on GPUs for long runs; the first batches
-        pay the compilation)."""
-        self.raw = self._torch.compile(self.raw)
+        pay the compilation, which inductor's cache keeps for the next run)."""
+        from featurekit._device import compile_module
+
+        self.raw = compile_module(self.raw)
         return self
 
     def raw(self, x) -> dict[str, Any]:

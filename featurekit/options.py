@@ -1,4 +1,5 @@
-"""The documented range of every numeric option, in one place.
+"""The documented range of every numeric option, and the names shared by several commands, in
+one place.
 
 The CLI parses each numeric option with one of these ranges (``typer.Option(parser=...)``), so
 a value out of range, NaN, infinity or text that is no number is one line and exit code 2 before
@@ -102,3 +103,14 @@ PATIENCE = Range(int, 1, 100000)  # --early-stop
 MAX_IMAGES = Range(int, 1, None)
 DEAD_THRESHOLD = Range(float, 0.0, 1.0, low_open=True)
 JOBS = Range(int, 1, 4096)
+
+# -- names several commands share
+SPLITS = ("train", "val", "test")  # split folders of a source, split groups of a cache
+DECODES = ("auto", "cpu", "gpu", "hw")  # --decode
+DECODE_PATHS = ("cpu", "gpu", "hw")  # what auto resolves to, from the most widely available
+_LEGACY_DECODE = {"device": "gpu", "nvjpeg": "gpu", "nvimgcodec-hw": "hw"}  # older caches' names
+
+
+def canonical_decode(name: Any) -> Any:
+    """A decode path's name in today's vocabulary (older caches' names mapped; others as given)."""
+    return _LEGACY_DECODE.get(name, name) if isinstance(name, str) else name

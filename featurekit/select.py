@@ -12,23 +12,23 @@ and on every backend.
   fits spread over ``jobs`` processes through joblib. Each such fit is pinned to one
   BLAS/OpenMP thread, so the result never depends on ``jobs``.
 * A choice on the grid's edge, and grid points whose solver stopped at its iteration limit,
-  are reported (one warning line each, and in the report).
+  are recorded in the selection; :func:`warnings_of` words them, and the command that asked
+  for the selection warns with them in its own process (units on workers never warn).
 """
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
+from featurekit._parallel import CacheRows, Executor, arrays
 from featurekit.errors import HeadError
 
 METRICS = ("accuracy", "balanced_accuracy")
-CONNECT_TIMEOUT = "15s"  # to a Dask scheduler
 
 
 @dataclass
@@ -52,14 +52,6 @@ def metric_function(name: str):
     if name not in METRICS:
         raise HeadError(f"unknown --select-metric {name!r}; valid: {', '.join(METRICS)}")
     return accuracy_score if name == "accuracy" else balanced_accuracy_score
-
-
-def default_jobs() -> int:
-    """Processes for point-by-point fits: every core (featurekit's torch heads run their whole
-    selection in the main process instead, on the GPU or on every core)."""
-    from featurekit._resources import cpus
-
-    return cpus()
 
 
 def folds(y, n_select: int, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
@@ -89,9 +81,10 @@ def select(head: str, backend: str, grid: list[dict[str, Any]], X, y, X_sel=None
     """Choose a grid point of ``head`` on ``backend``; never sees the reported split.
 
     ``executor``: where the units run (default: this machine, ``jobs`` processes); ``rows``:
-    where a unit reads X, y itself (the cache, so that remote workers need no arrays shipped).
+    where a unit on a remote executor reads X, y itself (the cache, so that no arrays are
+    shipped); units on this machine get the arrays (joblib maps large ones into memory once).
     """
-    from featurekit._progress import progress_bar
+    from featurekit._console import progress_bar
     from featurekit.heads import batched as batched_of
     from featurekit.heads import create_head
 
@@ -104,10 +97,10 @@ def select(head: str, backend: str, grid: list[dict[str, Any]], X, y, X_sel=None
     if X_sel is not None:
         X, y = np.concatenate([X, X_sel]), np.concatenate([y, y_sel])
     splits, method = folds(y, 0 if X_sel is None else len(y_sel), seed)
-    data = rows if rows is not None else (X, y)
     with progress_bar(enabled=progress, unit="fit") as bar, \
             (executor or Executor(jobs)) as ex:
         task = bar.add_task(f"selecting {head} ({backend})", total=len(grid) * len(splits))
+        data = rows if ex.remote and rows is not None else (X, y)
         if fit_grid is not None and not ex.remote:  # the whole selection here (GPU or cores)
             table, failed = fit_grid(X, y, grid, splits, score_fn,
                                      on_stop=lambda k: bar.advance(task, k))
@@ -120,11 +113,9 @@ def select(head: str, backend: str, grid: list[dict[str, Any]], X, y, X_sel=None
                                             head_params or {}, ex, lambda: bar.advance(task, 1))
     scores = table.mean(axis=1)
     best = int(np.argmax(scores))  # the first maximum: grids ascend in C, then gamma
-    sel = Selection(params=grid[best], method=method, metric=metric, grid=grid,
-                    scores=[float(s) for s in scores], seconds=time.perf_counter() - t0,
-                    edge=_on_edge(grid, best), not_converged=[grid[i] for i in failed])
-    _warn(head, backend, sel, proto)
-    return sel
+    return Selection(params=grid[best], method=method, metric=metric, grid=grid,
+                     scores=[float(s) for s in scores], seconds=time.perf_counter() - t0,
+                     edge=_on_edge(grid, best), not_converged=[grid[i] for i in failed])
 
 
 def _point_by_point(head, backend, grid, data, splits, score_fn, head_params, ex, tick):
@@ -150,7 +141,7 @@ def _point_unit(head, backend, params, data, train, held, score_fn) -> tuple[flo
 
     from featurekit.heads import create_head
 
-    X, y = _arrays(data)
+    X, y = arrays(data)
     est = create_head(head, backend, **params)
     with threadpool_limits(1), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reported once, by the caller, not per fit
@@ -166,85 +157,9 @@ def _grid_unit(head, backend, head_params, grid, data, splits, score_fn):
 
     from featurekit._resources import cpus, torch_threads
 
-    X, y = _arrays(data)
+    X, y = arrays(data)
     with torch_threads(cpus()):
         return create_head(head, backend, **head_params).fit_grid(X, y, grid, splits, score_fn)
-
-
-# --------------------------------------------------------------------------- where units run
-
-
-@dataclass(frozen=True)
-class CacheRows:
-    """The rows a unit reads itself: a cache's layer, the training split, then the selection
-    split if any (the order :func:`folds` numbers them in). Each process reads them once."""
-
-    path: str
-    layer: str
-    train: str
-    select: str | None = None
-    allow_incomplete: bool = False
-
-
-@functools.lru_cache(maxsize=4)
-def _read_rows(rows: CacheRows):
-    from featurekit.cache import open_cache
-
-    with open_cache(rows.path, allow_incomplete=rows.allow_incomplete) as c:
-        X, y = c.features(rows.train, rows.layer), c.labels(rows.train)
-        if rows.select:
-            X = np.concatenate([X, c.features(rows.select, rows.layer)])
-            y = np.concatenate([y, c.labels(rows.select)])
-    return X, y
-
-
-def _arrays(data):
-    return _read_rows(data) if isinstance(data, CacheRows) else data
-
-
-class Executor:
-    """Where units of work run: this machine's processes through joblib (``jobs``; 1 runs them
-    here), or a Dask cluster through joblib's dask backend (``scheduler``: its address;
-    ``pip install "featurekit[dask]"``). Units come back in order."""
-
-    def __init__(self, jobs: int | None = None, scheduler: str | None = None) -> None:
-        if scheduler is not None and not scheduler.strip():
-            raise HeadError("--dask-scheduler needs the scheduler's address, e.g. tcp://HOST:8786")
-        self.jobs = jobs or default_jobs()
-        self.scheduler = scheduler
-        self.remote = scheduler is not None
-        self._client = None
-        self._depth = 0  # nested ``with``: the client lives until the outermost one ends
-
-    def __enter__(self) -> Executor:
-        if self.scheduler and self._client is None:
-            try:
-                from distributed import Client
-            except ImportError:
-                raise HeadError('--dask-scheduler needs Dask: pip install "featurekit[dask]"') from None
-            try:
-                self._client = Client(self.scheduler, timeout=CONNECT_TIMEOUT)
-            except (OSError, TimeoutError, ValueError) as exc:
-                raise HeadError(f"cannot reach the Dask scheduler at {self.scheduler}: "
-                                f"{' '.join(str(exc).split())[:200]}") from None
-        self._depth += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._depth -= 1
-        if not self._depth and self._client is not None:
-            self._client.close()
-            self._client = None
-
-    def map(self, fn, arg_tuples: list[tuple]) -> Iterator[Any]:
-        from joblib import Parallel, delayed, parallel_config
-
-        calls = [delayed(fn)(*args) for args in arg_tuples]
-        if self.remote:
-            with parallel_config(backend="dask"):
-                yield from Parallel(return_as="generator")(calls)
-            return
-        yield from Parallel(n_jobs=self.jobs, return_as="generator")(calls)
 
 
 def converged(est) -> bool:
@@ -266,17 +181,25 @@ def _on_edge(grid: list[dict[str, Any]], best: int) -> list[str]:
     return edge
 
 
-def _warn(head: str, backend: str, sel: Selection, proto) -> None:
-    if sel.edge:
-        chosen = ", ".join(f"{k}={sel.params[k]:.3g}" for k in sel.edge)
-        ranges = ", ".join(f"{k} {min(p[k] for p in sel.grid):.3g}..{max(p[k] for p in sel.grid):.3g}"
-                           for k in sel.edge)
-        warnings.warn(f"{head} ({backend}): the best {chosen} is on the edge of the grid "
-                      f"({ranges}); a better value may lie beyond it", stacklevel=3)
-    if sel.not_converged:
-        shown = ", ".join(" ".join(f"{k}={v:.3g}" for k, v in p.items()) for p in sel.not_converged[:4])
-        warnings.warn(
-            f"{head} ({backend}): {len(sel.not_converged)} of {len(sel.grid)} grid points stopped "
-            f"at max_iter={getattr(proto, 'max_iter', '?')} before converging ({shown}"
-            f"{', ...' if len(sel.not_converged) > 4 else ''}); their scores may be slightly off",
-            stacklevel=3)
+def warnings_of(head: str, backend: str, selection: dict[str, Any],
+                head_params: dict[str, Any] | None = None) -> list[str]:
+    """The selection's warnings, one line each: a choice on the grid's edge, grid points whose
+    solver stopped at its iteration limit. ``selection``: :meth:`Selection.to_dict`."""
+    out = []
+    params, grid = selection["params"], selection["grid"]
+    if selection.get("edge"):
+        chosen = ", ".join(f"{k}={params[k]:.3g}" for k in selection["edge"])
+        ranges = ", ".join(f"{k} {min(p[k] for p in grid):.3g}..{max(p[k] for p in grid):.3g}"
+                           for k in selection["edge"])
+        out.append(f"{head} ({backend}): the best {chosen} is on the edge of the grid "
+                   f"({ranges}); a better value may lie beyond it")
+    failed = selection.get("not_converged") or []
+    if failed:
+        from featurekit.heads import create_head
+
+        max_iter = getattr(create_head(head, backend, **(head_params or {})), "max_iter", "?")
+        shown = ", ".join(" ".join(f"{k}={v:.3g}" for k, v in p.items()) for p in failed[:4])
+        out.append(f"{head} ({backend}): {len(failed)} of {len(grid)} grid points stopped at "
+                   f"max_iter={max_iter} before converging ({shown}"
+                   f"{', ...' if len(failed) > 4 else ''}); their scores may be slightly off")
+    return out

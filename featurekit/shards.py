@@ -11,8 +11,9 @@ Nothing is copied from the features: a million-image run is finalised in seconds
 HDF5 reads a virtual dataset whose source file is missing as fill values, without an error,
 so every reader (:func:`featurekit.cache.open_cache`) checks that each shard is there, with
 the identity (a random id the shard records) and size the cache recorded, and refuses with one
-line. A reader needs
-HDF5 1.10 or newer (h5py 2.9+); :func:`pack` copies any cache into one ordinary file.
+line. The logical cache is format version 2 (HDF5 1.10 or newer, h5py 2.9+, reads it; a reader
+that knows only version 1 refuses it); :func:`featurekit.cache.pack` copies any cache into one
+ordinary file.
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from featurekit._atomic import replacing
-from featurekit.errors import CacheError, OutputError
-
-LAYOUT = "sharded"
+from featurekit._h5format import (
+    FORMAT,
+    SHARDED,
+    SHARDED_VERSION,
+    encode_attr,
+    read_header,
+    str_dtype,
+)
+from featurekit._outputs import replacing
+from featurekit.errors import CacheError
 
 
 def shard_dir(out: Path) -> Path:
@@ -79,8 +86,6 @@ def finalise(out: Path, world: int, expected_options: dict[str, Any], attrs: dic
     """Check every shard, then write the logical cache ``out`` (temporary name, then rename)."""
     import h5py
 
-    from featurekit.cache import FORMAT, FORMAT_VERSION, _attr, read_header
-
     headers, files = [], []
     for r in range(world):
         p = shard_path(out, r, world)
@@ -99,14 +104,14 @@ def finalise(out: Path, world: int, expected_options: dict[str, Any], attrs: dic
         files.append(p)
     with replacing(out) as tmp, h5py.File(tmp, "w", libver=("v110", "v110")) as f:
         _write_logical(f, out, files, headers, attrs)
-        f.attrs["format"], f.attrs["format_version"] = FORMAT, FORMAT_VERSION
+        f.attrs["format"], f.attrs["format_version"] = FORMAT, SHARDED_VERSION
         for key, value in attrs.items():
-            f.attrs[key] = _attr(key, value)
-        f.attrs["layout"] = LAYOUT
-        f.attrs["shards"] = _attr("shards", [_record(out, p, h) for p, h in zip(files, headers)])
+            f.attrs[key] = encode_attr(key, value)
+        f.attrs["layout"] = SHARDED
+        f.attrs["shards"] = encode_attr("shards", [_record(out, p, h) for p, h in zip(files, headers)])
         counts, fractions = _zero_totals(headers)
-        f.attrs["zero_counts"] = _attr("zero_counts", counts)
-        f.attrs["zero_fraction"] = _attr("zero_fraction", fractions)
+        f.attrs["zero_counts"] = encode_attr("zero_counts", counts)
+        f.attrs["zero_fraction"] = encode_attr("zero_fraction", fractions)
         f.flush()
         f.attrs["complete"] = True
 
@@ -130,8 +135,6 @@ def _zero_totals(headers: list[dict[str, Any]]) -> tuple[dict, dict]:
 def _write_logical(f, out: Path, files: list[Path], headers, attrs) -> None:
     """Split groups of the logical cache: row datasets virtual over the shards, skipped lists
     copied, counters summed."""
-    from featurekit.cache import _str_dtype
-
     import h5py
 
     with contextlib.ExitStack() as stack:
@@ -153,7 +156,7 @@ def _write_logical(f, out: Path, files: list[Path], headers, attrs) -> None:
             sg = g.create_group("skipped")
             for name in ("path", "reason"):
                 values = [v for p in parts for v in p["skipped"][name][()]]
-                sg.create_dataset(name, data=np.array(values, dtype=object), dtype=_str_dtype(),
+                sg.create_dataset(name, data=np.array(values, dtype=object), dtype=str_dtype(),
                                   maxshape=(None,), chunks=(256,))
 
 
@@ -184,8 +187,6 @@ def _fill(dtype):
 def check(path: Path, attrs: dict[str, Any]) -> None:
     """For readers of a sharded cache: every shard where the cache recorded it, the same file
     (its identity and size; a copy that keeps both, e.g. of the whole folder, is fine)."""
-    from featurekit.cache import read_header
-
     records = attrs.get("shards")
     if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
         raise CacheError(f"{path} is a sharded cache that lists no shards")
@@ -203,56 +204,3 @@ def check(path: Path, attrs: dict[str, Any]) -> None:
         if not same or size != rec.get("size"):
             raise CacheError(f"{path}: its shard {p} was changed or replaced since the cache "
                              "was made; restore it, or re-run extract")
-
-
-def pack(src: Path, out: Path, *, overwrite: bool = False, log=None) -> Path:
-    """Copy any cache (sharded or not) into one ordinary file: the same groups, attributes and
-    data, in HDF5's 1.8 format, under a temporary name and renamed when complete."""
-    import h5py
-
-    from featurekit.cache import open_cache
-    from featurekit.extract import check_output
-
-    out = check_output(out, overwrite)
-    if src.resolve() == out.resolve():
-        raise OutputError("pack: --out is the cache itself; give another file")
-    with open_cache(src) as cache, replacing(out) as tmp:
-        f_in = cache._f
-        with h5py.File(tmp, "w", libver=("v108", "v108")) as f:
-            for key, value in f_in.attrs.items():
-                if key not in ("layout", "shards", "complete"):
-                    f.attrs[key] = value
-            f.attrs["complete"] = False
-            for split in f_in:
-                _copy_split(f_in[split], f.create_group(split))
-            f.flush()
-            f.attrs["complete"] = True
-    return out
-
-
-def _copy_split(g_in, g, block: int = 8192) -> None:
-    """A split group's attributes and datasets, read in row blocks (virtual or not), written
-    with featurekit's usual chunking."""
-    from featurekit.cache import _chunk_rows
-
-    for key, value in g_in.attrs.items():
-        g.attrs[key] = value
-    for name, ds in _walk(g_in):
-        target = g.require_group(os.path.dirname(name)) if "/" in name else g
-        n = ds.shape[0]
-        rows = _chunk_rows(ds.shape[1], ds.dtype.itemsize) if ds.ndim == 2 else 8192
-        out = target.create_dataset(os.path.basename(name), shape=ds.shape, dtype=ds.dtype,
-                                    maxshape=(None, *ds.shape[1:]),
-                                    chunks=(max(1, min(n, rows)), *ds.shape[1:]))
-        for start in range(0, n, block):
-            out[start:start + block] = ds[start:start + block]
-
-
-def _walk(group, prefix: str = ""):
-    import h5py
-
-    for key, item in group.items():
-        if isinstance(item, h5py.Dataset):
-            yield prefix + key, item
-        else:
-            yield from _walk(item, prefix + key + "/")

@@ -14,13 +14,15 @@ the device, so memory does not grow with the number of images.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from featurekit._console import log
+from featurekit._device import autocast, resolve_device, resolve_precision
+from featurekit._outputs import check_output_folder, save_figure, write_csv, write_json
 from featurekit.errors import FeaturekitError, ModelError
 
 @dataclass
@@ -106,6 +108,19 @@ def _pick_split(source, split: str | None) -> str:
     return split
 
 
+@dataclass
+class _Plan:
+    """What ``sparsity`` resolved before building anything."""
+
+    weights: list[str]  # as given, one column each
+    specs: list[Any]  # models.WeightsSpec per weights
+    layers: list[str] | None
+    device: str
+    precision: str
+    decode: str
+    workers: int
+
+
 def sparsity(
     source: str | os.PathLike[str],
     *,
@@ -125,17 +140,49 @@ def sparsity(
     seed: int = 0,
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Statistics per layer for each weights; the ``--json`` shape of ``featurekit sparsity``."""
-    from featurekit import data, models
-    from featurekit.extract import _resolve_decode, _stderr, default_workers, resolve_device, resolve_precision
+    """Statistics per layer for each weights; the ``--json`` shape of ``featurekit sparsity``.
+    With ``out``, also sparsity.csv/.json/.png there (existing ones only with ``overwrite``,
+    checked before any pass; the result's ``files`` lists them)."""
+    from featurekit import data
+
+    if out is not None:
+        check_output_folder(out, OUTPUT_FILES, overwrite)
+    plan = _plan(model, weights, compare, layers, dead_threshold, max_images, image_size,
+                 batch_size, workers, device, precision, seed, val_fraction, test_fraction)
+    src = data.open_source(source, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    items = _subset(src.splits[_pick_split(src, split)], max_images, seed)
+    nets, order = _build(plan, model, seed, image_size, blocks)
+    per_weights = _measure(nets, src, items, plan, batch_size, dead_threshold, progress)
+    result = {
+        "weights": plan.weights,
+        "layers": [
+            {
+                "layer": name,
+                **{key: {w: per_weights[w][name][key] for w in plan.weights}
+                   for key in ("zero_fraction", "dead_channel_fraction", "mean_activation")},
+            }
+            for name in order
+        ],
+    }
+    if out is not None:
+        result["files"] = write_outputs(result, out)
+    return result
+
+
+def _plan(model, weights, compare, layers, dead_threshold, max_images, image_size, batch_size,
+          workers, device, precision, seed, val_fraction, test_fraction) -> _Plan:
+    """Check every option and weights file, resolve device, precision, decode path and
+    workers, and refuse a batch that cannot fit, before any model is built."""
+    from featurekit import _decode, _resources, models
+    from featurekit import options as opt
 
     if model is not None:
         models.check_model(model)
     layer_list = models.parse_layers(layers) if layers else None
-    from featurekit import options as opt
-
     for name, rng, value in (
         ("--dead-threshold", opt.DEAD_THRESHOLD, dead_threshold),
         ("--max-images", opt.MAX_IMAGES, max_images), ("--image-size", opt.IMAGE_SIZE, image_size),
@@ -150,35 +197,40 @@ def sparsity(
     specs = [models.resolve_weights(w) for w in all_weights]  # every file checked before any pass
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    decode = _resolve_decode("auto", dev, _stderr)  # extract's decode paths and pipeline
-    n_workers = default_workers(dev) if workers is None else workers
-    from featurekit import _resources
-
+    decode = _decode.resolve("auto", dev, log)  # extract's decode paths and pipeline
+    n_workers = _resources.default_workers(dev) if workers is None else workers
     for spec in specs:
         size = models.preprocess_for(model if spec.model_name is None else None, spec, image_size).crop_size
         _resources.check_batch_fits(image_size=size, batch_size=batch_size, device=dev,
                                     half=prec != "fp32", workers=n_workers,
                                     decoded_on_host=decode == "cpu")
-    src = data.open_source(source, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
-    split = _pick_split(src, split)
-    items = src.splits[split]
-    if max_images is not None and max_images < len(items):
-        import numpy as np
+    return _Plan(all_weights, specs, layer_list, dev, prec, decode, n_workers)
 
-        keep = np.sort(np.random.default_rng(seed).choice(len(items), max_images, replace=False))
-        items = [items[i] for i in keep]
 
+def _subset(items: list[Any], max_images: int | None, seed: int) -> list[Any]:
+    """A seeded random subset of at most ``max_images``, in source order."""
+    if max_images is None or max_images >= len(items):
+        return items
+    import numpy as np
+
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), max_images, replace=False))
+    return [items[i] for i in keep]
+
+
+def _build(plan: _Plan, model, seed: int, image_size, blocks: bool):
+    """Every model, on the device, with the submodules to hook ((given, preprocess, net,
+    modules) each), before any pass: a bad checkpoint fails in seconds, not after a pass;
+    and the layer names in order."""
     import torch
 
-    from featurekit._progress import progress_bar
+    from featurekit import models
 
-    # every model is built before any pass: a bad checkpoint fails in seconds, not after a pass
     nets, names = [], []
-    for given, spec in zip(all_weights, specs):
+    for given, spec in zip(plan.weights, plan.specs):
         backbone = models.build_backbone(model if spec.model_name is None else None, spec,
                                          seed=seed, image_size=image_size)
-        net = backbone.model.to(dev, memory_format=torch.channels_last).eval()
-        nets.append((given, backbone.preprocess, net, models.layer_nodes(net, layer_list, blocks)))
+        net = backbone.model.to(plan.device, memory_format=torch.channels_last).eval()
+        nets.append((given, backbone.preprocess, net, models.layer_nodes(net, plan.layers, blocks)))
         names.append(backbone.name)
     order = list(nets[0][3])
     if any(list(m) != order for *_, m in nets):
@@ -186,30 +238,27 @@ def sparsity(
             "--blocks compares block by block, so every weights must be of the same model; "
             f"got {', '.join(dict.fromkeys(names))}"
         )
-    # weights with the same preprocessing share one decoding pass
+    return nets, order
+
+
+def _measure(nets, src, items, plan: _Plan, batch_size: int, dead_threshold: float,
+             progress: bool) -> dict[str, dict[str, dict[str, float]]]:
+    """weights -> layer -> statistics; weights with the same preprocessing share one decoding
+    pass."""
+    from featurekit._console import progress_bar
+
     groups: dict[str, list[Any]] = {}
     for entry in nets:
         groups.setdefault(json.dumps(entry[1].to_dict(), sort_keys=True), []).append(entry)
-
     per_weights: dict[str, dict[str, dict[str, float]]] = {}
     with progress_bar(enabled=progress) as bar:
         for group in groups.values():
             task = bar.add_task(f"sparsity {', '.join(g[0] for g in group)}", total=len(items))
-            recorders = _pass(group, src, items, decode, dev, batch_size, n_workers, prec,
-                              lambda n: bar.advance(task, n))
+            recorders = _pass(group, src, items, plan.decode, plan.device, batch_size,
+                              plan.workers, plan.precision, lambda n: bar.advance(task, n))
             for (given, *_), rec in zip(group, recorders):
                 per_weights[given] = {name: st.result(dead_threshold) for name, st in rec.stats.items()}
-    return {
-        "weights": all_weights,
-        "layers": [
-            {
-                "layer": name,
-                **{key: {w: per_weights[w][name][key] for w in all_weights}
-                   for key in ("zero_fraction", "dead_channel_fraction", "mean_activation")},
-            }
-            for name in order
-        ],
-    }
+    return per_weights
 
 
 def _pass(group, src, items, decode: str, dev: str, batch_size: int, workers: int,
@@ -220,7 +269,6 @@ def _pass(group, src, items, decode: str, dev: str, batch_size: int, workers: in
     import torch
 
     from featurekit import _decode
-    from featurekit.extract import autocast
 
     sampler = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
     preprocess = group[0][1]
@@ -243,26 +291,17 @@ def _pass(group, src, items, decode: str, dev: str, batch_size: int, workers: in
 OUTPUT_FILES = ["sparsity.csv", "sparsity.json", "sparsity.png"]
 
 
-def check_outputs(out_dir: str | os.PathLike[str], overwrite: bool) -> None:
-    """Before the pass: the folder may not hold these files already (unless ``overwrite``)."""
-    from featurekit.extract import check_output_folder
-
-    check_output_folder(out_dir, OUTPUT_FILES, overwrite)
-
-
 def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, str]:
-    """sparsity.csv, sparsity.json and sparsity.png (grouped bars, one colour per weights)."""
+    """sparsity.csv, sparsity.json and sparsity.png (grouped bars, one colour per weights),
+    each whole or not at all."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {n: out / n for n in OUTPUT_FILES}
     keys = ("zero_fraction", "dead_channel_fraction", "mean_activation")
-    with open(files["sparsity.csv"], "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["layer", "weights", *keys])
-        for row in result["layers"]:
-            for weights in result["weights"]:
-                w.writerow([row["layer"], weights, *(repr(row[k][weights]) for k in keys)])
-    files["sparsity.json"].write_text(json.dumps(result, indent=2) + "\n")
+    write_csv(files["sparsity.csv"], ["layer", "weights", *keys],
+              ([row["layer"], weights, *(repr(row[k][weights]) for k in keys)]
+               for row in result["layers"] for weights in result["weights"]))
+    write_json(files["sparsity.json"], {k: v for k, v in result.items() if k != "files"})
     plot(result, files["sparsity.png"])
     return {k: str(v) for k, v in files.items()}
 
@@ -290,5 +329,4 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.grid(True, axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -49,3 +49,19 @@ def invoke(runner: CliRunner, *args: str):
 
 TINY = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--device", "cpu",
         "--workers", "0", "--no-progress"]
+
+
+DIGITS = dict(model="resnet18", weights="none", image_size=32, device="cpu", workers=0,
+              progress=False)
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory) -> Path:
+    """The test run's one digits cache (untrained resnet18 at 32 px; penultimate and layer3;
+    1,797 rows: train/val/test 1,259/269/269). Shared: read it, never change it (copy it to
+    damage it)."""
+    from featurekit import extract
+
+    out = tmp_path_factory.mktemp("digits") / "digits.h5"
+    extract("digits", out, layers="penultimate,layer3", **DIGITS)
+    return out

@@ -283,35 +283,36 @@ def test_hw_decode_falls_back_to_nvjpeg_then_pil(tmp_path, hw):
 def test_decode_choice_and_its_fallbacks(monkeypatch):
     """auto: hw, else nvJPEG (quietly: a GPU without JPEG engines is normal), else the CPU
     with a warning; --decode hw falls back the same way with one warning; gpu needs nvJPEG;
-    gpu/hw without CUDA are refused."""
-    import importlib
-
-    ex = importlib.import_module("featurekit.extract")
+    hw without CUDA is refused; gpu with --device cpu is the batched path on the CPU; older
+    caches' names for a path are today's."""
     from featurekit.errors import DeviceError, FeaturekitError
 
     def choose(decode, hw=None, nvjpeg=None, dev="cuda:0"):
         monkeypatch.setattr(_decode, "hw_problem", lambda d: hw)
         monkeypatch.setattr(_decode, "nvjpeg_problem", lambda d: nvjpeg)
         lines = []
-        return ex._resolve_decode(decode, dev, lines.append), lines
+        return _decode.resolve(decode, dev, lines.append), lines
 
     assert choose("auto") == ("hw", [])
-    assert choose("auto", hw="not installed") == ("device", [])
+    assert choose("auto", hw="not installed") == ("gpu", [])
     mode, lines = choose("auto", hw="not installed", nvjpeg="no nvJPEG")
     assert mode == "cpu" and len(lines) == 1 and "nvJPEG" in lines[0]
     assert choose("hw") == ("hw", [])
     mode, lines = choose("hw", hw="nvImageCodec is not installed")
-    assert mode == "device" and len(lines) == 1 and "not installed" in lines[0] and "nvJPEG" in lines[0]
+    assert mode == "gpu" and len(lines) == 1 and "not installed" in lines[0] and "nvJPEG" in lines[0]
     mode, lines = choose("hw", hw="no engines", nvjpeg="no nvJPEG")
     assert mode == "cpu" and len(lines) == 1 and "no engines" in lines[0]
-    assert choose("gpu", hw="no engines") == ("device", [])
+    assert choose("gpu", hw="no engines") == ("gpu", [])
     with pytest.raises(DeviceError, match="nvJPEG"):
         choose("gpu", nvjpeg="no nvJPEG")
     assert choose("cpu", hw="x", nvjpeg="y") == ("cpu", [])
     assert choose("auto", dev="cpu") == ("cpu", [])
-    for decode in ("gpu", "hw"):
-        with pytest.raises(FeaturekitError, match="needs a CUDA"):
-            choose(decode, dev="cpu")
+    assert choose("gpu", dev="cpu") == ("gpu", [])
+    with pytest.raises(FeaturekitError, match="needs a CUDA"):
+        choose("hw", dev="cpu")
+    assert choose("device", dev="cpu") == ("gpu", [])  # featurekit 0.1's name
+    with pytest.raises(FeaturekitError, match="unknown --decode"):
+        choose("nvJPEG", dev="cpu")
 
 
 def test_hw_problem_names_the_extra_when_nvimagecodec_is_missing(monkeypatch):
@@ -338,10 +339,10 @@ def test_device_batches_on_the_hw_path(monkeypatch, tmp_path):
     pre = Preprocess(40, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     sampler = [[0, 1, 2, 3], [4, 5, 6, 7]]
     runs = {}
-    for decode in ("device", "hw"):
+    for decode in ("gpu", "hw"):
         with _decode.device_batches(src, items, pre, decode, "cpu", sampler, 0) as ready:
             runs[decode] = list(ready)
-    for (pa, ga, xa, fa), (pb, gb, xb, fb) in zip(runs["device"], runs["hw"]):
+    for (pa, ga, xa, fa), (pb, gb, xb, fb) in zip(runs["gpu"], runs["hw"]):
         assert pa == pb and ga == gb and fa == fb
         assert torch.equal(xa, xb)
     assert [reason for b in runs["hw"] for _, reason in b[3]]  # junk.jpg, with its reason
@@ -374,48 +375,44 @@ def test_a_decoder_answer_that_does_not_fit_falls_back():
 def test_resume_keeps_the_decode_path_and_ranks_agree(tmp_path, monkeypatch):
     """--resume with auto keeps the path the cache was started with (when the device has it);
     under torchrun every rank takes the most widely available of the ranks' paths."""
-    import importlib
-
     from featurekit import _dist
 
-    ex = importlib.import_module("featurekit.extract")
     monkeypatch.setattr(_decode, "hw_problem", lambda d: None)  # JPEG engines "work"
     monkeypatch.setattr(_decode, "nvjpeg_problem", lambda d: None)
     one = _dist.Dist()
     lines = []
-    assert ex._choose_decode("auto", "cuda:0", one, tmp_path / "new.h5", True, lines.append) == "hw"
-    monkeypatch.setattr(ex, "_recorded_decode", lambda path, d: "device")  # started on nvJPEG
-    assert ex._choose_decode("auto", "cuda:0", one, tmp_path / "c.h5", True, lines.append) == "device"
-    assert ex._choose_decode("auto", "cuda:0", one, tmp_path / "c.h5", False, lines.append) == "hw"
-    assert ex._choose_decode("hw", "cuda:0", one, tmp_path / "c.h5", True, lines.append) == "hw"
-    monkeypatch.setattr(ex, "_recorded_decode", lambda path, d: "cpu")
-    assert ex._choose_decode("auto", "cuda:0", one, tmp_path / "c.h5", True, lines.append) == "cpu"
+    assert _decode.choose("auto", "cuda:0", one, None, lines.append) == "hw"  # nothing recorded
+    assert _decode.choose("auto", "cuda:0", one, "gpu", lines.append) == "gpu"  # started on nvJPEG
+    assert _decode.choose("auto", "cuda:0", one, "nvjpeg", lines.append) == "gpu"  # 0.1's name
+    assert _decode.choose("hw", "cuda:0", one, "gpu", lines.append) == "hw"  # asked for by name
+    assert _decode.choose("auto", "cuda:0", one, "cpu", lines.append) == "cpu"
+    assert _decode.choose("auto", "cpu", one, "gpu", lines.append) == "cpu"  # no GPU here now
     assert lines == []
-    monkeypatch.setattr(_dist, "all_gather", lambda obj, d: ["hw", obj, "device"])
+    monkeypatch.setattr(_dist, "all_gather", lambda obj, d: ["hw", obj, "gpu"])
     rank0 = _dist.Dist(rank=0, world=3)
-    assert ex._choose_decode("auto", "cuda:0", rank0, tmp_path / "n.h5", False, lines.append) == "device"
-    assert len(lines) == 1 and "every rank uses nvjpeg" in lines[0]
+    assert _decode.choose("auto", "cuda:0", rank0, None, lines.append) == "gpu"
+    assert len(lines) == 1 and "every rank uses gpu" in lines[0]
 
 
 def test_recorded_decode_reads_the_cache_or_its_shard(tmp_path):
     import importlib
 
     from featurekit import _dist, shards
-    from featurekit.extract import extract
+    from featurekit import extract
 
-    ex = importlib.import_module("featurekit.extract")
+    ex = importlib.import_module("featurekit.extraction")
     root = tmp_path / "imgs" / "a"
     root.mkdir(parents=True)
     for k in range(4):
         (root / f"{k}.jpg").write_bytes(_jpeg(24, 24, seed=k))
     out = tmp_path / "c.h5"
     extract(tmp_path / "imgs", out, model="resnet18", weights="none", image_size=32, device="cpu",
-            decode="device", workers=0, progress=False, val_fraction=0, test_fraction=0)
-    assert ex._recorded_decode(out, _dist.Dist()) == "device"
+            decode="gpu", workers=0, progress=False, val_fraction=0, test_fraction=0)
+    assert ex._recorded_decode(out, _dist.Dist()) == "gpu"
     assert ex._recorded_decode(tmp_path / "none.h5", _dist.Dist()) is None
     (tmp_path / "junk.h5").write_bytes(b"junk")
     assert ex._recorded_decode(tmp_path / "junk.h5", _dist.Dist()) is None
     shard = shards.shard_path(out, 1, 2)
     shard.parent.mkdir()
     shard.write_bytes(out.read_bytes())
-    assert ex._recorded_decode(out, _dist.Dist(rank=1, world=2)) == "device"
+    assert ex._recorded_decode(out, _dist.Dist(rank=1, world=2)) == "gpu"

@@ -13,7 +13,7 @@ import pytest
 
 from featurekit.cache import open_cache
 from featurekit.errors import CacheError
-from featurekit.extract import extract
+from featurekit import extract
 from tests.conftest import TINY, invoke
 
 
@@ -346,14 +346,6 @@ def test_folder_outputs_are_never_replaced_unasked(tmp_path, image_folder, runne
     assert_user_error(invoke(runner, "bench", cache, "--out", tmp_path / "afile"), "is a file")
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "c.h5"
-    extract("digits", out, model="resnet18", weights="none", image_size=32, device="cpu",
-            progress=False)
-    return out
-
-
 @pytest.mark.parametrize("case", [
     ("fit", "--dask-scheduler", "", "needs the scheduler's address"),
     ("fit", "--dask-scheduler", "nonsense", "cannot reach the Dask scheduler"),
@@ -363,25 +355,25 @@ def tiny_cache(tmp_path_factory):
     ("extract", "--decode", "", "unknown --decode"),
     ("extract", "--decode", "hw", "needs a CUDA --device"),
 ], ids=lambda c: f"{c[0]}{c[1]}={c[2]!r}")
-def test_bad_values_of_the_new_string_options(case, tiny_cache, tmp_path, runner):
+def test_bad_values_of_the_new_string_options(case, digits_cache, tmp_path, runner):
     """--dask-scheduler (fit, bench) and --decode: one line, exit 2, nothing written."""
     command, flag, value, needle = case
-    args = {"fit": [tiny_cache, "--head", "logistic", "--out", tmp_path / "h.skops"],
-            "bench": [tiny_cache, "--heads", "logistic", "--out", tmp_path / "b"],
+    args = {"fit": [digits_cache, "--head", "logistic", "--out", tmp_path / "h.skops"],
+            "bench": [digits_cache, "--heads", "logistic", "--out", tmp_path / "b"],
             "extract": ["digits", "--out", tmp_path / "x.h5", *TINY]}[command]
     r = invoke(runner, command, *args, flag, value)
     assert_user_error(r, needle)
     assert not list(tmp_path.iterdir())
 
 
-def test_pack_refuses_what_it_must_not_touch(tiny_cache, tmp_path, runner):
+def test_pack_refuses_what_it_must_not_touch(digits_cache, tmp_path, runner):
     """A missing cache, --out being the cache itself, an existing --out without --overwrite:
     one line each, and no file changed."""
-    before = tiny_cache.read_bytes()
+    before = digits_cache.read_bytes()
     assert_user_error(invoke(runner, "pack", tmp_path / "nope.h5", "--out", tmp_path / "o.h5"), "nope.h5")
-    assert_user_error(invoke(runner, "pack", tiny_cache, "--out", tiny_cache, "--overwrite"),
+    assert_user_error(invoke(runner, "pack", digits_cache, "--out", digits_cache, "--overwrite"),
                       "the cache itself")
     (tmp_path / "keep.h5").write_bytes(b"mine")
-    assert_user_error(invoke(runner, "pack", tiny_cache, "--out", tmp_path / "keep.h5"), "--overwrite")
-    assert (tmp_path / "keep.h5").read_bytes() == b"mine" and tiny_cache.read_bytes() == before
+    assert_user_error(invoke(runner, "pack", digits_cache, "--out", tmp_path / "keep.h5"), "--overwrite")
+    assert (tmp_path / "keep.h5").read_bytes() == b"mine" and digits_cache.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.h5"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from featurekit.cache import open_cache
-from featurekit.extract import extract
+from featurekit import extract
 from featurekit.models import Preprocess, build_backbone, default_preprocess, resolve_weights
 from tests.conftest import TINY, invoke
 
@@ -302,15 +302,16 @@ def test_decode_paths_agree(tmp_path, digits_jpegs):
     """torchvision-on-CPU (cpu path), batched decode on the device ('device' path, run here on
     the CPU with the code the GPU runs) and PIL give the same features (mean cosine >= 0.999),
     and a head fitted on one cache scores within 0.5 points on the other."""
-    from featurekit.fit import fit_head, load_head, save_head
+    from featurekit.fit import fit_head
+    from featurekit.headfile import load_head, save_head
 
     common = dict(model="resnet18", weights="none", image_size=32, device="cpu", workers=0,
                   progress=False)
     a, b = tmp_path / "cpu.h5", tmp_path / "dev.h5"
     extract(digits_jpegs, a, decode="cpu", **common)
-    extract(digits_jpegs, b, decode="device", **common)
+    extract(digits_jpegs, b, decode="gpu", **common)
     with open_cache(a) as ca, open_cache(b) as cb:
-        assert ca.attrs["decode"] == "cpu" and cb.attrs["decode"] == "device"
+        assert ca.attrs["decode"] == "cpu" and cb.attrs["decode"] == "gpu"
         for s in ca.splits:
             assert ca.paths(s) == cb.paths(s)
             x, y = ca.features(s, "penultimate"), cb.features(s, "penultimate")
@@ -361,8 +362,8 @@ def test_gpu_suite_code_runs_in_cpu_smoke_mode(tmp_path):
     assert set(stages) == {"agreement", "ceilings", "extract"}
     assert not any("failed" in v or "skipped" in v for v in stages.values())
     agree = stages["agreement"]
-    assert agree["device"]["mean_cosine_vs_cpu"] >= 0.999 and agree["device"]["points_vs_cpu"] <= 0.5
-    assert agree["awkward"]["cpu"]["skipped"] == agree["awkward"]["device"]["skipped"]
+    assert agree["gpu"]["mean_cosine_vs_cpu"] >= 0.999 and agree["gpu"]["points_vs_cpu"] <= 0.5
+    assert agree["awkward"]["cpu"]["skipped"] == agree["awkward"]["gpu"]["skipped"]
     assert stages["extract"]["resnet18"]["process_seconds"] > stages["extract"]["imports_process_seconds"]
     # a second run into the same folder never replaces the first one's results unasked
     before = (tmp_path / "out" / "gpu-suite.json").read_bytes()

@@ -269,7 +269,7 @@ def test_checkpoint_is_safe_and_feeds_extract(tmp_path, image_folder):
     assert ckpt["classes"] == ["cat", "dog", "owl"] and ckpt["model"] == "resnet18"
     assert ckpt["preprocess"]["crop_size"] == 32 and isinstance(ckpt["rng"]["torch"], torch.Tensor)
     from featurekit.cache import open_cache
-    from featurekit.extract import extract
+    from featurekit import extract
     from featurekit.models import sha256_file
 
     extract(image_folder, tmp_path / "ft.h5", weights=str(best), device="cpu", workers=0,

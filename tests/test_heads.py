@@ -13,7 +13,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 import featurekit
 from featurekit import heads
 from featurekit.errors import HeadError
-from featurekit.extract import extract
+from featurekit import extract
 from featurekit.fit import metrics
 from tests.conftest import invoke
 
@@ -206,14 +206,6 @@ def test_metrics_agree_with_sklearn():
     assert "top5_accuracy" not in metrics(y % 3, pred % 3, scores[:, :3], 3)
 
 
-@pytest.fixture(scope="module")
-def digits_cache(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits") / "d.h5"
-    extract("digits", out, model="resnet18", weights="none", image_size=64,
-            layers="penultimate,layer3", device="cpu", progress=False)
-    return out
-
-
 @pytest.mark.parametrize("head,backend", [("logistic", "sklearn"), ("logistic", "torch"),
                                           ("linearsvc", "torch"), ("svm", "sklearn"),
                                           ("nystroem", "torch")])
@@ -356,3 +348,33 @@ def test_bench_writes_tables_and_plot(digits_cache, tmp_path, runner, monkeypatc
     px = np.asarray(Image.open(out / "results.png").convert("RGB")).reshape(-1, 3).astype(int)
     for colour in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E), (0x2C, 0xA0, 0x2C), (0xD6, 0x27, 0x28)):
         assert (np.abs(px - colour).sum(1) < 10).sum() > 20, colour
+
+
+def test_a_cache_replaced_in_the_same_process_is_read_afresh(tmp_path):
+    """extract -> fit (its selection's fits in worker processes) -> another cache extracted to
+    the same path (overwrite) -> fit: equal to a fresh process's fit of that file. Nothing
+    keeps rows between calls (featurekit 0.1's per-process row cache chose C on the old
+    rows here)."""
+    import subprocess
+    import sys
+
+    from featurekit.fit import fit_head
+
+    cache = tmp_path / "c.h5"
+    common = dict(model="resnet18", weights="none", image_size=32, device="cpu", workers=0,
+                  progress=False)
+
+    def report(r):
+        return {k: v for k, v in r.items() if "seconds" not in k and k != "selection"} | {
+            "scores": r["selection"]["scores"]}
+
+    extract("digits", cache, seed=0, **common)
+    first = report(fit_head(cache, "logistic", backend="sklearn", jobs=2).report)
+    extract("digits", cache, seed=1, overwrite=True, **common)
+    again = report(fit_head(cache, "logistic", backend="sklearn", jobs=2).report)
+    r = subprocess.run([sys.executable, "-m", "featurekit", "fit", str(cache), "--head", "logistic",
+                        "--backend", "sklearn", "--jobs", "2", "--out", str(tmp_path / "h.skops"),
+                        "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert again == report(json.loads(r.stdout))
+    assert again["scores"] != first["scores"]  # the two caches do differ

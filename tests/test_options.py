@@ -115,7 +115,7 @@ def test_bounds_and_inside_values_are_accepted(r):
 
 def test_library_callers_get_the_same_check():
     from featurekit import FeaturekitError
-    from featurekit.extract import extract
+    from featurekit import extract
 
     for kw, needle in (({"batch_size": 0}, "--batch-size"), ({"seed": -1}, "--seed"),
                        ({"commit_seconds": math.nan}, "--commit-seconds"),

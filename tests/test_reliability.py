@@ -19,7 +19,7 @@ from PIL import Image
 
 from featurekit.cache import open_cache
 from featurekit.errors import FeaturekitError
-from featurekit.extract import extract
+from featurekit import extract
 from tests.conftest import TINY, invoke, make_image
 
 ARGS = ["--model", "resnet18", "--weights", "none", "--image-size", "96", "--device", "cpu",
@@ -99,7 +99,7 @@ def test_ten_kill_resume_cycles_give_the_uninterrupted_cache(tmp_path, folder400
     same_cache(ref, out)
 
 
-@pytest.mark.parametrize("decode", ["cpu", "device"])
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, folder400, decode):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the prefetch
     thread, the writer thread and two DataLoader workers are busy: the process ends promptly
@@ -315,20 +315,17 @@ def _half_refusing_hw(device):
     return decode
 
 
-@pytest.mark.parametrize("decode", ["cpu", "device", "hw"])
+@pytest.mark.parametrize("decode", ["cpu", "gpu", "hw"])
 def test_every_bad_image_kind(tmp_path, runner, decode, monkeypatch):
-    """On every decode path ('device' is the GPU path's code, run here on the CPU; 'hw' the
+    """On every decode path ('gpu' is the GPU path's code, run here on the CPU; 'hw' the
     same with a stand-in for the JPEG engines that refuses half of the images)."""
     root = tmp_path / "bad"
     expected = _bad_corpus(root)
     out = tmp_path / "bad.h5"
     if decode != "cpu":
-        import importlib
-
-        ex = importlib.import_module("featurekit.extract")
         from featurekit import _decode
 
-        monkeypatch.setattr(ex, "_resolve_decode", lambda *a: decode)
+        monkeypatch.setattr(_decode, "resolve", lambda *a: decode)
         monkeypatch.setattr(_decode.HwDecoder, "on", staticmethod(_half_refusing_hw))
     r = invoke(runner, "extract", root, "--out", out, *TINY, "--val-fraction", "0", "--test-fraction", "0")
     assert r.exit_code == 0, r.stderr
@@ -435,7 +432,7 @@ def test_corrupted_caches_raise_featurekit_errors(good_cache, tmp_path_factory, 
         pass  # the one acceptable failure: a clean, one-line user error
 
 
-def test_info_verify_reports_stale_sources(tmp_path, image_folder, runner):
+def test_info_verify_reports_stale_sources(tmp_path, image_folder, runner, digits_cache):
     out = tmp_path / "v.h5"
     extract(image_folder, out, model="resnet18", weights="none", image_size=32, device="cpu",
             workers=0, progress=False)
@@ -452,7 +449,4 @@ def test_info_verify_reports_stale_sources(tmp_path, image_folder, runner):
     r = invoke(runner, "info", out, "--verify")
     assert "1 added, 1 removed, 1 changed" in r.stdout
     # digits: its data is fixed, so it verifies as unchanged
-    d = tmp_path / "d.h5"
-    extract("digits", d, model="resnet18", weights="none", image_size=32, device="cpu",
-            progress=False)
-    assert json.loads(invoke(runner, "info", d, "--verify", "--json").stdout)["verify"]["unchanged"]
+    assert json.loads(invoke(runner, "info", digits_cache, "--verify", "--json").stdout)["verify"]["unchanged"]

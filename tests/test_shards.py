@@ -84,8 +84,11 @@ def test_two_ranks_make_the_single_process_cache(folder, reference, tmp_path, ru
     assert stale.read_bytes() == b"an earlier run's shard"
     assert stderr.count("1 shard file(s) of an earlier run") == 1, stderr[-2000:]
     with h5py.File(out, "r") as f:
-        assert f.attrs["layout"] == "sharded"
+        assert f.attrs["layout"] == "sharded" and f.attrs["format_version"] == 2
         assert f["train/features/penultimate"].is_virtual
+    for shard in (tmp_path / "sharded.h5.shards").glob("0000?-of-00002.h5"):
+        with h5py.File(shard, "r") as f:  # every shard an ordinary format-1 cache
+            assert f.attrs["format_version"] == 1 and "layout" not in f.attrs
     same_rows(reference, out)
     # the folder moves: shard paths are relative to the cache
     moved = tmp_path / "moved"
@@ -99,6 +102,7 @@ def test_two_ranks_make_the_single_process_cache(folder, reference, tmp_path, ru
     assert r.exit_code == 0, r.stderr
     with h5py.File(packed, "r") as f:
         assert "layout" not in f.attrs and not f["train/features/penultimate"].is_virtual
+        assert f.attrs["format_version"] == 1
     same_rows(reference, packed)
     r = invoke(runner, "fit", moved / out.name, "--head", "logistic", "--backend", "torch",
                "--out", tmp_path / "h.skops", "--json")
@@ -142,6 +146,29 @@ def test_every_reader_refuses_a_missing_or_changed_shard(sharded, tmp_path, runn
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, lines
 
 
+def test_a_reader_that_knows_only_format_1_refuses_the_logical_cache(sharded, tmp_path):
+    """The logical cache is format 2: a reader of format 1 (the version gate of featurekit
+    0.1, simulated by asking for format 1) refuses it with one line, shard there or not,
+    instead of reading HDF5's fill values for a missing shard."""
+    import shutil
+
+    from featurekit._h5format import read_header
+    from featurekit.errors import CacheError
+
+    shutil.copytree(sharded.parent, tmp_path, dirs_exist_ok=True)
+    out = tmp_path / "c.h5"
+    assert read_header(out)["format_version"] == 2  # today's reader
+    (tmp_path / "c.h5.shards" / "00001-of-00002.h5").unlink()
+    with h5py.File(out, "r") as f:  # what a reader that skips the gate would see
+        assert np.isnan(f["train/features/penultimate"][-1]).all()
+    for readable in (1,):
+        with pytest.raises(CacheError, match="format 2 .*newer than this featurekit reads") as e:
+            read_header(out, readable=readable)
+        assert "\n" not in str(e.value)
+    with pytest.raises(CacheError, match="missing"):
+        open_cache(out)
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -177,17 +204,13 @@ def test_a_killed_rank_resumes_to_the_single_process_cache(folder, reference, tm
 # ---------------------------------------------------------------- head sweeps on a Dask cluster
 
 
-def test_bench_and_fit_on_a_dask_cluster_equal_one_job(tmp_path, runner, monkeypatch):
+def test_bench_and_fit_on_a_dask_cluster_equal_one_job(tmp_path, runner, monkeypatch, digits_cache):
     """Two worker processes of a LocalCluster, each reading the cache itself: the same results
     (scores of every grid point, chosen parameters, accuracies) as --jobs 1."""
     import json
 
     distributed = pytest.importorskip("distributed")
-    from featurekit.extract import extract
-
-    cache = tmp_path / "d.h5"
-    extract("digits", cache, model="resnet18", weights="none", image_size=32, device="cpu",
-            progress=False)
+    cache = digits_cache
     heads = "logistic:torch,nystroem:torch,svm:sklearn"
 
     def rows(r):
@@ -210,8 +233,8 @@ def test_bench_and_fit_on_a_dask_cluster_equal_one_job(tmp_path, runner, monkeyp
     assert here == away and [row["status"] for row in here] == ["ok"] * 3
     assert fit_here["selection"]["scores"] == fit_away["selection"]["scores"]
     assert fit_here["params"] == fit_away["params"] and fit_here["accuracy"] == fit_away["accuracy"]
-    from featurekit import select
+    from featurekit import _parallel
 
-    monkeypatch.setattr(select, "CONNECT_TIMEOUT", "2s")
+    monkeypatch.setattr(_parallel, "CONNECT_TIMEOUT", "2s")
     r = invoke(runner, "bench", cache, "--dask-scheduler", "tcp://127.0.0.1:9", "--heads", "logistic")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Dask scheduler" in r.stderr

@@ -91,7 +91,8 @@ def test_compare_a_checkpoint_writes_two_columns(tmp_path, image_folder, runner)
     assert all(set(x["zero_fraction"]) == {"none", ckpt} for x in d["layers"])
     for name in ("sparsity.csv", "sparsity.json", "sparsity.png"):
         assert (out / name).stat().st_size > 0
-    assert json.loads((out / "sparsity.json").read_text()) == d
+    assert d["files"] == {name: str(out / name) for name in ("sparsity.csv", "sparsity.json", "sparsity.png")}
+    assert json.loads((out / "sparsity.json").read_text()) == {k: v for k, v in d.items() if k != "files"}
     from PIL import Image
 
     px = np.asarray(Image.open(out / "sparsity.png").convert("RGB")).reshape(-1, 3).astype(int)
@@ -104,7 +105,7 @@ def test_compare_a_checkpoint_writes_two_columns(tmp_path, image_folder, runner)
 
 def test_extract_records_the_same_zero_fraction(tmp_path, image_folder):
     from featurekit.cache import open_cache
-    from featurekit.extract import extract
+    from featurekit import extract
 
     extract(image_folder, tmp_path / "c.h5", model="resnet18", weights="none", image_size=32,
             layers="layer2,layer4,penultimate", device="cpu", workers=0, progress=False,

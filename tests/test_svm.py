@@ -7,20 +7,17 @@ import pytest
 from sklearn.datasets import make_classification
 
 from featurekit import heads, select
-from featurekit.extract import extract
 from featurekit.heads._sklearn import SVMHead
-from featurekit.heads._svm import TorchSVMHead, rbf_cross
+from featurekit.heads._torch._kernels import rbf_cross
+from featurekit.heads._torch._svm import TorchSVMHead
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory):
+def datasets(digits_cache):
     from featurekit.cache import open_cache
 
-    cache = tmp_path_factory.mktemp("svm") / "d.h5"
-    extract("digits", cache, model="resnet18", weights="none", image_size=32, device="cpu",
-            progress=False)
     digits = []
-    with open_cache(cache) as c:
+    with open_cache(digits_cache) as c:
         for split in ("train", "val", "test"):
             digits += [c.features(split, "penultimate").astype(np.float64), c.labels(split)]
     X, y = make_classification(3600, 256, n_informative=64, n_classes=10, n_clusters_per_class=1,
@@ -112,7 +109,8 @@ def test_a_small_cache_computes_kernel_rows_on_the_fly(datasets):
 def test_fitted_state_is_numpy_and_round_trips(datasets, tmp_path):
     import torch
 
-    from featurekit.fit import FitResult, load_head, save_head
+    from featurekit.fit import FitResult
+    from featurekit.headfile import load_head, save_head
 
     X, y, _, _, Xt, _ = datasets["binary"]
     est = TorchSVMHead(C=1.0).fit(X, y)
@@ -137,7 +135,7 @@ def test_kernel_blocks_and_decisions_in_chunks_equal_whole():
     the same numbers as at once."""
     import torch
 
-    from featurekit.heads._svm import rbf_blocks
+    from featurekit.heads._torch._kernels import rbf_blocks
 
     rng = np.random.default_rng(0)
     X = torch.tensor(rng.normal(size=(60, 5)))

@@ -12,22 +12,13 @@ from scipy.special import logsumexp
 from sklearn.datasets import make_classification
 
 from featurekit import heads, select
-from featurekit.extract import extract
 from featurekit.heads._sklearn import LinearSVCHead, LogisticHead, NystroemHead
-from featurekit.heads._torch import TorchLinearSVCHead, TorchLogisticHead, TorchNystroemHead
+from featurekit.heads._torch._linear import TorchLinearSVCHead, TorchLogisticHead, TorchNystroemHead
 from tests.conftest import invoke
 
 
 def _split(X, y, n_train):
     return X[:n_train], y[:n_train], X[n_train:], y[n_train:]
-
-
-@pytest.fixture(scope="module")
-def digits_cache(tmp_path_factory):
-    out = tmp_path_factory.mktemp("td") / "d.h5"
-    extract("digits", out, model="resnet18", weights="none", image_size=32, device="cpu",
-            progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +137,13 @@ def test_batched_selection_equals_the_loop(datasets, head, with_val, dtype):
 def test_the_gpu_batched_path_on_the_cpu(datasets, head, monkeypatch):
     """What runs on a GPU (every C of a fold in one batch, members leaving as they converge)
     gives the one-at-a-time solutions up to the solver's tolerance."""
-    from featurekit.heads import _torch
+    from featurekit.heads._torch import _linear
 
     X, y, Xt, yt = datasets["multiclass"]
     grid = heads.grid(head, X.shape[1])[:: 3 if head == "nystroem" else 1]
     params = {"dtype": "float64", "tol": 1e-8, **({"n_components": 200} if head == "nystroem" else {})}
     alone = select.select(head, "torch", grid, X, y, Xt, yt, head_params=params)
-    monkeypatch.setattr(_torch, "batch_on", lambda device: True)
+    monkeypatch.setattr(_linear, "batch_on", lambda device: True)
     batched = select.select(head, "torch", grid, X, y, Xt, yt, head_params=params)
     assert batched.params == alone.params
     assert np.allclose(batched.scores, alone.scores, atol=2 / len(yt))  # a near-tie may flip
@@ -189,28 +180,30 @@ def test_refit_metric_and_report(digits_cache, tmp_path, runner):
 
 
 def test_a_choice_on_the_grids_edge_is_one_warning_line(datasets):
+    """Selection records the edge (it never warns itself: it may run on a worker); the
+    command that asked for it words it as one line (fit_head and bench warn with it)."""
     X, y, Xt, yt = datasets["multiclass"]
     grid = [{"C": 1e-6}, {"C": 1e-5}]  # two points: whichever wins is on an edge
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sel = select.select("logistic", "torch", grid, X, y, Xt, yt)
-    edge = [str(w.message) for w in caught if "edge of the grid" in str(w.message)]
-    assert len(edge) == 1 and "\n" not in edge[0] and sel.edge == ["C"]
-    with warnings.catch_warnings(record=True) as caught:  # the middle of three: no warning
-        warnings.simplefilter("always")
-        sel = select.select("logistic", "torch", [{"C": 1e-6}, {"C": 1.0}, {"C": 1e6}], X, y, Xt, yt)
-    assert sel.params == {"C": 1.0} and not sel.edge and not caught
+    assert not [w for w in caught if "edge" in str(w.message)]
+    edge = select.warnings_of("logistic", "torch", sel.to_dict())
+    assert len(edge) == 1 and "edge of the grid" in edge[0] and "\n" not in edge[0]
+    assert sel.edge == ["C"]
+    sel = select.select("logistic", "torch", [{"C": 1e-6}, {"C": 1.0}, {"C": 1e6}], X, y, Xt, yt)
+    assert sel.params == {"C": 1.0} and not sel.edge  # the middle of three: no warning
+    assert select.warnings_of("logistic", "torch", sel.to_dict()) == []
 
 
 @pytest.mark.parametrize("backend", ["torch", "sklearn"])
 def test_iteration_limit_is_one_warning_line_and_a_field(datasets, backend):
     X, y, Xt, yt = datasets["multiclass"]
     grid = heads.grid("logistic", X.shape[1])[-6:]  # weak regularisation: many iterations
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        sel = select.select("logistic", backend, grid, X, y, Xt, yt, head_params={"max_iter": 3},
-                            jobs=1)
-    lines = [str(w.message) for w in caught if "max_iter" in str(w.message)]
+    sel = select.select("logistic", backend, grid, X, y, Xt, yt, head_params={"max_iter": 3},
+                        jobs=1)
+    lines = select.warnings_of("logistic", backend, sel.to_dict(), {"max_iter": 3})
+    lines = [line for line in lines if "max_iter" in line]
     assert len(lines) == 1 and "stopped at max_iter=3" in lines[0] and "\n" not in lines[0], lines
     assert sel.not_converged == grid
 
@@ -228,7 +221,8 @@ def test_results_do_not_depend_on_jobs(digits_cache, runner):
 
 
 def test_a_torch_head_saves_and_predicts_on_the_cpu(datasets, tmp_path):
-    from featurekit.fit import FitResult, load_head, save_head
+    from featurekit.fit import FitResult
+    from featurekit.headfile import load_head, save_head
 
     X, y, Xt, yt = datasets["multiclass"]
     for cls in (TorchLogisticHead, TorchLinearSVCHead, TorchNystroemHead):

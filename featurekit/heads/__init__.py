@@ -56,6 +56,17 @@ def batched(head: Any) -> Callable[..., Any] | None:
     return getattr(head, "fit_grid", None)
 
 
+def has(head: str, backend: str) -> bool:
+    """Whether the registry holds ``head`` on ``backend`` (the backend loaded if it can be)."""
+    return _load(backend) and (head, backend) in _REGISTRY
+
+
+def entry(head: str, backend: str) -> Callable[..., Any]:
+    """The registry's class for (head, backend), unconstructed."""
+    _load(backend)
+    return _REGISTRY[(head, backend)]
+
+
 def register(head: str, backend: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Class decorator: make ``cls`` the (head, backend) entry of the registry."""
 
@@ -111,8 +122,7 @@ def resolve_backend(backend: str, head: str | None = None) -> str:
     if backend == "auto":
         torch_has = head is None or (_load("torch") and (head, "torch") in _REGISTRY)
         return "torch" if torch_has and cuda_available() else "sklearn"
-    if backend not in BACKENDS:
-        raise HeadError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+    check_names(head or HEADS[0], backend)
     if not _load(backend):
         raise HeadError(
             f"backend {backend!r} is not available here ({_WHY.get(backend, 'it did not load')}); "
@@ -121,10 +131,18 @@ def resolve_backend(backend: str, head: str | None = None) -> str:
     return backend
 
 
+def check_names(head: str, backend: str | None = None) -> None:
+    """An unknown head or backend name is an error listing the valid ones (whether the backend
+    works here is :func:`resolve_backend`'s question)."""
+    if head not in HEADS:
+        raise HeadError(f"unknown head {head!r}; valid heads: {', '.join(HEADS)}")
+    if backend is not None and backend != "auto" and backend not in BACKENDS:
+        raise HeadError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+
+
 def create_head(name: str, backend: str = "sklearn", **params: Any) -> Any:
     """A new, unfitted head; an unknown head or backend is an error listing valid ones."""
-    if name not in HEADS:
-        raise HeadError(f"unknown head {name!r}; valid heads: {', '.join(HEADS)}")
+    check_names(name)
     backend = resolve_backend(backend, name)
     cls = _REGISTRY.get((name, backend))
     if cls is None:

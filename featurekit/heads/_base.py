@@ -80,3 +80,18 @@ class PipelineHead(Head):
     def decision_function(self, X):
         X = self._checked(X)
         return np.asarray(self.pipeline_.decision_function(X))
+
+
+def gamma_value(gamma, n_features: int, variance=None) -> float:
+    """The one meaning of an RBF head's ``gamma`` (scikit-learn's, on standardised features),
+    shared by every backend: a number is itself; ``"auto"`` and ``None`` are 1 / n_features
+    (Nystroem's default); ``"scale"`` is 1 / (n_features * X.var()), ``variance()`` giving
+    X.var() as the backend computes it (1.0 for constant data)."""
+    if gamma is None or (isinstance(gamma, str) and gamma == "auto"):
+        return 1.0 / n_features
+    if not isinstance(gamma, str):
+        return float(gamma)
+    if gamma != "scale" or variance is None:
+        raise ValueError(f"gamma must be 'scale', 'auto' or a number, got {gamma!r}")
+    var = float(variance())
+    return 1.0 / (n_features * var) if var > 0 else 1.0

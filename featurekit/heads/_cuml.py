@@ -32,6 +32,7 @@ from cuml.preprocessing import StandardScaler
 from cuml.svm import SVC, LinearSVC
 
 from featurekit.heads import register
+from featurekit.heads._base import gamma_value
 from featurekit.heads._sklearn import LinearSVCHead, LogisticHead, SVMHead
 
 if cupy.cuda.runtime.getDeviceCount() < 1:
@@ -107,22 +108,16 @@ class CumlSVMHead(_CumlHead, SVMHead):
     """cuML RBF SVC; ``gamma`` resolved to a number on all of X (see the module docstring)."""
 
     def _wrapped_estimator(self, X=None) -> SVC:
-        gamma = self.gamma if X is None else gamma_value(self.gamma, X)
+        gamma = self.gamma if X is None else gamma_value(self.gamma, X.shape[1],
+                                                         lambda: _standardised_variance(X))
         return SVC(C=self.C, kernel="rbf", gamma=gamma, tol=self.tol, cache_size=self.cache_size,
                    output_type="numpy")
 
 
-def gamma_value(gamma, X) -> float:
-    """scikit-learn's meaning of ``gamma`` for an SVC on the standardised ``X``: ``"scale"`` is
-    1 / (n_features * X.var()) of the standardised data, ``"auto"`` 1 / n_features."""
-    if not isinstance(gamma, str):
-        return float(gamma)
-    n_features = X.shape[1]
-    if gamma == "auto":
-        return 1.0 / n_features
+def _standardised_variance(X) -> float:
+    """X.var() of the standardised ``X``, as scikit-learn's SVC sees it: each standardised
+    column has mean 0 and variance var_/scale_**2 (1, or 0 when constant)."""
     from sklearn.preprocessing import StandardScaler as HostScaler
 
     s = HostScaler().fit(X)
-    # each standardised column has mean 0 and variance var_/scale_**2 (1, or 0 when constant)
-    var = float(np.mean(s.var_ / s.scale_**2))
-    return 1.0 / (n_features * var) if var > 0 else 1.0
+    return float(np.mean(s.var_ / s.scale_**2))

@@ -1,4 +1,8 @@
-"""The batched forward pass and its writer: SOURCE -> HDF5 cache."""
+"""``featurekit extract``: SOURCE -> HDF5 cache, in stages (plan, build, open the writer, the
+pass, finish), and the sharded orchestration under torchrun.
+
+The module is ``extraction`` so that ``featurekit.extract`` is always the function.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +17,11 @@ from typing import Any
 import numpy as np
 
 from featurekit import __version__
-from featurekit.errors import CacheError, DeviceError, FeaturekitError, OutputError
+from featurekit._console import log as _log
+from featurekit._device import autocast, on_cuda, resolve_device, resolve_precision
+from featurekit._outputs import check_output
+from featurekit.errors import CacheError, FeaturekitError, OutputError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DECODES = ("auto", "cpu", "gpu", "hw", "device")  # "device": nvJPEG (or torchvision) on the compute device
-DECODE_ATTR = {"cpu": "cpu", "device": "nvjpeg", "hw": "nvimgcodec-hw"}  # the cache's ``decode``
 DTYPES = ("float32", "float16")
 
 
@@ -40,89 +44,10 @@ class ExtractSummary:
     images_per_second: float = 0.0
     steady_images_per_second: float | None = None  # after warm-up (first 10% or 2 batches)
     zero_fraction: dict[str, float] = field(default_factory=dict)
+    rank: int = 0  # under torchrun, this process's rank: rank 0 reports for the run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def resolve_device(spec: str) -> str:
-    """``auto`` -> ``cuda`` when available else ``cpu``; a CUDA device that is absent is an error."""
-    import torch
-
-    if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cpu":
-        return "cpu"
-    if spec == "cuda" or spec.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {spec}: no CUDA device is available; use --device cpu")
-        index = spec.partition(":")[2]
-        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise DeviceError(
-                f"--device {spec}: no such CUDA device ({torch.cuda.device_count()} present)"
-            )
-        return spec
-    raise DeviceError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    if precision not in PRECISIONS:
-        raise FeaturekitError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if device.startswith("cuda") else "fp32"
-    return precision
-
-
-def autocast(device: str, precision: str):
-    """``torch.autocast`` for a pass in ``precision`` on ``device`` (disabled for fp32); the
-    one place extract, sparsity and finetune map a precision to it."""
-    import torch
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.split(":")[0], dtype=dtype or torch.float32,
-                          enabled=dtype is not None)
-
-
-def check_output(out: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Refuse an existing output (unless ``overwrite``) or a folder we cannot write to."""
-    p = Path(out)
-    if p.is_dir():
-        raise OutputError(f"output {p} is a folder; give a file name such as {p / 'cache.h5'}")
-    if p.exists() and not overwrite:
-        raise OutputError(f"output {p} exists; pass --overwrite to replace it (or --resume to continue it)")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output folder {parent} is not writable")
-    return p
-
-
-def check_output_folder(out: str | os.PathLike[str], names: list[str], overwrite: bool) -> Path:
-    """A folder a command writes ``names`` into: refuses a file in its place and, unless
-    ``overwrite``, any of those names already there (the command never replaces files it was
-    not asked to)."""
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"--out {folder} is a file; give a folder")
-    present = [n for n in names if (folder / n).exists()]
-    if present and not overwrite:
-        raise OutputError(
-            f"{folder} already holds {', '.join(present)}; pass --overwrite to replace "
-            f"{'them' if len(present) > 1 else 'it'}, or choose another --out"
-        )
-    return folder
-
-
-def default_workers(device: str) -> int:
-    """Decoding workers: one per core on a GPU machine (cap 16); on the CPU the forward pass
-    already uses every core, so one worker overlaps decoding with compute."""
-    from featurekit._resources import cpus as count
-
-    cpus = count()
-    if device.startswith("cuda"):
-        return max(1, min(16, cpus))
-    return 1 if cpus > 1 else 0
 
 
 @dataclass
@@ -143,7 +68,7 @@ class _Plan:
     device: str
     precision: str
     dtype: str
-    decode: str  # "cpu" | "device" (nvJPEG) | "hw" (nvImageCodec, JPEG engines)
+    decode: str  # a path of featurekit._decode.PATHS: cpu | gpu (nvJPEG) | hw (JPEG engines)
     compile: bool
     seed: int
     val_fraction: float
@@ -157,7 +82,7 @@ class _Plan:
 
     @property
     def on_cuda(self) -> bool:
-        return self.device.startswith("cuda")
+        return on_cuda(self.device)
 
 
 def extract(
@@ -193,7 +118,7 @@ def extract(
     when the output is not a featurekit cache: it is never replaced without ``overwrite``); a
     complete one is left as it is.
     """
-    log = log or _stderr
+    log = log or _log
     plan = _plan(source, out, model=model, weights=weights, layers=layers, pool=pool,
                  image_size=image_size, batch_size=batch_size, workers=workers, device=device,
                  precision=precision, dtype=dtype, decode=decode, compile=compile, seed=seed,
@@ -208,7 +133,7 @@ def extract(
     options, attrs = _records(plan, backbone)
     summary = ExtractSummary(
         out=str(plan.out_path), model=backbone.name, weights=backbone.weights, device=plan.device,
-        precision=plan.precision, layers=dims,
+        precision=plan.precision, layers=dims, rank=plan.dist.rank,
     )
     if plan.dist.world > 1:
         return _extract_sharded(plan, backbone, net, options, attrs, summary, progress, log)
@@ -247,7 +172,7 @@ def _extract_sharded(plan: _Plan, backbone, net, options, attrs, summary: Extrac
     import dataclasses
 
     from featurekit import _dist, shards
-    from featurekit.cache import read_header
+    from featurekit._h5format import read_header
 
     d, out = plan.dist, plan.out_path
     done = _dist.decide(d, lambda: bool(plan.resume and out.exists() and read_header(out).get("complete")))
@@ -262,7 +187,7 @@ def _extract_sharded(plan: _Plan, backbone, net, options, attrs, summary: Extrac
     if d.main:
         shards.shard_dir(out).mkdir(parents=True, exist_ok=True)
     _dist.barrier(d)
-    check_output(path, plan.overwrite or plan.resume)
+    check_output(path, plan.overwrite or plan.resume, resumable=True)
     seconds, seen = _write(dataclasses.replace(plan, src=src), backbone, net, options, attrs,
                            summary, path, progress and d.main, log,
                            shard=shards.identity(d.rank, d.world, mine, options))
@@ -282,7 +207,7 @@ def _plan(source, out, *, model, weights, layers, pool, image_size, batch_size, 
           resume, commit_seconds, log) -> _Plan:
     """Check every option, then resolve device, precision, decode path and batch size, load
     the weights file, and start listing the source; nothing is built or downloaded here."""
-    from featurekit import _resources, data, models
+    from featurekit import _decode, _resources, data, models
     from featurekit import options as opt
 
     if model is not None:
@@ -291,8 +216,7 @@ def _plan(source, out, *, model, weights, layers, pool, image_size, batch_size, 
     models.check_pool(pool)
     if dtype not in DTYPES:
         raise FeaturekitError(f"unknown --dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    if decode not in DECODES:
-        raise FeaturekitError(f"unknown --decode {decode!r}; valid: auto, cpu, gpu, hw")
+    _decode.check(decode)
     for name, rng, value in (
         ("--image-size", opt.IMAGE_SIZE, image_size), ("--batch-size", opt.BATCH_SIZE, batch_size),
         ("--workers", opt.WORKERS, workers), ("--seed", opt.SEED, seed),
@@ -307,10 +231,12 @@ def _plan(source, out, *, model, weights, layers, pool, image_size, batch_size, 
                                    test_fraction=test_fraction)
     dist_info, dev = _dist.init(resolve_device(device))  # under torchrun: this rank's GPU
     prec = resolve_precision(precision, dev)
-    out_path = check_output(out, overwrite or resume)
-    decode = _choose_decode(decode, dev, dist_info, out_path, resume, log)
-    batch_size = batch_size or (256 if dev.startswith("cuda") else 64)  # CPU gains nothing past 64
-    workers = _share_cores(dev, dist_info) if workers is None else workers
+    out_path = check_output(out, overwrite or resume, resumable=True)
+    recorded = _recorded_decode(out_path, dist_info) if resume else None
+    decode = _decode.choose(decode, dev, dist_info, recorded, log)
+    batch_size = batch_size or (256 if on_cuda(dev) else 64)  # CPU gains nothing past 64
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist_info.world > 1 else 1
+    workers = _resources.share_cores(dev, local) if workers is None else workers
     spec = models.resolve_weights(weights)
     size = models.preprocess_for(model, spec, image_size).crop_size
     _resources.check_batch_fits(image_size=size, batch_size=batch_size, device=dev,
@@ -323,82 +249,17 @@ def _plan(source, out, *, model, weights, layers, pool, image_size, batch_size, 
                  overwrite=overwrite, commit_seconds=commit_seconds, dist=dist_info)
 
 
-def _share_cores(dev: str, dist_info) -> int:
-    """Decoding workers, and on the CPU torch threads, for this process: the host's cores
-    shared by the ranks torchrun started on it (LOCAL_WORLD_SIZE)."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist_info.world > 1 else 1
-    if local > 1 and not dev.startswith("cuda"):
-        import torch
-
-        from featurekit._resources import cpus
-
-        torch.set_num_threads(max(1, cpus() // local))
-    workers = default_workers(dev)
-    return max(min(workers, 1), workers // local)
-
-
-_DECODE_ORDER = ("cpu", "device", "hw")  # from the most widely available to the least
-_AS_OPTION = {"cpu": "cpu", "device": "gpu", "hw": "hw"}  # a recorded path as --decode
-
-
-def _choose_decode(decode: str, dev: str, d, out_path: Path, resume: bool, log) -> str:
-    """The decode path of this run: ``--decode`` resolved on this device, except that
-    ``--resume`` with ``auto`` keeps the path the output was started with (when this device
-    has it: a resumed cache stays one run's), and that under torchrun every rank takes the
-    same, the most widely available of the ranks' own (shards of one cache must agree)."""
-    from featurekit import _dist
-
-    if resume and decode == "auto":
-        recorded = _recorded_decode(out_path, d)
-        if recorded == "cpu" or (recorded in _AS_OPTION and dev.startswith("cuda")):
-            decode = _AS_OPTION[recorded]
-    mine = _resolve_decode(decode, dev, log)
-    choices = _dist.all_gather(mine, d)
-    chosen = min(choices, key=_DECODE_ORDER.index)
-    if len(set(choices)) > 1 and d.main:
-        log(f"note: the ranks' decoders differ ({', '.join(sorted(set(choices)))}); every rank "
-            f"uses {DECODE_ATTR[chosen]}")
-    return chosen
-
-
 def _recorded_decode(out_path: Path, d) -> str | None:
     """The decode path recorded in the file this process would resume (its shard under
     torchrun), or None."""
     from featurekit import shards
-    from featurekit.cache import read_header
+    from featurekit._h5format import read_header
 
     path = shards.shard_path(out_path, d.rank, d.world) if d.world > 1 else out_path
     try:
         return (read_header(path).get("options") or {}).get("decode") if path.exists() else None
     except Exception:  # not a cache: --resume itself refuses it, with the reason
         return None
-
-
-def _resolve_decode(decode: str, dev: str, log) -> str:
-    """``auto``/``hw``/``gpu``/``cpu`` -> ``hw`` (nvImageCodec on the GPU's JPEG engines),
-    ``device`` (nvJPEG's batched decode on the compute device) or ``cpu``. Each GPU decoder is
-    probed once on CUDA. ``auto`` takes the first that works, in that order (the CPU with a
-    warning); ``hw`` falls back the same way with one warning; ``gpu`` needs nvJPEG."""
-    on_cuda = dev.startswith("cuda")
-    if decode in ("gpu", "hw") and not on_cuda:
-        raise FeaturekitError(f"--decode {decode} needs a CUDA --device; use --decode cpu")
-    if not on_cuda or decode in ("cpu", "device"):
-        return "cpu" if decode == "auto" else decode
-    from featurekit._decode import hw_problem, nvjpeg_problem
-
-    hw = hw_problem(dev) if decode in ("auto", "hw") else None
-    if decode in ("auto", "hw") and hw is None:
-        return "hw"
-    nvjpeg = nvjpeg_problem(dev)
-    if decode == "gpu" and nvjpeg:
-        raise DeviceError(f"--decode gpu: nvJPEG does not work here ({nvjpeg}); use --decode cpu")
-    if nvjpeg is None:
-        if decode == "hw":
-            log(f"warning: --decode hw: {hw}; decoding with nvJPEG on the GPU instead")
-        return "device"
-    why = f"{hw}; nvJPEG: {nvjpeg}" if decode == "hw" else f"nvJPEG does not work here ({nvjpeg})"
-    log(f"warning: {why}; decoding on the CPU")
-    return "cpu"
 
 
 def _build(plan: _Plan):
@@ -414,18 +275,8 @@ def _build(plan: _Plan):
     net.to(plan.device, memory_format=torch.channels_last)
     dims = net.dims()  # before compiling: the dry run's shape would be compiled too
     if plan.compile:
-        # inductor's compiled kernels and graphs kept across runs (torch's default is under
-        # /tmp, often lost): a second run of the same model and batch size skips most of it
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
         net.compile()
     return backbone, net, dims
-
-
-def compile_cache_dir() -> Path:
-    """Where ``--compile`` keeps torch inductor's cache unless $TORCHINDUCTOR_CACHE_DIR names
-    another: $XDG_CACHE_HOME/featurekit/inductor (~/.cache/featurekit/inductor)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base, "featurekit", "inductor")
 
 
 def _records(plan: _Plan, backbone) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -458,7 +309,7 @@ def _records(plan: _Plan, backbone) -> tuple[dict[str, Any], dict[str, Any]]:
         "source": src.describe(),
         "seed": plan.seed,
         "device": plan.device,
-        "decode": DECODE_ATTR[plan.decode] if plan.on_cuda else plan.decode,
+        "decode": plan.decode,
         "torch_version": str(torch.__version__),
         "options": options,
     }
@@ -504,7 +355,7 @@ def _run_pass(plan: _Plan, backbone, net, writer, summary: ExtractSummary, progr
     import torch
 
     from featurekit import _decode, _pipeline
-    from featurekit._progress import progress_bar
+    from featurekit._console import progress_bar
 
     src, dev, on_cuda = plan.src, plan.device, plan.on_cuda
     done = writer.progress()
@@ -574,7 +425,9 @@ def _resumable(out_path: Path, options: dict[str, Any], commit_seconds: float, l
     yet). Whatever else is at ``out_path`` is refused, and left byte-identical: the checks read
     the file read-only before it is opened for writing. A shard must also be this rank's slice
     of a run with as many ranks."""
-    from featurekit.cache import CacheWriter, read_header
+    from featurekit.options import canonical_decode as canonical
+    from featurekit._h5format import read_header
+    from featurekit.cache import CacheWriter
 
     if not out_path.exists():
         return None
@@ -586,6 +439,8 @@ def _resumable(out_path: Path, options: dict[str, Any], commit_seconds: float, l
             "to replace it"
         ) from None
     recorded = header.get("options")
+    if isinstance(recorded, dict) and "decode" in recorded:  # older caches' names for a path
+        recorded = {**recorded, "decode": canonical(recorded["decode"])}
     if recorded != options:
         keys = sorted(k for k in set(options) | set(recorded or {})
                       if (recorded or {}).get(k) != options.get(k))
@@ -610,12 +465,6 @@ def _resumable(out_path: Path, options: dict[str, Any], commit_seconds: float, l
             f"--resume: {out_path} is a damaged featurekit cache ({type(exc).__name__}: {exc}); "
             "it is left as it is: pass --overwrite to start over"
         ) from None
-
-
-def _stderr(message: str) -> None:
-    import sys
-
-    print(message, file=sys.stderr, flush=True)
 
 
 def _summarise(summary: ExtractSummary, out_path: Path, seconds: float, processed: int) -> ExtractSummary:

@@ -33,7 +33,9 @@ import numpy as np
 import torch
 
 from featurekit.heads import register
-from featurekit.heads._torch import _TorchHead, _tensor, standardise
+from featurekit.heads._base import gamma_value
+from featurekit.heads._torch._common import TorchHead, standardised, tensor
+from featurekit.heads._torch._kernels import from_dots, rbf_blocks, rbf_cross
 
 TAU = 1e-12  # libsvm's floor of the quadratic coefficient
 INF = float("inf")
@@ -152,8 +154,7 @@ class _Batch:
         xi = flat.index_select(0, pair * m + idx).reshape(P, nC, d)
         dots = torch.bmm(self.Xp, xi.transpose(1, 2)).transpose(1, 2).reshape(P * nC, m)
         sq_i = self.sq.reshape(-1).index_select(0, pair * m + idx)
-        d2 = self.sq[pair] + sq_i[:, None] - 2 * dots
-        return torch.exp(-self.gamma * torch.clamp(d2, min=0)).float()
+        return from_dots(self.sq[pair], sq_i[:, None], dots, self.gamma).float()
 
     def rho(self):
         """libsvm's calculate_rho, per member."""
@@ -169,21 +170,6 @@ class _Batch:
     def objective(self):
         """1/2 a^T Q a - e^T a = 1/2 sum a (G - 1), per member."""
         return (0.5 * torch.where(self.valid, self.alpha * (self.G - 1), 0.0).sum(1)).cpu().numpy()
-
-
-def rbf_blocks(X, rows, sq, gamma: float, chunk_bytes: int = 64 << 20):
-    """exp(-gamma |x_s - x_t|^2) within each pair's ``rows`` (P, m): (P, m, m), float32 like
-    libsvm's Qfloat. Built a few pairs at a time, so that the pairs' feature rows (m x d each)
-    never all sit in memory beside the blocks."""
-    P, m = rows.shape
-    out = torch.empty(P, m, m, dtype=torch.float32, device=X.device)
-    step = max(1, chunk_bytes // max(1, m * X.shape[1] * X.element_size()))
-    for s in range(0, P, step):
-        Xp = X[rows[s:s + step]]
-        q = sq[s:s + step]
-        d2 = q[:, :, None] + q[:, None, :] - 2 * torch.bmm(Xp, Xp.transpose(1, 2))
-        out[s:s + step] = torch.exp(-gamma * torch.clamp(d2, min=0))
-    return out
 
 
 def _last(values, largest: bool):
@@ -290,7 +276,7 @@ def _update(a, G, y, C, Ki, i, j):
 
 
 @register("svm", "torch")
-class TorchSVMHead(_TorchHead):
+class TorchSVMHead(TorchHead):
     """Exact RBF C-SVC (libsvm's problem, one-vs-one) on standardised features, by batched
     SMO. ``gamma="scale"`` is 1 / (n_features * X.var()) of the standardised X (scikit-learn's
     meaning); ``cache_size``: MiB of kernel blocks held at once (None: a quarter of the free
@@ -323,15 +309,13 @@ class TorchSVMHead(_TorchHead):
     def _solve(self, X, y, classes, grid, on_stop):
         """Per gamma of the grid: the pairs' kernel blocks once, every C of that gamma in the
         same batches."""
-        mean, scale = standardise(X)
-        Xs = (X - mean) / scale
-        base = {"mean_": mean.double().cpu().numpy(), "scale_": scale.double().cpu().numpy()}
+        Xs, base = standardised(X)
         y_index = np.searchsorted(classes, y)
         pairs = pairs_of(y_index, classes.size)
         out: list[Any] = [None] * len(grid)
         for gamma in dict.fromkeys(p.get("gamma", "scale") for p in grid):
             members = [i for i, p in enumerate(grid) if p.get("gamma", "scale") == gamma]
-            g = _gamma_value(gamma, Xs)
+            g = gamma_value(gamma, Xs.shape[1], lambda: Xs.double().var(unbiased=False))
             solutions = solve(Xs, pairs, [grid[i]["C"] for i in members], g, tol=self.tol,
                               max_iter=self.max_iter, cache_bytes=self._cache_bytes(X.device),
                               on_stop=on_stop)
@@ -379,34 +363,10 @@ class TorchSVMHead(_TorchHead):
 
         X = self._checked(X)
         device, dtype = self._torch_setup()
-        dec = self._decide(self.__dict__, _tensor(X, device, dtype)).cpu().numpy()
+        dec = self._decide(self.__dict__, tensor(X, device, dtype)).cpu().numpy()
         if self.classes_.size == 2:
             return -dec[:, 0]
         return _ovr_decision_function(dec < 0, -dec, self.classes_.size)
-
-
-def _gamma_value(gamma, Xs) -> float:
-    """scikit-learn's gamma for an SVC on ``Xs``: "scale" 1 / (n_features X.var()), "auto"
-    1 / n_features, else the number."""
-    if not isinstance(gamma, str):
-        return float(gamma)
-    if gamma == "auto":
-        return 1.0 / Xs.shape[1]
-    if gamma != "scale":
-        raise ValueError(f"gamma must be 'scale', 'auto' or a number, got {gamma!r}")
-    var = float(Xs.double().var(unbiased=False))
-    return 1.0 / (Xs.shape[1] * var) if var > 0 else 1.0
-
-
-def rbf_cross(X, Y, gamma: float, chunk: int = 8192):
-    """exp(-gamma |x - y|^2) for every row of X against every row of Y, in row chunks."""
-    ysq = (Y * Y).sum(1)[None, :]
-    out = []
-    for s in range(0, X.shape[0], chunk):
-        x = X[s:s + chunk]
-        d2 = (x * x).sum(1)[:, None] + ysq - 2 * (x @ Y.T)
-        out.append(torch.exp(-gamma * torch.clamp(d2, min=0)))
-    return torch.cat(out) if out else X.new_zeros(0, Y.shape[0])
 
 
 def _model(Xs, y_index: np.ndarray, n_classes: int, pairs: list[Pair],

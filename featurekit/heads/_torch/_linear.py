@@ -1,0 +1,205 @@
+"""featurekit's own linear heads on torch (CPU or CUDA): logistic regression, linear SVM,
+Nystroem. Each solves exactly its scikit-learn twin's problem, on features standardised as
+scikit-learn's StandardScaler does:
+
+* ``logistic``: multinomial (binomial for two classes) cross-entropy, mean over rows, plus
+  ||W||^2 / (2 C n), intercept not penalised: scikit-learn's LogisticRegression objective;
+* ``linearsvc``: squared hinge, one-vs-rest, ||w||^2 + b^2 penalised (intercept_scaling 1):
+  liblinear's objective, divided by C n;
+* ``nystroem``: scikit-learn's Nystroem map (same landmarks for the same ``random_state``,
+  same normalisation K^-1/2, see :func:`~featurekit.heads._torch._kernels.nystroem_map`), then
+  ``logistic``.
+
+All of them go through one batched L-BFGS (:mod:`featurekit.heads._torch._lbfgs`) with
+scikit-learn's stopping rule. ``fit_grid`` runs a whole selection: per fold it standardises
+(and, for nystroem, maps per gamma) once and solves every C of the grid; on a GPU all of them
+in one batch (one GEMM per step, members leaving the batch as they converge), on the CPU one
+after another. ``fit`` is the same code on one grid point, so a grid point scores in
+``fit_grid`` exactly what fitting it alone scores (bitwise on the CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from featurekit.heads import register
+from featurekit.heads._base import gamma_value
+from featurekit.heads._torch import _lbfgs
+from featurekit.heads._torch._common import TorchHead, batch_on, standardised
+from featurekit.heads._torch._kernels import nystroem_map, rbf
+
+
+class TorchLinearHead(TorchHead):
+    """A linear model on the standardised rows, every C of a grid by batched L-BFGS."""
+
+    def __init__(self, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4,
+                 device: str = "auto", dtype: str = "float32") -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.device = device
+        self.dtype = dtype
+
+    def _solve(self, X, y, classes, grid, on_stop):
+        Xs, state = standardised(X)
+        return [({**state, **s}, it, ok) for s, it, ok in
+                self._solve_linear(Xs, y, classes, [p["C"] for p in grid], on_stop)]
+
+    def _solve_linear(self, Xs, y, classes, Cs, on_stop):
+        """[(state, n_iter, converged)] for each C. On a GPU every C in one batch (one GEMM per
+        step for all of them); on the CPU one C after another, each exactly as a single fit
+        computes it: a batch would save no arithmetic there, and it would change the last bits
+        (MKL and torch pick other kernels for other batch shapes), so that a weakly regularised
+        fit in a batch could end elsewhere than the same fit alone."""
+        y_index = np.searchsorted(classes, y)
+        batches = [list(range(len(Cs)))] if batch_on(Xs.device) else [[i] for i in range(len(Cs))]
+        out: list[Any] = [None] * len(Cs)
+        for members in batches:
+            problem = _LinearProblem(Xs, y_index, classes.size, self._loss,
+                                     torch.as_tensor([Cs[i] for i in members], device=Xs.device,
+                                                     dtype=Xs.dtype))
+            res = _lbfgs.minimize(problem, problem.start(len(members)), max_iter=self.max_iter,
+                                  tol=self.tol, on_stop=on_stop)
+            W, b = problem.unpack(res.theta)
+            for j, i in enumerate(members):
+                state = {"coef_": W[j].T.double().cpu().numpy(), "intercept_": b[j].double().cpu().numpy()}
+                out[i] = (state, int(res.n_iter[j]), bool(res.converged[j]))
+        return out
+
+
+class _LinearProblem:
+    """A batch of linear classifiers on the same rows, one C each; ``theta`` rows hold W (d x
+    k') then b (k'), flattened. Objectives are scaled by 1 / (C n), so the gradient test means
+    what scikit-learn's ``tol`` means."""
+
+    def __init__(self, X, y_index: np.ndarray, n_classes: int, loss: str, Cs) -> None:
+        self.X, self.loss = X, loss
+        self.n, self.d = X.shape
+        self.k = 1 if n_classes == 2 else n_classes  # two classes: one column, as scikit-learn
+        y = torch.as_tensor(y_index, device=X.device)
+        self.y_index = y[:, None, None]
+        if loss == "squared_hinge":  # +1 for the column's class, -1 for the rest
+            if self.k == 1:
+                self.Y = (y[:, None] == 1).to(X.dtype) * 2 - 1
+            else:
+                self.Y = torch.nn.functional.one_hot(y, self.k).to(X.dtype) * 2 - 1
+        elif self.k == 1:
+            self.Y = (y == 1).to(X.dtype)[:, None]
+        else:
+            self.Y = torch.nn.functional.one_hot(y, self.k).to(X.dtype)
+        self.reg = 1.0 / (Cs * self.n)  # (S,)
+
+    def start(self, S: int):
+        return torch.zeros(S, (self.d + 1) * self.k, dtype=self.X.dtype, device=self.X.device)
+
+    def unpack(self, theta):
+        A = theta.shape[0]
+        W = theta[:, : self.d * self.k].reshape(A, self.d, self.k)
+        return W, theta[:, self.d * self.k:]
+
+    def __call__(self, theta, members):
+        A, (n, d, k) = theta.shape[0], (self.n, self.d, self.k)
+        W, b = self.unpack(theta)
+        Z = (self.X @ W.permute(1, 0, 2).reshape(d, A * k)).reshape(n, A, k) + b[None]
+        # objectives are summed in float64: in float32 the line search could not tell the last
+        # decreases from rounding (gradients stay in the data's dtype)
+        if self.loss == "squared_hinge":
+            margin = torch.clamp(1 - self.Y[:, None, :] * Z, min=0)
+            f = (margin * margin).double().sum((0, 2)) / n
+            G = -2 * self.Y[:, None, :] * margin / n
+        elif k == 1:  # binomial
+            z = Z[..., 0]
+            f = (torch.nn.functional.softplus(z) - self.Y * z).double().mean(0)
+            G = (torch.sigmoid(z) - self.Y)[..., None] / n
+        else:  # multinomial: one exp for the log-sum-exp and the softmax
+            top = Z.amax(2, keepdim=True)
+            E = torch.exp(Z - top)
+            total = E.sum(2, keepdim=True)
+            lse = (top + torch.log(total))[..., 0]
+            f = (lse - Z.gather(2, self.y_index.expand(n, A, 1))[..., 0]).double().mean(0)
+            G = (E / total - self.Y[:, None, :]) / n
+        reg = self.reg[members]
+        # X^T G as (G^T X)^T: a GEMM on the rows as stored (X.T's strided GEMM took twice as long)
+        gW = (G.reshape(n, A * k).T @ self.X).reshape(A, k, d).permute(0, 2, 1) + reg[:, None, None] * W
+        gb = G.sum(0)
+        penalty = (W * W).double().sum((1, 2))
+        if self.loss == "squared_hinge":  # liblinear penalises the intercept too
+            gb = gb + reg[:, None] * b
+            penalty = penalty + (b * b).double().sum(1)
+        f = f + 0.5 * reg.double() * penalty
+        return f, torch.cat([gW.reshape(A, d * k), gb], dim=1)
+
+
+@register("logistic", "torch")
+class TorchLogisticHead(TorchLinearHead):
+    """Multinomial logistic regression (binomial for two classes) by batched L-BFGS."""
+
+    _loss = "logistic"
+
+    def predict_proba(self, X):
+        scores = self.decision_function(X)
+        if scores.ndim == 1:
+            p = 1.0 / (1.0 + np.exp(-scores))
+            return np.stack([1 - p, p], axis=1)
+        e = np.exp(scores - scores.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+
+@register("linearsvc", "torch")
+class TorchLinearSVCHead(TorchLinearHead):
+    """Linear SVM, squared hinge, one-vs-rest, intercept penalised (liblinear's problem)."""
+
+    _loss = "squared_hinge"
+
+
+@register("nystroem", "torch")
+class TorchNystroemHead(TorchLogisticHead):
+    """Nystroem RBF map (scikit-learn's landmarks and normalisation), then logistic
+    regression; ``gamma=None`` is 1 / n_features of the standardised features."""
+
+    def __init__(self, C: float = 1.0, gamma: float | None = None, n_components: int = 2048,
+                 max_iter: int = 1000, tol: float = 1e-4, random_state: int = 0,
+                 device: str = "auto", dtype: str = "float32") -> None:
+        self.C = C
+        self.gamma = gamma
+        self.n_components = n_components
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.device = device
+        self.dtype = dtype
+
+    def _grid_point(self) -> dict[str, Any]:
+        return {"C": self.C, "gamma": self.gamma}
+
+    def _solve(self, X, y, classes, grid, on_stop):
+        """Per gamma of the grid: one map, then every C of that gamma in one batch."""
+        Xs, base = standardised(X)
+        landmarks = self._landmarks(Xs.shape[0])
+        out: list[Any] = [None] * len(grid)
+        for gamma in dict.fromkeys(p.get("gamma") for p in grid):
+            members = [i for i, p in enumerate(grid) if p.get("gamma") == gamma]
+            g = gamma_value(gamma, Xs.shape[1])
+            components, normalization = nystroem_map(Xs[landmarks], g)
+            Phi = rbf(Xs, components, g) @ normalization.T
+            mapped = {**base, "gamma_": g, "components_": components.double().cpu().numpy(),
+                      "normalization_": normalization.double().cpu().numpy()}
+            solved = self._solve_linear(Phi, y, classes, [grid[i]["C"] for i in members], on_stop)
+            for i, (state, it, ok) in zip(members, solved):
+                out[i] = ({**mapped, **state}, it, ok)
+        return out
+
+    def _landmarks(self, n: int) -> np.ndarray:
+        """The rows scikit-learn's Nystroem takes for this ``random_state``."""
+        from sklearn.utils import check_random_state
+
+        return check_random_state(self.random_state).permutation(n)[: min(n, self.n_components)]
+
+    def _features(self, state: dict[str, Any], X):
+        Xs = super()._features(state, X)
+        components = torch.as_tensor(state["components_"], device=X.device, dtype=X.dtype)
+        normalization = torch.as_tensor(state["normalization_"], device=X.device, dtype=X.dtype)
+        return rbf(Xs, components, state["gamma_"]) @ normalization.T

@@ -123,15 +123,19 @@ def _commands() -> list[str]:
     return ["", *typer.main.get_command(app).commands]
 
 
+def _help(command: str, columns: int) -> str:
+    from typer.testing import CliRunner
+
+    args = [command, "--help"] if command else ["--help"]
+    r = CliRunner().invoke(app, args, env={"COLUMNS": str(columns)}, terminal_width=columns)
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
 @pytest.mark.parametrize("columns", [80, 120])
 @pytest.mark.parametrize("command", _commands())
 def test_help_shows_every_default_and_fits_the_terminal(command, columns):
-    env = {**os.environ, "COLUMNS": str(columns), "TERM": "dumb"}
-    args = [command, "--help"] if command else ["--help"]
-    r = subprocess.run([sys.executable, "-m", "featurekit", *args], capture_output=True,
-                       text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
-    text = r.stdout
+    text = _help(command, columns)
     assert "Example" in text
     assert [line for line in text.splitlines() if len(line) > columns] == []
     assert not re.search(r"\s\.(\s|$)", text)  # "Cached layer to fit on ." (a lost "[default: …]")
@@ -146,10 +150,18 @@ def test_help_shows_every_default_and_fits_the_terminal(command, columns):
         shown = "[default:" in help_text or p.required or (
             p.default is not None and not (p.is_flag and not p.secondary_opts))
         assert shown, f"{command} {p.opts}: its default is not shown"
-    for p in params:
-        if p.param_type_name == "option" and p.default not in (None, False) and p.show_default is not False:
-            start = flat.find(p.opts[0])
-            assert "[default:" in flat[start:] or "[required]" in flat[start:]
+        if p.default not in (None, False) and "[default:" not in help_text:  # typer's own
+            after = flat[flat.find(re.sub(r"\s+", "", help_text)):]
+            assert after.startswith(re.sub(r"\s+", "", help_text) + "[default:"), p.opts
+
+
+def test_help_in_a_real_terminal_width():
+    """The same through the installed entry point, its width read from $COLUMNS."""
+    env = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
+    r = subprocess.run([sys.executable, "-m", "featurekit", "fit", "--help"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "[default: penultimate]" in re.sub(r"\s+", " ", r.stdout)
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80
 
 
 # --------------------------------------------------------------------------- warnings
@@ -183,3 +195,14 @@ def test_library_users_get_real_warnings(digits_cache):
     selection = [w for w in seen if issubclass(w.category, SelectionWarning)]
     assert selection and "edge of the grid" in str(selection[0].message)
     assert not selection[0].filename.startswith(str(PACKAGE))  # attributed to the caller
+
+
+def test_the_readme_is_a_front_page_that_links_every_docs_page():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        assert f"](docs/{page.name})" in readme, page.name
+        assert "](../README.md)" in page.read_text(), page.name  # and back
+    for target in re.findall(r"\]\(([^)#]+)", readme):  # every relative link resolves
+        if "://" not in target:
+            assert (ROOT / target).exists(), target

@@ -62,15 +62,16 @@ def _show_one_line(message, category, filename, lineno, file=None, line=None) ->
 
 @contextmanager
 def one_line_warnings() -> Iterator[None]:
-    """Every warning raised in the block printed as one ``warning: …`` line on stderr, each
-    time it is raised, whatever the process's warning filters say (the CLI's setting); other
-    libraries' warnings once per place, deprecations not at all."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")  # other libraries' warnings: once per place
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("always", category=FeaturekitWarning)
-        warnings.showwarning = _show_one_line
+    """Every warning shown in the block printed as one ``warning: …`` line on stderr (the
+    CLI's setting). featurekit's own are shown each time, whatever the process's filters say
+    (a filter that stays: it concerns featurekit's categories only); other libraries' follow
+    the process's filters, which this leaves as they are."""
+    warnings.filterwarnings("always", category=FeaturekitWarning)
+    previous, warnings.showwarning = warnings.showwarning, _show_one_line
+    try:
         yield
+    finally:
+        warnings.showwarning = previous
 
 
 def quiet_hdf5_noise() -> None:

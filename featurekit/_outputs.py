@@ -19,12 +19,14 @@ from typing import Any
 from featurekit.errors import OutputError
 
 
-def check_output(out: str | os.PathLike[str], overwrite: bool, resumable: bool = False) -> Path:
+def check_output(out: str | os.PathLike[str], overwrite: bool, resumable: bool = False,
+                 example: str = "out") -> Path:
     """Refuse an existing output (unless ``overwrite``) or a folder we cannot write to;
-    ``resumable``: the command has ``--resume`` (the refusal says so)."""
+    ``resumable``: the command has ``--resume`` (the refusal says so); ``example``: a file
+    name to suggest when ``out`` is a folder."""
     p = Path(out)
     if p.is_dir():
-        raise OutputError(f"output {p} is a folder; give a file name such as {p / 'out'}")
+        raise OutputError(f"output {p} is a folder; give a file name such as {p / example}")
     if p.exists() and not overwrite:
         also = " (or --resume to continue it)" if resumable else ", or choose another --out"
         raise OutputError(f"output {p} exists; pass --overwrite to replace it{also}")

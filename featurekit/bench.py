@@ -16,6 +16,7 @@ from featurekit._outputs import (
     write_json,
     write_text,
 )
+from featurekit.errors import HeadError
 
 OUTPUT_FILES = ["results.csv", "results.json", "results.md", "results.png"]
 COLUMNS = ["head", "backend", "layer", "status", "params", "accuracy", "balanced_accuracy",
@@ -66,6 +67,8 @@ def run_bench(
     with open_cache(cache_path, allow_incomplete=allow_incomplete) as cache:
         layer_list = [read_request(cache, layer, train_split, eval_split).layer
                       for layer in _comma(layers, [None])]
+        if not layer_list:
+            raise HeadError(f"--layers: no layer given; {cache_path} has {', '.join(cache.layers)}")
         req = read_request(cache, layer_list[0], train_split, eval_split)
     rows, units = _combinations(head_list, layer_list, req, str(Path(cache_path).resolve()),
                                 allow_incomplete, metric, refit)

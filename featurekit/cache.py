@@ -592,7 +592,7 @@ def pack(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
     complete."""
     import h5py
 
-    src, out = Path(src), check_output(out, overwrite)
+    src, out = Path(src), check_output(out, overwrite, example="cache.h5")
     if src.exists() and src.resolve() == out.resolve():
         raise OutputError("pack: --out is the cache itself; give another file")
     with open_cache(src) as cache, replacing(out) as tmp:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from featurekit import __version__
+from featurekit._version import __version__
 from featurekit._console import log as _log
 from featurekit._device import autocast, on_cuda, resolve_device, resolve_precision
 from featurekit._outputs import check_output
@@ -231,7 +231,7 @@ def _plan(source, out, *, model, weights, layers, pool, image_size, batch_size, 
                                    test_fraction=test_fraction)
     dist_info, dev = _dist.init(resolve_device(device))  # under torchrun: this rank's GPU
     prec = resolve_precision(precision, dev)
-    out_path = check_output(out, overwrite or resume, resumable=True)
+    out_path = check_output(out, overwrite or resume, resumable=True, example="cache.h5")
     recorded = _recorded_decode(out_path, dist_info) if resume else None
     decode = _decode.choose(decode, dev, dist_info, recorded, log)
     batch_size = batch_size or (256 if on_cuda(dev) else 64)  # CPU gains nothing past 64
@@ -425,7 +425,7 @@ def _resumable(out_path: Path, options: dict[str, Any], commit_seconds: float, l
     yet). Whatever else is at ``out_path`` is refused, and left byte-identical: the checks read
     the file read-only before it is opened for writing. A shard must also be this rank's slice
     of a run with as many ranks."""
-    from featurekit.options import canonical_decode as canonical
+    from featurekit.options import canonical_options
     from featurekit._h5format import read_header
     from featurekit.cache import CacheWriter
 
@@ -438,9 +438,7 @@ def _resumable(out_path: Path, options: dict[str, Any], commit_seconds: float, l
             f"--resume: {exc}; it is left as it is: choose another --out, or pass --overwrite "
             "to replace it"
         ) from None
-    recorded = header.get("options")
-    if isinstance(recorded, dict) and "decode" in recorded:  # older caches' names for a path
-        recorded = {**recorded, "decode": canonical(recorded["decode"])}
+    recorded = canonical_options(header.get("options"))  # older caches' names for a path
     if recorded != options:
         keys = sorted(k for k in set(options) | set(recorded or {})
                       if (recorded or {}).get(k) != options.get(k))

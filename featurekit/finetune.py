@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from featurekit import __version__, _dist
+from featurekit import _dist
+from featurekit._version import __version__
 from featurekit._console import log as _log
 from featurekit._device import autocast
 from featurekit._outputs import replacing, save_figure, write_csv

@@ -221,7 +221,7 @@ def fit_head(
     check_request(head, backend, metric, C, gamma)
     backend = resolve_backend(backend, head)
     if out is not None:
-        check_output(out, overwrite)
+        check_output(out, overwrite, example="head.skops")
         check_head_output(out, backend)
     with open_cache(cache_path, allow_incomplete=allow_incomplete) as cache:
         req = read_request(cache, layer, train_split, eval_split)
@@ -268,7 +268,7 @@ def predict(
     with ``overwrite``."""
     from featurekit.cache import open_cache
 
-    check_output(out, overwrite)
+    check_output(out, overwrite, example="predictions.csv")
     saved = load_head(head_path, trust=trust)
     est, prov = saved["head"], saved["provenance"]
     layer = prov.get("layer")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from featurekit import __version__
+from featurekit._version import __version__
 from featurekit._outputs import replacing
 from featurekit.errors import HeadError
 from featurekit.options import canonical_decode
@@ -86,14 +86,16 @@ def save_head(result, path: str | Path) -> Path:
 _MOVED = {"featurekit.heads._svm": "featurekit.heads._torch._svm"}  # featurekit 0.1
 
 
-def _old_module_names() -> None:
+def _old_module_names(names: list[str] | None = None) -> None:
     """Make the modules head files of earlier versions name importable (as the modules that
-    hold those classes now), so such files load as they did."""
+    hold those classes now), so such files load as they did; ``names``: the types a file names
+    (None: unknown, as for a pickle)."""
     import importlib
     import sys
 
     for old, new in _MOVED.items():
-        if old not in sys.modules:
+        wanted = names is None or any(n.startswith(old + ".") for n in names)
+        if wanted and old not in sys.modules:
             sys.modules[old] = importlib.import_module(new)
 
 
@@ -103,7 +105,6 @@ def load_head(path: str | Path, trust: bool = False) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise HeadError(f"head file not found: {p}")
-    _old_module_names()
     obj = _load_joblib(p, trust) if head_format(p) == "joblib" else _load_skops(p)
     if not isinstance(obj, dict) or obj.get("format") != HEAD_FORMAT:
         raise HeadError(f"{p} is not a featurekit head file")
@@ -126,6 +127,7 @@ def _load_joblib(p: Path, trust: bool) -> Any:
         )
     import joblib
 
+    _old_module_names()
     try:
         return joblib.load(p)
     except ModuleNotFoundError as exc:
@@ -149,6 +151,7 @@ def _load_skops(p: Path) -> Any:
             f"{p} is not a skops head file ({type(exc).__name__}: {exc}); joblib heads must be "
             "named .joblib"
         ) from None
+    _old_module_names(untrusted)
     foreign = [t for t in untrusted if not _trusted_class(t)]
     if foreign:
         raise HeadError(

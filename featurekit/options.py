@@ -114,3 +114,11 @@ _LEGACY_DECODE = {"device": "gpu", "nvjpeg": "gpu", "nvimgcodec-hw": "hw"}  # ol
 def canonical_decode(name: Any) -> Any:
     """A decode path's name in today's vocabulary (older caches' names mapped; others as given)."""
     return _LEGACY_DECODE.get(name, name) if isinstance(name, str) else name
+
+
+def canonical_options(options: Any) -> Any:
+    """Recorded extraction options in today's vocabulary (what ``--resume`` and the shards'
+    check compare): an older cache's decode path under its current name."""
+    if isinstance(options, dict) and "decode" in options:
+        return {**options, "decode": canonical_decode(options["decode"])}
+    return options

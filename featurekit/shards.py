@@ -36,6 +36,7 @@ from featurekit._h5format import (
 )
 from featurekit._outputs import replacing
 from featurekit.errors import CacheError
+from featurekit.options import canonical_options
 
 
 def shard_dir(out: Path) -> Path:
@@ -94,7 +95,7 @@ def finalise(out: Path, world: int, expected_options: dict[str, Any], attrs: dic
                              "can read (a shared file system), then extract --resume")
         h = read_header(p)
         shard = h.get("shard") or {}
-        if h.get("options") != expected_options or shard.get("world") != world \
+        if canonical_options(h.get("options")) != expected_options or shard.get("world") != world \
                 or shard.get("rank") != r or shard.get("ranges") != ranges[r]:
             raise CacheError(f"shard {p} belongs to another run (other options or ranks); "
                              "re-run with --overwrite")

@@ -72,7 +72,7 @@ PRE = [
 
 @pytest.mark.parametrize("pre", PRE, ids=lambda p: f"{p.interpolation}-{p.resize_size}-{p.crop_size}")
 def test_batch_preprocess_matches_per_image_preprocess(pre):
-    """The device path's batch-level preprocessing (two batched matrix products for every
+    """The gpu path's batch-level preprocessing (two batched matrix products for every
     size at once) gives torchvision's numbers on images of every shape — up to a grey level
     where float rounding lands on the other side of .5, for a handful of pixels — and keeps
     ready rows as they are."""
@@ -111,7 +111,7 @@ def test_batch_preprocess_matches_per_image_preprocess(pre):
 
 
 def test_packed_batch_round_trip(tmp_path):
-    """Workers pack a batch's JPEG bytes into one tensor; decoding them on the 'device' gives
+    """Workers pack a batch's JPEG bytes into one tensor; decoding them on the device ('gpu' path) gives
     the same pixels as decoding each file, PNGs arrive preprocessed, failures keep their reason,
     and a damaged JPEG is either decoded by the PIL fallback or skipped — never a crash."""
     from torchvision.io import ImageReadMode, decode_jpeg

@@ -299,7 +299,7 @@ def digits_jpegs(tmp_path_factory):
 
 
 def test_decode_paths_agree(tmp_path, digits_jpegs):
-    """torchvision-on-CPU (cpu path), batched decode on the device ('device' path, run here on
+    """torchvision-on-CPU (cpu path), batched decode on the device ('gpu' path, run here on
     the CPU with the code the GPU runs) and PIL give the same features (mean cosine >= 0.999),
     and a head fitted on one cache scores within 0.5 points on the other."""
     from featurekit.fit import fit_head

@@ -378,3 +378,9 @@ def test_a_cache_replaced_in_the_same_process_is_read_afresh(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert again == report(json.loads(r.stdout))
     assert again["scores"] != first["scores"]  # the two caches do differ
+
+
+def test_bench_without_a_layer_is_one_error(digits_cache, runner):
+    r = invoke(runner, "bench", digits_cache, "--layers", ",", "--heads", "logistic:torch")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "no layer given" in r.stderr
+    assert "penultimate, layer3" in r.stderr

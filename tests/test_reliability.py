@@ -105,7 +105,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, folder400, decode):
     thread, the writer thread and two DataLoader workers are busy: the process ends promptly
     with exit code 130 and one line, the file opens as incomplete, and --resume completes it to
     the uninterrupted cache."""
-    # two workers; 'device' is the GPU path's code run on the CPU (undocumented there)
+    # two workers; 'gpu' is the GPU path's code, run on the CPU
     args = [a if a != "0" or prev != "--workers" else "2" for prev, a in zip([None, *ARGS], ARGS)]
     args += ["--decode", decode]
     ref, out = tmp_path / "ref.h5", tmp_path / "out.h5"

@@ -238,3 +238,36 @@ def test_bench_and_fit_on_a_dask_cluster_equal_one_job(tmp_path, runner, monkeyp
     monkeypatch.setattr(_parallel, "CONNECT_TIMEOUT", "2s")
     r = invoke(runner, "bench", cache, "--dask-scheduler", "tcp://127.0.0.1:9", "--heads", "logistic")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Dask scheduler" in r.stderr
+
+
+def test_shards_recording_an_older_name_of_the_decode_path_still_finalise(tmp_path, digits_cache):
+    """A sharded run begun by featurekit 0.1 on nvJPEG recorded its decode path as "device";
+    resumed today (as "gpu"), its shards are still this run's and the logical cache is made."""
+    import json
+    import shutil
+
+    from featurekit import shards
+    from featurekit._h5format import read_header
+
+    out = tmp_path / "c.h5"
+    shard = shards.shard_path(out, 0, 1)
+    shard.parent.mkdir()
+    shutil.copy(digits_cache, shard)
+    header = read_header(shard)
+    options = {**header["options"], "decode": "gpu"}
+    ranges = shards.rank_ranges(options["split_sizes"], options["batch_size"], 1)
+    with h5py.File(shard, "a") as f:
+        f.attrs["options"] = json.dumps({**header["options"], "decode": "device"})
+        f.attrs["shard"] = json.dumps(shards.identity(0, 1, ranges[0], options))
+    attrs = {k: v for k, v in header.items()
+             if k not in ("format", "format_version", "complete", "options")}
+    shards.finalise(out, 1, options, {**attrs, "options": options}, ranges)
+    with open_cache(out) as a, open_cache(digits_cache) as b:
+        assert a.attrs["format_version"] == 2
+        for s in b.splits:
+            assert np.array_equal(a.features(s, "penultimate"), b.features(s, "penultimate"))
+            assert a.paths(s) == b.paths(s)
+    with h5py.File(shard, "a") as f:  # another run's options are still refused
+        f.attrs["options"] = json.dumps({**header["options"], "decode": "hw"})
+    with pytest.raises(Exception, match="belongs to another run"):
+        shards.finalise(out, 1, options, {**attrs, "options": options}, ranges)

@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from scipy.special import logsumexp
 from sklearn.datasets import make_classification
 
@@ -234,3 +235,24 @@ def test_a_torch_head_saves_and_predicts_on_the_cpu(datasets, tmp_path):
         save_head(FitResult(est, {}, {}), path)
         again = load_head(path)["head"]
         assert np.array_equal(again.predict(Xt), est.predict(Xt))
+
+
+def test_bad_head_parameters_are_value_errors(datasets):
+    """As scikit-learn reports a bad parameter: a device that is not there, a gamma a head
+    cannot take (one rule for every backend: heads.base.gamma_value)."""
+    from featurekit.heads._base import gamma_value
+    from featurekit.heads._torch._svm import TorchSVMHead
+
+    X, y, _, _ = datasets["multiclass"]
+    for device in ("bogus", "cuda:99" if torch.cuda.is_available() else "cuda"):
+        with pytest.raises(ValueError, match="device"):
+            heads.create_head("logistic", "torch", device=device).fit(X, y)
+    with pytest.raises(ValueError, match="gamma must be 'auto' or a number, got 'scale'"):
+        TorchNystroemHead(gamma="scale", n_components=20).fit(X, y)
+    with pytest.raises(ValueError, match="gamma must be 'scale', 'auto' or a number"):
+        TorchSVMHead(gamma="bogus").fit(X[:60], y[:60])
+    assert gamma_value("auto", 40) == gamma_value(0.025, 40) == 0.025
+    assert gamma_value("scale", 40, lambda: 2.0) == 1 / 80
+    assert gamma_value("scale", 40, lambda: 0.0) == 1.0  # constant data
+    with pytest.raises(ValueError):
+        gamma_value(None, 40)

@@ -84,14 +84,16 @@ class PipelineHead(Head):
 
 def gamma_value(gamma, n_features: int, variance=None) -> float:
     """The one meaning of an RBF head's ``gamma`` (scikit-learn's, on standardised features),
-    shared by every backend: a number is itself; ``"auto"`` and ``None`` are 1 / n_features
-    (Nystroem's default); ``"scale"`` is 1 / (n_features * X.var()), ``variance()`` giving
-    X.var() as the backend computes it (1.0 for constant data)."""
-    if gamma is None or (isinstance(gamma, str) and gamma == "auto"):
+    shared by every backend: a number is itself; ``"auto"`` is 1 / n_features; ``"scale"`` is
+    1 / (n_features * X.var()), ``variance()`` giving X.var() as the backend computes it (1.0
+    for constant data; heads without a ``variance`` take no "scale"). Nystroem's ``None`` is
+    ``"auto"`` (the head says so before asking)."""
+    if isinstance(gamma, str) and gamma == "auto":
         return 1.0 / n_features
-    if not isinstance(gamma, str):
+    if isinstance(gamma, str) and gamma == "scale" and variance is not None:
+        var = float(variance())
+        return 1.0 / (n_features * var) if var > 0 else 1.0
+    if isinstance(gamma, (int, float, np.number)) and not isinstance(gamma, bool):
         return float(gamma)
-    if gamma != "scale" or variance is None:
-        raise ValueError(f"gamma must be 'scale', 'auto' or a number, got {gamma!r}")
-    var = float(variance())
-    return 1.0 / (n_features * var) if var > 0 else 1.0
+    valid = "'scale', 'auto' or a number" if variance is not None else "'auto' or a number"
+    raise ValueError(f"gamma must be {valid}, got {gamma!r}")

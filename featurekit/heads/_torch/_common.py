@@ -22,10 +22,15 @@ EXPECTED_FAILED_CHECKS: dict[str, str] = {}
 
 
 def resolve_device(spec: str) -> str:
-    """A head's ``device`` parameter: auto | cpu | cuda | cuda:N (an absent device is an error)."""
+    """A head's ``device`` parameter: auto | cpu | cuda | cuda:N; a bad or absent device is a
+    ValueError, as scikit-learn reports a bad parameter."""
     from featurekit._device import resolve_device as resolve
+    from featurekit.errors import DeviceError
 
-    return resolve(spec, option="device")
+    try:
+        return resolve(spec, option="device")
+    except DeviceError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class TorchHead(Head):

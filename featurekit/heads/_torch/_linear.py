@@ -182,7 +182,7 @@ class TorchNystroemHead(TorchLogisticHead):
         out: list[Any] = [None] * len(grid)
         for gamma in dict.fromkeys(p.get("gamma") for p in grid):
             members = [i for i, p in enumerate(grid) if p.get("gamma") == gamma]
-            g = gamma_value(gamma, Xs.shape[1])
+            g = gamma_value("auto" if gamma is None else gamma, Xs.shape[1])
             components, normalization = nystroem_map(Xs[landmarks], g)
             Phi = rbf(Xs, components, g) @ normalization.T
             mapped = {**base, "gamma_": g, "components_": components.double().cpu().numpy(),

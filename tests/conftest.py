@@ -65,3 +65,40 @@ def digits_cache(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits") / "digits.h5"
     extract("digits", out, layers="penultimate,layer3", **DIGITS)
     return out
+
+
+def array_cache(path: Path, X: np.ndarray, y: np.ndarray, splits: dict[str, int],
+                layer: str = "penultimate") -> Path:
+    """A complete featurekit cache of given feature rows (no backbone): the first rows are
+    train, then the others, ``splits`` giving each split's size; for tests of the heads on
+    data made to order."""
+    from featurekit.cache import CacheWriter
+
+    classes = [str(c) for c in range(int(y.max()) + 1)]
+    attrs = {"model": "synthetic", "weights": "none", "weights_sha256": "", "layers": [layer],
+             "pool": "avg", "preprocess": {}, "precision": "fp32", "dtype": "float32",
+             "classes": classes, "source": {"spec": "synthetic"}, "seed": 0}
+    with CacheWriter(path, attrs, splits, {layer: X.shape[1]}) as w:
+        start = 0
+        for split, n in splits.items():
+            rows = slice(start, start + n)
+            w.add(split, y[rows], [f"{split}/{i:05d}" for i in range(n)], {layer: X[rows]})
+            w.advance(split, n)
+            start += n
+        w.finish()
+    return path
+
+
+@pytest.fixture(scope="session")
+def slow_linearsvc_cache(tmp_path_factory) -> Path:
+    """Rows of a few underlying factors plus noise, more dims than rows, noisy labels: where
+    liblinear's dual solver stops at max_iter for C >= 1 (about 1-2 s a fit)."""
+    rng = np.random.default_rng(0)
+    n, d, r = 320, 400, 10
+    Z = rng.normal(size=(n, r))
+    X = (Z @ rng.normal(size=(r, d)) + 0.05 * rng.normal(size=(n, d))).astype(np.float32)
+    y = (Z[:, 0] > 0).astype(int) + (Z[:, 1] > 0.5)
+    flip = rng.random(n) < 0.2
+    y[flip] = rng.integers(0, 3, int(flip.sum()))
+    return array_cache(tmp_path_factory.mktemp("slow") / "slow.h5", X, y,
+                       {"train": 200, "val": 60, "test": 60})

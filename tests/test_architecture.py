@@ -168,20 +168,21 @@ def test_help_in_a_real_terminal_width():
 # --------------------------------------------------------------------------- warnings
 
 
-def test_bench_warnings_are_one_line_each(digits_cache, tmp_path):
-    """A bench that chooses on the grid's edge (nystroem) and has grid points that stop at
-    max_iter (linearsvc on scikit-learn, whose fits run in worker processes): each is one
+def test_bench_warnings_are_one_line_each(slow_linearsvc_cache):
+    """A bench whose selections (scikit-learn's, point by point in worker processes) choose on
+    the grid's edge (svm) and have grid points that stop at max_iter (linearsvc): each is one
     ``warning:`` line on stderr, with no file path of featurekit's and no source line."""
-    r = subprocess.run([sys.executable, "-m", "featurekit", "bench", str(digits_cache), "--heads",
-                        "linearsvc:sklearn,nystroem:torch", "--jobs", "2", "--no-progress"],
+    r = subprocess.run([sys.executable, "-m", "featurekit", "bench", str(slow_linearsvc_cache),
+                        "--heads", "linearsvc:sklearn,svm:sklearn", "--jobs", "2", "--no-progress"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stderr.splitlines()
     warned = [line for line in lines if line.startswith("warning: ")]
-    assert any("edge of the grid" in w for w in warned), r.stderr
-    assert any("before converging" in w and "max_iter=" in w for w in warned), r.stderr
+    assert any(w.startswith("warning: svm (sklearn)") and "edge of the grid" in w for w in warned)
+    assert any(w.startswith("warning: linearsvc (sklearn)") and "max_iter=5000 before converging"
+               in w for w in warned), r.stderr
+    assert len(warned) == len(lines) == 2, r.stderr  # nothing else: no path, no source line
     assert "featurekit/" not in r.stderr and "Warning:" not in r.stderr
-    assert not any(line.startswith(" ") for line in lines), r.stderr  # no source line
 
 
 def test_library_users_get_real_warnings(digits_cache):

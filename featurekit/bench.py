@@ -6,6 +6,7 @@ work that reads its own rows from the cache (so units can run on other processes
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from featurekit.errors import HeadError
 OUTPUT_FILES = ["results.csv", "results.json", "results.md", "results.png"]
 COLUMNS = ["head", "backend", "layer", "status", "params", "accuracy", "balanced_accuracy",
            "macro_f1", "top5_accuracy", "fit_seconds", "predict_seconds", "selection_seconds",
-           "n_train", "n_eval", "eval_split", "converged"]
+           "n_train", "n_eval", "eval_split", "converged", "accuracy_low", "accuracy_high",
+           "total_seconds"]
 
 
 def _comma(value: str | list[str] | None, default: list[str]) -> list[str]:
@@ -47,13 +49,19 @@ def run_bench(
     jobs: int | None = None,
     progress: bool = False,
     scheduler: str | None = None,
+    cv: int | None = None,
+    extend: bool = True,
+    log=None,
 ) -> dict[str, Any]:
     """Fit every head x backend x layer; write results.{csv,json,md} and results.png in ``out``
     (refusing to replace existing ones unless ``overwrite``). Each combination is one unit of
     work: ``jobs`` processes here, or a Dask cluster (``scheduler``), whose workers read the
-    cache themselves. Selection warnings are given here, one per combination that has any."""
+    cache themselves. Selection warnings are given here, one per combination that has any.
+    ``progress``: a bar (the combination and grid point, and the time left for the whole
+    bench); ``log``: a line per finished combination, with the time left (where no bar is
+    shown); ``cv``/``extend``: as for :func:`featurekit.fit.fit_head`."""
     from featurekit.cache import open_cache
-    from featurekit.fit import check_request, read_request, warn_selection
+    from featurekit.fit import check_request, read_request
     from featurekit.heads import HEADS
 
     backend_list = _comma(backends, ["auto"])
@@ -62,7 +70,7 @@ def run_bench(
                  for h in _comma(heads, list(HEADS))]
     for h, bs in head_list:
         for b in bs:
-            check_request(h, b, metric)
+            check_request(h, b, metric, cv=cv)
     out_dir = check_output_folder(out, OUTPUT_FILES, overwrite) if out is not None else None
     with open_cache(cache_path, allow_incomplete=allow_incomplete) as cache:
         layer_list = [read_request(cache, layer, train_split, eval_split).layer
@@ -70,13 +78,13 @@ def run_bench(
         if not layer_list:
             raise HeadError(f"--layers: no layer given; {cache_path} has {', '.join(cache.layers)}")
         req = read_request(cache, layer_list[0], train_split, eval_split)
+        dims = {layer: cache.dim(layer) for layer in layer_list}
     rows, units = _combinations(head_list, layer_list, req, str(Path(cache_path).resolve()),
-                                allow_incomplete, metric, refit)
-    for i, report in _run_combinations(units, jobs, scheduler, progress):
-        rows[i] = {**rows[i], **report, "status": "ok"}
-        warn_selection(rows[i]["head"], rows[i]["backend"], report["selection"])
+                                allow_incomplete, metric, refit, cv, extend)
+    estimates = {u[0]: _fits(u[1], dims[rows[u[0]]["layer"]], req, cv) for u in units}
+    _run_all(rows, units, estimates, jobs, scheduler, progress, log)
     result = {"cache": str(cache_path), "train_split": req.train, "eval_split": req.evaluate,
-              "selection": "val split" if req.select else "k-fold cv on train", "metric": metric,
+              "selection": _protocol(req, cv, rows), "metric": metric,
               "refit": "train+val" if refit and req.select else "train", "results": rows}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -84,8 +92,96 @@ def run_bench(
     return result
 
 
+def _fits(head: str, dim: int, req, cv: int | None) -> int:
+    """Fits a combination's selection makes before any extension: grid points x folds."""
+    from featurekit.heads import grid
+
+    return len(grid(head, dim)) * (cv or 1)
+
+
+def _protocol(req, cv: int | None, rows: list[dict[str, Any]]) -> str:
+    """How C was chosen in this bench, for its table's title."""
+    from featurekit.select import describe
+
+    done = [r["selection"] for r in rows if r.get("status") == "ok"]
+    if done:
+        return describe(done[0])
+    return f"{cv}-fold cv" if cv else ("val split" if req.select else "hold-out of train")
+
+
+def _run_all(rows, units, estimates, jobs, scheduler, progress: bool, log) -> None:
+    """Every combination; each row gets its report, warnings are given as reports come in,
+    and a line per combination goes to ``log``."""
+    from featurekit._console import progress_bar
+    from featurekit.fit import warn_selection
+
+    with progress_bar(enabled=progress, unit="fit") as bar:
+        clock = _Clock(bar, estimates)
+        for k, (i, report) in enumerate(_run_combinations(units, jobs, scheduler, clock), 1):
+            rows[i] = {**rows[i], **report, "status": "ok"}
+            clock.finished(i, report)
+            warn_selection(rows[i]["head"], rows[i]["backend"], report["selection"])
+            if log is not None:
+                r, lo_hi = rows[i], report["accuracy_ci95"]
+                log(f"bench {k}/{len(units)}: {r['head']} ({r['backend']}) on {r['layer']}: "
+                    f"accuracy {r['accuracy']:.4f} [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}] in "
+                    f"{r['total_seconds']:.1f} s{clock.left_text()}")
+
+
+class _Clock:
+    """A bench's fits: estimated per combination up front (grid x folds), an extension's
+    added as it comes. Drives the bar (combination, grid point, time left) and the time-left
+    estimate of the log lines (time so far per fit done, times the fits left)."""
+
+    def __init__(self, bar, estimates: dict[int, int]) -> None:
+        self.bar, self.estimates = bar, dict(estimates)
+        self.total, self.done, self.started = sum(estimates.values()), 0, time.perf_counter()
+        self.task = bar.add_task("bench", total=self.total)
+        self.unit, self.unit_done, self.first, self.what = None, 0, True, ""
+
+    def begin(self, i: int, what: str) -> None:
+        self.unit, self.unit_done, self.first, self.what = i, 0, True, what
+        self.bar.update(self.task, description=what)
+
+    def grow(self, k: int) -> None:  # select: fits to do (the first call is the estimate's)
+        if self.first:
+            self.first = False
+            return
+        self.total += k
+        self.estimates[self.unit] = self.estimates.get(self.unit, 0) + k
+        self.bar.update(self.task, total=self.total)
+
+    def advance(self, k: int) -> None:  # select: fits done
+        self.unit_done += k
+        self.done += k
+        point = f"{self.what}: fit {self.unit_done}/{self.estimates.get(self.unit, '?')}"
+        self.bar.update(self.task, advance=k, description=point)
+
+    def finished(self, i: int, report: dict[str, Any]) -> None:
+        """A combination is done: count what ran elsewhere (or what was not told)."""
+        if self.unit != i:  # ran in a worker: its extension, then all of its fits
+            extra = len(report["selection"].get("extended") or [])
+            self.total += extra
+            self.estimates[i] = self.estimates.get(i, 0) + extra
+            self.unit_done = 0
+        rest = self.estimates.get(i, 0) - (self.unit_done if self.unit == i else 0)
+        self.done += max(0, rest)
+        self.bar.update(self.task, total=self.total, advance=max(0, rest))
+
+    def left_text(self) -> str:
+        if not self.done or self.done >= self.total:
+            return ""
+        seconds = (time.perf_counter() - self.started) / self.done * (self.total - self.done)
+        return f"; about {_duration(seconds)} left"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 def _combinations(head_list, layer_list, req, cache_path: str, allow_incomplete: bool,
-                  metric: str, refit: bool) -> tuple[list[dict[str, Any]], list[tuple]]:
+                  metric: str, refit: bool, cv: int | None, extend: bool
+                  ) -> tuple[list[dict[str, Any]], list[tuple]]:
     """A row per head x backend x layer (a backend that is not available here, or that lacks
     the head, is a skipped row), and the units that run: (row index, head, backend, args)."""
     from featurekit.heads import has, list_backends, resolve_backend
@@ -106,33 +202,35 @@ def _combinations(head_list, layer_list, req, cache_path: str, allow_incomplete:
                     rows.append(base)
                     units.append((len(rows) - 1, head, backend, (
                         cache_path, allow_incomplete, layer, req.train, req.evaluate, req.select,
-                        head, backend, req.n_classes, req.seed, metric, refit)))
+                        head, backend, req.n_classes, req.seed, metric, refit, cv, extend)))
     return rows, units
 
 
-def _run_combinations(units, jobs, scheduler, progress):
+def _run_combinations(units, jobs, scheduler, clock):
     """(row index, report) of every combination, each one unit of work that reads the cache
     itself: on a Dask cluster all of them; on this machine the heads that run a whole
     selection themselves (featurekit's torch heads: GPU, or every core) here one after
-    another, the others in ``jobs`` processes at once (each of their fits on one thread)."""
-    from featurekit._console import progress_bar
+    another (``clock`` told of their fits), the others in ``jobs`` processes at once (each of
+    their fits on one thread)."""
     from featurekit._parallel import Executor
     from featurekit.heads import batched, entry
 
-    with Executor(jobs, scheduler) as ex, progress_bar(enabled=progress, unit="combination") as bar:
-        task = bar.add_task("bench", total=len(units))
+    with Executor(jobs, scheduler) as ex:
         here = [] if ex.remote else [u for u in units if batched(entry(u[1], u[2]))]
         away = [u for u in units if u not in here]
-        for i, _, _, args in here:
-            yield i, _combination(*args)
-            bar.advance(task, 1)
+        for i, head, backend, args in here:
+            clock.begin(i, f"{head} ({backend}) on {args[2]}")
+            yield i, _combination(*args, tracker=clock)
+        if away:
+            clock.begin(-1, f"{len(away)} combination(s) in {ex.jobs if not ex.remote else 'Dask'} "
+                            f"worker(s)")
         for (i, *_), report in zip(away, ex.map(_combination, [u[3] for u in away])):
             yield i, report
-            bar.advance(task, 1)
 
 
 def _combination(cache_path, allow_incomplete, layer, train, evaluate, select, head, backend,
-                 n_classes, seed, metric, refit) -> dict[str, Any]:
+                 n_classes, seed, metric, refit, cv=None, extend=True, tracker=None
+                 ) -> dict[str, Any]:
     """One head x backend x layer: selection, refit, evaluation, reading its rows from the
     cache (nothing kept after it returns); its own fits run one after another here."""
     from featurekit._parallel import CacheRows, Executor, read_rows
@@ -145,16 +243,28 @@ def _combination(cache_path, allow_incomplete, layer, train, evaluate, select, h
               if select else (None, None))
     with torch_threads(cpus()):  # as in a fresh process on this machine, wherever it runs
         _, report = fit_on_arrays(head, backend, X, y, Xe, ye, n_classes, X_sel=Xs, y_sel=ys,
-                                  seed=seed, metric=metric, refit=refit, executor=Executor(1))
+                                  seed=seed, metric=metric, refit=refit, executor=Executor(1),
+                                  cv=cv, extend=extend, tracker=tracker)
     report.pop("confusion_matrix", None)
     return report
 
 
 def cell(row: dict[str, Any], col: str) -> str:
+    """A result's value as table text (``accuracy_low``/``_high``: its 95% Wilson interval)."""
+    if col in ("accuracy_low", "accuracy_high") and row.get("accuracy_ci95"):
+        return str(row["accuracy_ci95"][col == "accuracy_high"])
     v = row.get(col, "")
     if col == "params" and isinstance(v, dict):
         return " ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}" for k, val in v.items())
     return "" if v is None else str(v)
+
+
+def interval(row: dict[str, Any]) -> str:
+    """``0.9628 [0.934, 0.979]``: accuracy and its 95% interval over the reported images."""
+    if not isinstance(row.get("accuracy"), float):
+        return ""
+    low, high = row["accuracy_ci95"]
+    return f"{row['accuracy']:.4f} [{low:.3f}, {high:.3f}]"
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> dict[str, str]:
@@ -173,21 +283,27 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"Cache `{result['cache']}`: trained on `{result['train_split']}`, reported on "
         f"`{result['eval_split']}`, C/gamma chosen by {result['selection']}.",
         "",
-        "| head | backend | layer | params | accuracy | balanced acc. | macro F1 | fit s | predict s | status |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
+        "Accuracy with its 95% Wilson interval over the reported images; cost: selection + "
+        "refit seconds.",
+        "",
+        "| head | backend | layer | params | accuracy [95% CI] | balanced acc. | macro F1 "
+        "| select s | fit s | cost s | status |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["results"]:
         num = lambda k: f"{r[k]:.4f}" if isinstance(r.get(k), float) else ""  # noqa: E731
+        sec = lambda k: f"{r[k]:.2f}" if isinstance(r.get(k), float) else ""  # noqa: E731
         lines.append(
-            f"| {r['head']} | {r['backend']} | {r['layer']} | {cell(r, 'params')} | {num('accuracy')} "
-            f"| {num('balanced_accuracy')} | {num('macro_f1')} | {num('fit_seconds')} "
-            f"| {num('predict_seconds')} | {r['status']} |"
+            f"| {r['head']} | {r['backend']} | {r['layer']} | {cell(r, 'params')} | {interval(r)} "
+            f"| {num('balanced_accuracy')} | {num('macro_f1')} | {sec('selection_seconds')} "
+            f"| {sec('fit_seconds')} | {sec('total_seconds')} | {r['status']} |"
         )
     return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Accuracy against fit time, one labelled point per combination that ran."""
+    """Accuracy (with its 95% interval) against the head's whole cost (selection + refit),
+    one labelled point per combination that ran."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,14 +312,16 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
     ok = [r for r in rows if r.get("status") == "ok"]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for r in ok:
-        ax.scatter(r["fit_seconds"], r["accuracy"], s=40)
-        ax.annotate(f"{r['head']}/{r['backend']}/{r['layer']}", (r["fit_seconds"], r["accuracy"]),
+        low, high = r["accuracy_ci95"]
+        ax.errorbar(r["total_seconds"], r["accuracy"], yerr=[[r["accuracy"] - low], [high - r["accuracy"]]],
+                    fmt="o", ms=6, capsize=3)
+        ax.annotate(f"{r['head']}/{r['backend']}/{r['layer']}", (r["total_seconds"], r["accuracy"]),
                     textcoords="offset points", xytext=(5, 4), fontsize=8)
-    if ok and max(r["fit_seconds"] for r in ok) / max(min(r["fit_seconds"] for r in ok), 1e-9) > 20:
+    if ok and max(r["total_seconds"] for r in ok) / max(min(r["total_seconds"] for r in ok), 1e-9) > 20:
         ax.set_xscale("log")
     ax.margins(x=0.3, y=0.15)  # room for the labels
-    ax.set_xlabel("fit time (s)")
-    ax.set_ylabel(f"accuracy on {ok[0]['eval_split'] if ok else 'eval'} split")
+    ax.set_xlabel("cost: selection + refit (s)")
+    ax.set_ylabel(f"accuracy on {ok[0]['eval_split'] if ok else 'eval'} split (95% CI)")
     ax.set_title(f"featurekit bench {title}".strip())
     ax.grid(True, alpha=0.3)
     fig.tight_layout()

@@ -315,6 +315,8 @@ def fit(
     refit: bool = typer.Option(True, help="Refit the chosen point on train + val (--no-refit: train only)."),
     jobs: Optional[int] = typer.Option(None, parser=opt.JOBS, help="Processes for point-by-point fits [default: every core]."),
     dask_scheduler: Optional[str] = typer.Option(None, help="Run the selection's units on this Dask scheduler (tcp://HOST:PORT); workers read the cache themselves [default: none, processes here]."),
+    cv: Optional[int] = typer.Option(None, "--cv", parser=opt.CV, help="Choose by K-fold cross-validation over train (and val) [default: on val, else on 20% of train held out]."),
+    extend_grid: bool = typer.Option(True, help="Extend the grid past its edge (a decade a step, at most 3) when the best point lies there."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
     allow_incomplete: bool = typer.Option(False, help="Use the committed rows of an interrupted cache."),
     progress: bool = typer.Option(True, help="Show the selection's progress on stderr (on a terminal)."),
@@ -330,18 +332,23 @@ def fit(
     result = fit_head(cache, head, out=out, overwrite=overwrite, backend=backend, layer=layer,
                       C=c, gamma=gamma, train_split=train_split, eval_split=eval_split,
                       allow_incomplete=allow_incomplete, metric=select_metric, refit=refit,
-                      jobs=jobs, progress=_live(progress), scheduler=dask_scheduler)
+                      jobs=jobs, progress=_live(progress), scheduler=dask_scheduler, cv=cv,
+                      extend=extend_grid)
     r = result.report
     if json_out:
         _print_json(r)
         return
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+    from featurekit.select import describe
+
     sel = r["selection"]
-    print(f"{r['head']} ({r['backend']}) on {r['layer']}: {params} chosen by {sel['method']}"
-          + (f" ({sel['metric']}, {r['selection_seconds']:.2f} s), refit on {sel['refit']}"
+    grown = f", grid extended by {len(sel['extended'])} point(s)" if sel.get("extended") else ""
+    print(f"{r['head']} ({r['backend']}) on {r['layer']}: {params} chosen by {describe(sel)}"
+          + (f" ({sel['metric']}, {r['selection_seconds']:.2f} s{grown}), refit on {sel['refit']}"
              if sel["method"] != "given" else ""))
-    line = (f"{r['eval_split']}: accuracy {r['accuracy']:.4f}, balanced accuracy "
-            f"{r['balanced_accuracy']:.4f}, macro F1 {r['macro_f1']:.4f}")
+    low, high = r["accuracy_ci95"]
+    line = (f"{r['eval_split']}: accuracy {r['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
+            f"balanced accuracy {r['balanced_accuracy']:.4f}, macro F1 {r['macro_f1']:.4f}")
     if "top5_accuracy" in r:
         line += f", top-5 {r['top5_accuracy']:.4f}"
     print(line)
@@ -394,8 +401,10 @@ def bench(
     refit: bool = typer.Option(True, help="Refit the chosen point on train + val (--no-refit: train only)."),
     jobs: Optional[int] = typer.Option(None, parser=opt.JOBS, help="Processes for the combinations [default: every core]."),
     dask_scheduler: Optional[str] = typer.Option(None, help="Run the combinations on this Dask scheduler (tcp://HOST:PORT); workers read the cache themselves [default: none, processes here]."),
+    cv: Optional[int] = typer.Option(None, "--cv", parser=opt.CV, help="Choose by K-fold cross-validation over train (and val) [default: on val, else on 20% of train held out]."),
+    extend_grid: bool = typer.Option(True, help="Extend a grid past its edge (a decade a step, at most 3) when the best point lies there."),
     overwrite: bool = typer.Option(False, help="Replace results.* already in --out."),
-    progress: bool = typer.Option(True, help="Show each selection's progress on stderr (on a terminal)."),
+    progress: bool = typer.Option(True, help="A progress bar on stderr (on a terminal): the head, its fits and the time left; else a line per finished head."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout [default: off]."),
 ) -> None:
     """Compare every head x backend x layer under the same selection protocol.
@@ -411,7 +420,8 @@ def bench(
                        train_split=train_split, eval_split=eval_split,
                        allow_incomplete=allow_incomplete, overwrite=overwrite,
                        metric=select_metric, refit=refit, jobs=jobs, progress=_live(progress),
-                       scheduler=dask_scheduler)
+                       scheduler=dask_scheduler, cv=cv, extend=extend_grid,
+                       log=None if _live(progress) else _err)
     if json_out:
         _print_json(result)
         return
@@ -422,17 +432,19 @@ def _render_bench(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     t = Table(title=f"{result['cache']}: reported on {result['eval_split']}, "
-                    f"C chosen by {result['selection']}")
-    numeric = ("accuracy", "bal. acc.", "macro F1", "select s", "fit s")
+                    f"C chosen by {result['selection']}",
+              caption="accuracy with its 95% Wilson interval; cost: selection + refit")
+    numeric = ("accuracy [95% CI]", "bal. acc.", "macro F1", "select s", "fit s", "cost s")
     for col in ("head", "backend", "layer", "params", *numeric, "status"):
         t.add_column(col, justify="right" if col in numeric else "left")
-    from featurekit.bench import cell
+    from featurekit.bench import cell, interval
 
     for r in result["results"]:
         f = lambda k: f"{r[k]:.4f}" if isinstance(r.get(k), float) else ""  # noqa: E731
         s = lambda k: f"{r[k]:.2f}" if isinstance(r.get(k), float) else ""  # noqa: E731
-        t.add_row(r["head"], r["backend"], r["layer"], cell(r, "params"), f("accuracy"),
+        t.add_row(r["head"], r["backend"], r["layer"], cell(r, "params"), interval(r),
                   f("balanced_accuracy"), f("macro_f1"), s("selection_seconds"), s("fit_seconds"),
+                  s("total_seconds"),
                   r["status"] if r.get("converged", True) else "ok (not converged)")
     _console().print(t)
     for name, path in (result.get("files") or {}).items():

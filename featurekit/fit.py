@@ -57,16 +57,17 @@ class _Request:
 
 
 def check_request(head: str, backend: str, metric: str, C: float | None = None,
-                  gamma: float | None = None) -> None:
+                  gamma: float | None = None, cv: int | None = None) -> None:
     """What ``fit`` and ``bench`` check before reading any cache: a known head and backend
-    name, a known metric, C and gamma in range, gamma only for RBF heads."""
+    name, a known metric, C, gamma and the folds in range, gamma only for RBF heads."""
     from featurekit.heads import check_names
-    from featurekit.options import POSITIVE
+    from featurekit.options import CV, POSITIVE
     from featurekit.select import metric_function
 
     check_names(head, backend)
     POSITIVE.check("--C", C)
     POSITIVE.check("--gamma", gamma)
+    CV.check("--cv", cv)
     if gamma is not None and head not in GAMMA_HEADS:
         raise HeadError(f"--gamma applies to the {' and '.join(GAMMA_HEADS)} heads only, not {head!r}")
     metric_function(metric)
@@ -138,6 +139,7 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray | None, n
     labels = np.arange(n_classes)
     out: dict[str, Any] = {
         "accuracy": float(accuracy_score(y_true, y_pred)),
+        "accuracy_ci95": wilson(int(np.sum(y_true == y_pred)), len(y_true)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
     }
@@ -151,23 +153,35 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray | None, n
     return out
 
 
+def wilson(k: int, n: int, z: float = 1.959964) -> list[float]:
+    """The 95% Wilson score interval of a proportion k / n (Wilson 1927): [low, high]."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * float(np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)))
+    return [0.0 if k == 0 else centre - half, 1.0 if k == n else centre + half]
+
+
 def fit_on_arrays(
     head: str, backend: str, X, y, X_eval, y_eval, n_classes: int, *, X_sel=None, y_sel=None,
     C: float | None = None, gamma: float | None = None, seed: int = 0,
     metric: str = "accuracy", refit: bool = True, jobs: int | None = None,
     progress: bool = False, head_params: dict[str, Any] | None = None,
-    executor=None, rows=None,
+    executor=None, rows=None, cv: int | None = None, extend: bool = True, tracker=None,
 ) -> tuple[Any, dict[str, Any]]:
     """Select, refit, evaluate one head on arrays; the common core of ``fit`` and ``bench``.
-    ``executor``/``rows``: where the selection's units run and read their rows
-    (:mod:`featurekit.select`)."""
+    ``executor``/``rows``: where the selection's units run and read their rows;
+    ``cv``/``extend``/``tracker``: as :func:`featurekit.select.select`. The chosen point is
+    refit on all of train, and val too (``refit``) when the cache has one."""
     from featurekit import heads, select
 
     grid = heads.grid(head, X.shape[1], C, gamma)
     chosen = select.select(head, backend, grid, X, y, X_sel, y_sel, seed=seed, metric=metric,
                            jobs=jobs, progress=progress, head_params=head_params,
-                           executor=executor, rows=rows)
-    if refit and chosen.method == "val":  # val chose the point: train on train and val
+                           executor=executor, rows=rows, cv=cv, extend=extend, tracker=tracker)
+    with_val = refit and X_sel is not None
+    if with_val:  # val took part in the selection: train on train and val
         X, y = np.concatenate([X, X_sel]), np.concatenate([y, y_sel])
     est = heads.create_head(head, backend, **{**(head_params or {}), **chosen.params})
     fit_seconds = timed_fit(est, X, y)
@@ -177,10 +191,11 @@ def fit_on_arrays(
         "head": head,
         "backend": backend,
         "params": chosen.params,
-        "selection": {**chosen.to_dict(), "refit": "train+val" if refit and chosen.method == "val" else "train"},
+        "selection": {**chosen.to_dict(), "refit": "train+val" if with_val else "train"},
         "selection_seconds": chosen.seconds,
         **metrics(y_eval, pred, scores, n_classes, est.classes_),
         "fit_seconds": fit_seconds,
+        "total_seconds": chosen.seconds + fit_seconds,  # the head's whole cost: selection + refit
         "predict_seconds": predict_seconds,
         "converged": select.converged(est),
         "n_train": int(len(y)),
@@ -208,17 +223,21 @@ def fit_head(
     progress: bool = False,
     head_params: dict[str, Any] | None = None,
     scheduler: str | None = None,
+    cv: int | None = None,
+    extend: bool = True,
 ) -> FitResult:
     """Fit one head on a cache layer with the selection protocol (module docstring), and save
     it to ``out`` when given (an existing file only with ``overwrite``; checked before any
     work). ``scheduler``: a Dask scheduler's address to run the selection's units on (each
-    reads the cache itself, so workers need to see ``cache_path``). A choice on the grid's
-    edge or grid points that did not converge are warned about (:class:`SelectionWarning`)."""
+    reads the cache itself, so workers need to see ``cache_path``); ``cv``: K-fold
+    cross-validation instead of val or the 20% hold-out; ``extend``: grow the grid past an
+    edge. A choice still on the grid's edge or grid points that did not converge are warned
+    about (:class:`SelectionWarning`)."""
     from featurekit._parallel import CacheRows, Executor
     from featurekit.cache import open_cache
     from featurekit.heads import resolve_backend
 
-    check_request(head, backend, metric, C, gamma)
+    check_request(head, backend, metric, C, gamma, cv)
     backend = resolve_backend(backend, head)
     if out is not None:
         check_output(out, overwrite, example="head.skops")
@@ -239,7 +258,7 @@ def fit_head(
         est, report = fit_on_arrays(head, backend, X, y, X_eval, y_eval, req.n_classes, X_sel=X_sel,
                                     y_sel=y_sel, C=C, gamma=gamma, seed=req.seed, metric=metric,
                                     refit=refit, progress=progress, head_params=head_params,
-                                    executor=executor, rows=rows)
+                                    executor=executor, rows=rows, cv=cv, extend=extend)
     warn_selection(head, backend, report["selection"], head_params)
     report = {"head": head, "backend": backend, "layer": req.layer, "eval_split": req.evaluate,
               "train_split": req.train, **report}

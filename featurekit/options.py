@@ -103,6 +103,7 @@ PATIENCE = Range(int, 1, 100000)  # --early-stop
 MAX_IMAGES = Range(int, 1, None)
 DEAD_THRESHOLD = Range(float, 0.0, 1.0, low_open=True)
 JOBS = Range(int, 1, 4096)
+CV = Range(int, 2, 1000)  # --cv: folds
 
 # -- names several commands share
 SPLITS = ("train", "val", "test")  # split folders of a source, split groups of a cache

@@ -3,8 +3,13 @@ and on every backend.
 
 * The grid is the registry's (:func:`featurekit.heads.grid`) unless C (and gamma) are given.
 * With a held-out selection split (``val``, neither the training nor the reported split), each
-  grid point is fitted on the training rows and scored on ``val``; otherwise by stratified
-  k-fold cross-validation on the training rows (k = 5, fewer when a class has fewer rows).
+  grid point is fitted on the training rows and scored on ``val``. Without one, a seeded,
+  stratified 20% of the training rows is held out for the selection (Kornblith et al. 2019,
+  "Do better ImageNet models transfer better?", as ssl-transfer's linear evaluation does; the
+  chosen point is then refit on all of train). ``cv=K`` asks for stratified K-fold
+  cross-validation instead, over train (and val, when there is one): for small caches.
+* When the best point lies on the grid's edge, the grid is extended past it, a decade per step,
+  at most three steps, every backend alike (``extend``); the added points are recorded.
 * The score is ``accuracy`` or ``balanced_accuracy``; the best grid point wins, ties going to
   the earlier one: the smaller C (stronger regularisation), then the smaller gamma.
 * A head with a ``fit_grid`` (featurekit's torch heads) runs the whole selection itself, in
@@ -20,8 +25,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -29,21 +35,36 @@ from featurekit._parallel import CacheRows, Executor, arrays
 from featurekit.errors import HeadError
 
 METRICS = ("accuracy", "balanced_accuracy")
+HOLDOUT = 0.2  # share of train held out where a cache has no val split (Kornblith et al. 2019)
+EXTEND_STEPS = 3  # decades the grid may grow past an edge
 
 
 @dataclass
 class Selection:
     params: dict[str, Any]
-    method: str  # "given" | "val" | "<k>-fold cv"
+    method: str  # "given" | "val" | "holdout" | "<k>-fold cv"
     metric: str
-    grid: list[dict[str, Any]]
+    grid: list[dict[str, Any]]  # every point scored (an extension's included), C then gamma ascending
     scores: list[float] = field(default_factory=list)  # per grid point, mean over folds
     seconds: float = 0.0
-    edge: list[str] = field(default_factory=list)  # parameters chosen on the grid's edge
+    edge: list[str] = field(default_factory=list)  # parameters chosen on the (final) grid's edge
     not_converged: list[dict[str, Any]] = field(default_factory=list)
+    fraction: float | None = None  # "holdout": the share of train held out
+    seed: int | None = None  # the seed of the hold-out or the folds
+    extended: list[dict[str, Any]] = field(default_factory=list)  # points added past an edge
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def describe(selection: dict[str, Any]) -> str:
+    """How a point was chosen, for people: "val", "20% of train held out (seed 0)", ..."""
+    method = selection.get("method")
+    if method == "holdout":
+        return f"{selection['fraction']:.0%} of train held out (seed {selection['seed']})"
+    if method and method.endswith("cv"):
+        return f"{method} (seed {selection.get('seed')})"
+    return str(method)
 
 
 def metric_function(name: str):
@@ -54,37 +75,45 @@ def metric_function(name: str):
     return accuracy_score if name == "accuracy" else balanced_accuracy_score
 
 
-def folds(y, n_select: int, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
-    """(train rows, held-out rows) of each fold over ``y`` (the training labels, then
-    ``n_select`` selection labels appended), and the method's name."""
-    n = len(y) - n_select
-    if n_select:
-        return [(np.arange(n), np.arange(n, n + n_select))], "val"
-    from sklearn.model_selection import StratifiedKFold
+def folds(y, n_select: int, seed: int, cv: int | None = None
+          ) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+    """(rows fitted, rows scored) of each fold over ``y`` (the training labels, then
+    ``n_select`` selection labels appended), and the method's name: the selection split
+    ("val"), else a stratified ``HOLDOUT`` of the rows ("holdout"), or with ``cv`` stratified
+    K-fold over all the rows ("<K>-fold cv")."""
+    from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
-    counts = np.bincount(np.searchsorted(np.unique(y), y))
-    k = int(min(5, counts.min()))
-    if k < 2:
+    n = len(y) - n_select
+    if n_select and cv is None:
+        return [(np.arange(n), np.arange(n, n + n_select))], "val"
+    smallest = int(np.bincount(np.searchsorted(np.unique(y), y)).min())
+    if smallest < 2:
         raise HeadError(
-            "cannot choose C: no val split and a class has a single training row; give --C "
-            "(and --gamma), or re-extract with --val-fraction > 0"
+            "cannot choose C: a class has a single row to select on; give --C (and --gamma), "
+            "or re-extract with --val-fraction > 0"
         )
-    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    return [(tr, te) for tr, te in cv.split(np.zeros(n), y)], f"{k}-fold cv"
+    if cv is None:
+        split = StratifiedShuffleSplit(n_splits=1, test_size=HOLDOUT, random_state=seed)
+        return [next(split.split(np.zeros(len(y)), y))], "holdout"
+    k = int(min(cv, smallest))
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [(tr, te) for tr, te in splitter.split(np.zeros(len(y)), y)], f"{k}-fold cv"
 
 
 def select(head: str, backend: str, grid: list[dict[str, Any]], X, y, X_sel=None, y_sel=None, *,
            seed: int = 0, metric: str = "accuracy", jobs: int | None = None,
            progress: bool = False, batched: bool = True,
            head_params: dict[str, Any] | None = None, executor: Executor | None = None,
-           rows: CacheRows | None = None) -> Selection:
+           rows: CacheRows | None = None, cv: int | None = None, extend: bool = True,
+           tracker=None) -> Selection:
     """Choose a grid point of ``head`` on ``backend``; never sees the reported split.
 
     ``executor``: where the units run (default: this machine, ``jobs`` processes); ``rows``:
     where a unit on a remote executor reads X, y itself (the cache, so that no arrays are
     shipped); units on this machine get the arrays (joblib maps large ones into memory once).
+    ``tracker``: told of the fits to do and done (``grow(k)``, ``advance(k)``), instead of a
+    progress bar of its own.
     """
-    from featurekit._console import progress_bar
     from featurekit.heads import batched as batched_of
     from featurekit.heads import create_head
 
@@ -92,30 +121,125 @@ def select(head: str, backend: str, grid: list[dict[str, Any]], X, y, X_sel=None
     if len(grid) == 1:
         return Selection(params=grid[0], method="given", metric=metric, grid=grid)
     proto = create_head(head, backend, **(head_params or {}))  # imports the backend: not timed
-    fit_grid = batched_of(proto) if batched else None
     t0 = time.perf_counter()
     if X_sel is not None:
         X, y = np.concatenate([X, X_sel]), np.concatenate([y, y_sel])
-    splits, method = folds(y, 0 if X_sel is None else len(y_sel), seed)
-    with progress_bar(enabled=progress, unit="fit") as bar, \
+    splits, method = folds(y, 0 if X_sel is None else len(y_sel), seed, cv)
+    job = _Job(head, backend, head_params or {}, X, y, rows, splits, score_fn,
+               batched_of(proto) if batched else None)
+    with _tracking(tracker, progress, f"selecting {head} ({backend})") as track, \
             (executor or Executor(jobs)) as ex:
-        task = bar.add_task(f"selecting {head} ({backend})", total=len(grid) * len(splits))
-        data = rows if ex.remote and rows is not None else (X, y)
-        if fit_grid is not None and not ex.remote:  # the whole selection here (GPU or cores)
-            table, failed = fit_grid(X, y, grid, splits, score_fn,
-                                     on_stop=lambda k: bar.advance(task, k))
-        elif fit_grid is not None:  # one unit on a worker
-            (table, failed), = ex.map(_grid_unit, [(head, backend, head_params or {}, grid, data,
-                                                   splits, score_fn)])
-            bar.advance(task, len(grid) * len(splits))
-        else:
-            table, failed = _point_by_point(head, backend, grid, data, splits, score_fn,
-                                            head_params or {}, ex, lambda: bar.advance(task, 1))
+        grid = sorted(grid, key=_order)
+        table, failed = job.score(grid, ex, track)
+        grid, table, failed, extended = _extend(job, grid, table, failed, ex, track,
+                                                EXTEND_STEPS if extend else 0, _extends(head))
     scores = table.mean(axis=1)
     best = int(np.argmax(scores))  # the first maximum: grids ascend in C, then gamma
     return Selection(params=grid[best], method=method, metric=metric, grid=grid,
                      scores=[float(s) for s in scores], seconds=time.perf_counter() - t0,
-                     edge=_on_edge(grid, best), not_converged=[grid[i] for i in failed])
+                     edge=_on_edge(grid, best), not_converged=failed,
+                     fraction=HOLDOUT if method == "holdout" else None,
+                     seed=seed if method != "val" else None, extended=extended)
+
+
+def _order(point: dict[str, Any]) -> tuple:
+    return (point["C"], point.get("gamma") or 0.0)
+
+
+@dataclass
+class _Job:
+    """One selection's fixed parts: what to fit, on which rows, how to score."""
+
+    head: str
+    backend: str
+    head_params: dict[str, Any]
+    X: Any
+    y: Any
+    rows: CacheRows | None
+    splits: list
+    score_fn: Any
+    fit_grid: Any  # the head's own whole-selection method, or None: point by point
+
+    def score(self, points: list[dict[str, Any]], ex: Executor, track
+              ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """(scores (points, folds), the points that did not converge on some fold)."""
+        track.grow(len(points) * len(self.splits))
+        data = self.rows if ex.remote and self.rows is not None else (self.X, self.y)
+        if self.fit_grid is not None and not ex.remote:  # the whole selection here (GPU or cores)
+            table, failed = self.fit_grid(self.X, self.y, points, self.splits, self.score_fn,
+                                          on_stop=track.advance)
+        elif self.fit_grid is not None:  # one unit on a worker
+            (table, failed), = ex.map(_grid_unit, [(self.head, self.backend, self.head_params,
+                                                   points, data, self.splits, self.score_fn)])
+            track.advance(len(points) * len(self.splits))
+        else:
+            table, failed = _point_by_point(self.head, self.backend, points, data, self.splits,
+                                            self.score_fn, self.head_params, ex,
+                                            lambda: track.advance(1))
+        return table, [points[i] for i in failed]
+
+
+def _extends(head: str) -> tuple[str, ...]:
+    from featurekit.heads import EXTENDS
+
+    return EXTENDS.get(head, ("C",))
+
+
+def _extend(job: _Job, grid, table, failed, ex, track, steps: int, keys: tuple[str, ...]):
+    """While the best point is on the grid's edge in one of ``keys`` (at most ``steps`` times):
+    score the next decade past it, for every value of the other parameters; (grid, table,
+    failed, added)."""
+    added: list[dict[str, Any]] = []
+    for _ in range(steps):
+        best = int(np.argmax(table.mean(axis=1)))
+        new = _beyond(grid, best, keys)
+        if not new:
+            break
+        more, more_failed = job.score(new, ex, track)
+        order = sorted(range(len(grid) + len(new)), key=lambda i: _order((grid + new)[i]))
+        grid = [(grid + new)[i] for i in order]
+        table = np.concatenate([table, more])[order]
+        failed, added = failed + more_failed, added + new
+    return grid, table, sorted(failed, key=_order), added
+
+
+def _beyond(grid: list[dict[str, Any]], best: int, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The points a decade past the best one's value of each parameter (of ``keys``) on the
+    grid's edge."""
+    new: list[dict[str, Any]] = []
+    for key in (k for k in _on_edge(grid, best) if k in keys):
+        values = sorted({p[key] for p in grid})
+        value = grid[best][key]
+        step = 10.0 if value == values[-1] else 0.1
+        others = {tuple((k, v) for k, v in p.items() if k != key) for p in grid}
+        new += [{**dict(o), key: value * step} for o in others]
+    unique = {tuple(sorted(p.items())): p for p in new}
+    return sorted(unique.values(), key=_order)
+
+
+class _Counter:
+    """A tracker that counts into a rich progress bar (or nothing)."""
+
+    def __init__(self, bar, task) -> None:
+        self.bar, self.task, self.total = bar, task, 0
+
+    def grow(self, k: int) -> None:
+        self.total += k
+        self.bar.update(self.task, total=self.total)
+
+    def advance(self, k: int) -> None:
+        self.bar.advance(self.task, k)
+
+
+@contextmanager
+def _tracking(tracker, progress: bool, what: str) -> Iterator[Any]:
+    if tracker is not None:
+        yield tracker
+        return
+    from featurekit._console import progress_bar
+
+    with progress_bar(enabled=progress, unit="fit") as bar:
+        yield _Counter(bar, bar.add_task(what, total=0))
 
 
 def _point_by_point(head, backend, grid, data, splits, score_fn, head_params, ex, tick):

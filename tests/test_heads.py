@@ -12,6 +12,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import featurekit
 from featurekit import heads
+from featurekit.cache import open_cache
 from featurekit.errors import HeadError
 from featurekit import extract
 from featurekit.fit import metrics
@@ -53,19 +54,19 @@ def test_registry_lists_and_refuses(monkeypatch):
 
 
 def test_auto_backend_selection(monkeypatch):
-    """auto, per head: torch on a CUDA device where the head has a torch implementation, else
+    """auto, per head and device class, by measured speed: featurekit's torch heads on the
+    CPU and on CUDA (every head has one); a head without the chosen backend falls back to
     scikit-learn; cuML only when named, even where it works."""
     monkeypatch.setitem(heads._LOADED, "cuml", False)
     with pytest.raises(HeadError, match="not available here"):
         heads.resolve_backend("cuml")
     monkeypatch.setitem(heads._LOADED, "cuml", True)
-    monkeypatch.setattr(heads, "cuda_available", lambda: False)
-    assert [heads.resolve_backend("auto", h) for h in heads.HEADS] == ["sklearn"] * 4
-    monkeypatch.setattr(heads, "cuda_available", lambda: True)
-    torch_heads = {h for (h, b) in heads._REGISTRY if b == "torch"}
-    assert {"logistic", "linearsvc", "nystroem"} <= torch_heads
-    for h in heads.HEADS:
-        assert heads.resolve_backend("auto", h) == ("torch" if h in torch_heads else "sklearn")
+    for cuda in (False, True):
+        monkeypatch.setattr(heads, "cuda_available", lambda: cuda)
+        assert [heads.resolve_backend("auto", h) for h in heads.HEADS] == ["torch"] * 4
+    monkeypatch.setitem(heads._REGISTRY, ("knn", "sklearn"), object)  # a head torch lacks
+    monkeypatch.setattr(heads, "HEADS", (*heads.HEADS, "knn"))
+    assert heads.resolve_backend("auto", "knn") == "sklearn"
     assert heads.resolve_backend("cuml") == "cuml"
 
 
@@ -175,7 +176,7 @@ def test_a_cuml_that_fails_to_load_is_unavailable_not_a_crash(monkeypatch):
     assert heads.list_backends() == ["sklearn", "torch"]
     with pytest.raises(HeadError, match="cudaErrorNoDevice"):
         heads.resolve_backend("cuml")
-    assert heads.resolve_backend("auto") == "sklearn"
+    assert heads.resolve_backend("auto") == "torch"  # never cuML, whatever it does
 
 
 def test_cuml_heads_when_available():
@@ -273,15 +274,53 @@ def test_selection_never_sees_the_reported_split(digits_cache, tmp_path):
         assert a["accuracy"] != b["accuracy"]
 
 
-def test_cv_selection_without_val(tmp_path):
+def test_the_hold_out_never_sees_the_reported_split(tmp_path, runner):
+    """A cache without val (so the 20% hold-out of train chooses): scrambling the test labels
+    changes the reported accuracy, never the chosen point nor any grid point's score, in fit
+    and in bench."""
+    from featurekit.fit import fit_head
+
+    cache, scrambled = tmp_path / "nv.h5", tmp_path / "s.h5"
+    extract("digits", cache, model="resnet18", weights="none", image_size=32, device="cpu",
+            workers=0, progress=False, val_fraction=0.0, test_fraction=0.2)
+    scrambled.write_bytes(cache.read_bytes())
+    with h5py.File(scrambled, "a") as f:
+        f["test"]["labels"][:] = np.random.default_rng(0).permutation(f["test"]["labels"][:])
+    for head in ("logistic", "svm"):
+        a, b = (fit_head(c, head, backend="torch").report for c in (cache, scrambled))
+        assert a["selection"]["method"] == "holdout"
+        assert a["params"] == b["params"] and a["selection"]["scores"] == b["selection"]["scores"]
+        assert a["accuracy"] != b["accuracy"]
+    benches = [json.loads(invoke(runner, "bench", c, "--heads", "logistic,nystroem", "--json").stdout)
+               for c in (cache, scrambled)]
+    for a, b in zip(benches[0]["results"], benches[1]["results"]):
+        assert a["selection"]["method"] == "holdout" and a["params"] == b["params"]
+        assert a["selection"]["scores"] == b["selection"]["scores"] and a["accuracy"] != b["accuracy"]
+
+
+def test_selection_without_val_holds_out_a_fifth_of_train(tmp_path):
+    """No val split: a seeded, stratified 20% of train chooses C (the same rows for the same
+    seed), the chosen point is refit on all of train; --cv K asks for K-fold instead."""
+    from featurekit import select
     from featurekit.fit import fit_head
 
     cache = tmp_path / "nv.h5"
     extract("digits", cache, model="resnet18", weights="none", image_size=32, device="cpu",
             progress=False, val_fraction=0.0, test_fraction=0.2)
-    rep = fit_head(cache, "logistic").report
-    assert rep["selection"]["method"] == "5-fold cv" and rep["eval_split"] == "test"
-    assert len(rep["selection"]["scores"]) == 23 and rep["selection"]["refit"] == "train"
+    rep = fit_head(cache, "logistic", backend="torch").report
+    sel = rep["selection"]
+    assert (sel["method"], sel["fraction"], sel["seed"]) == ("holdout", 0.2, 0)
+    assert rep["eval_split"] == "test" and sel["refit"] == "train" and len(sel["scores"]) >= 23
+    with open_cache(cache) as c:
+        assert rep["n_train"] == c.n_rows("train")  # all of train, the held-out fifth included
+    y = np.arange(1000) % 7
+    (tr, held), = select.folds(y, 0, seed=3)[0]
+    (tr2, held2), = select.folds(y, 0, seed=3)[0]
+    assert np.array_equal(held, held2) and len(held) == 200 and not set(tr) & set(held)
+    assert np.bincount(y[held]).min() >= 28  # stratified: each class's fifth
+    assert not np.array_equal(held, select.folds(y, 0, seed=4)[0][0][1])
+    rep = fit_head(cache, "logistic", backend="torch", cv=3).report
+    assert rep["selection"]["method"] == "3-fold cv" and rep["selection"]["seed"] == 0
 
 
 def test_predict_refuses_another_backbone(tmp_path, image_folder, runner):
@@ -384,3 +423,31 @@ def test_bench_without_a_layer_is_one_error(digits_cache, runner):
     r = invoke(runner, "bench", digits_cache, "--layers", ",", "--heads", "logistic:torch")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "no layer given" in r.stderr
     assert "penultimate, layer3" in r.stderr
+
+
+def test_wilson_interval():
+    from featurekit.fit import wilson
+
+    low, high = wilson(80, 100)  # the textbook case: 0.7112 .. 0.8666
+    assert abs(low - 0.7112) < 1e-4 and abs(high - 0.8666) < 1e-4
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0 and wilson(0, 0) == [0.0, 1.0]
+
+
+def test_bench_tells_where_it_is_and_what_is_left(digits_cache, runner, tmp_path):
+    """Without a bar (not a terminal, or --no-progress): a line per finished head with its
+    accuracy, interval, cost and the time left; results carry the interval and the cost."""
+    r = invoke(runner, "bench", digits_cache, "--heads", "logistic,linearsvc", "--no-progress",
+               "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("bench ")]
+    assert len(lines) == 2 and lines[0].startswith("bench 1/2: logistic (torch) on penultimate")
+    assert "left" in lines[0] and "[" in lines[0] and "left" not in lines[1]
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())["results"]
+    for row in rows:
+        low, high = row["accuracy_ci95"]
+        assert low < row["accuracy"] < high
+        assert row["total_seconds"] == row["selection_seconds"] + row["fit_seconds"]
+    with open(tmp_path / "b" / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert float(table[0]["accuracy_low"]) == rows[0]["accuracy_ci95"][0]
+    assert "accuracy [95% CI]" in (tmp_path / "b" / "results.md").read_text()

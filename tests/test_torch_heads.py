@@ -122,10 +122,12 @@ def test_batched_selection_equals_the_loop(datasets, head, with_val, dtype):
     grid = heads.grid(head, X.shape[1])
     if head == "nystroem":
         grid = grid[::4]  # every C and gamma appears; fewer fits
-    params = {"dtype": dtype, **({"n_components": 200} if head == "nystroem" else {})}
-    fast = select.select(head, "torch", grid, X, y, X_sel, y_sel, head_params=params)
+    params = {"dtype": dtype, "warm_path": False,  # each C from zero, as a single fit
+              **({"n_components": 200} if head == "nystroem" else {})}
+    fast = select.select(head, "torch", grid, X, y, X_sel, y_sel, head_params=params, cv=None
+                         if with_val else 5, extend=False)
     Xa, ya = (np.concatenate([X, Xt]), np.concatenate([y, yt])) if with_val else (X, y)
-    splits, method = select.folds(ya, len(yt) if with_val else 0, seed=0)
+    splits, method = select.folds(ya, len(yt) if with_val else 0, seed=0, cv=None if with_val else 5)
     loop = [np.mean([accuracy_score(ya[te], heads.create_head(head, "torch", **params, **p)
                                     .fit(Xa[tr], ya[tr]).predict(Xa[te])) for tr, te in splits])
             for p in grid]
@@ -143,9 +145,10 @@ def test_the_gpu_batched_path_on_the_cpu(datasets, head, monkeypatch):
     X, y, Xt, yt = datasets["multiclass"]
     grid = heads.grid(head, X.shape[1])[:: 3 if head == "nystroem" else 1]
     params = {"dtype": "float64", "tol": 1e-8, **({"n_components": 200} if head == "nystroem" else {})}
-    alone = select.select(head, "torch", grid, X, y, Xt, yt, head_params=params)
+    params["warm_path"] = False
+    alone = select.select(head, "torch", grid, X, y, Xt, yt, head_params=params, extend=False)
     monkeypatch.setattr(_linear, "batch_on", lambda device: True)
-    batched = select.select(head, "torch", grid, X, y, Xt, yt, head_params=params)
+    batched = select.select(head, "torch", grid, X, y, Xt, yt, head_params=params, extend=False)
     assert batched.params == alone.params
     assert np.allclose(batched.scores, alone.scores, atol=2 / len(yt))  # a near-tie may flip
 
@@ -187,12 +190,13 @@ def test_a_choice_on_the_grids_edge_is_one_warning_line(datasets):
     grid = [{"C": 1e-6}, {"C": 1e-5}]  # two points: whichever wins is on an edge
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sel = select.select("logistic", "torch", grid, X, y, Xt, yt)
+        sel = select.select("logistic", "torch", grid, X, y, Xt, yt, extend=False)
     assert not [w for w in caught if "edge" in str(w.message)]
     edge = select.warnings_of("logistic", "torch", sel.to_dict())
     assert len(edge) == 1 and "edge of the grid" in edge[0] and "\n" not in edge[0]
     assert sel.edge == ["C"]
-    sel = select.select("logistic", "torch", [{"C": 1e-6}, {"C": 1.0}, {"C": 1e6}], X, y, Xt, yt)
+    sel = select.select("logistic", "torch", [{"C": 1e-6}, {"C": 1.0}, {"C": 1e6}], X, y, Xt, yt,
+                        extend=False)
     assert sel.params == {"C": 1.0} and not sel.edge  # the middle of three: no warning
     assert select.warnings_of("logistic", "torch", sel.to_dict()) == []
 
@@ -201,9 +205,10 @@ def test_a_choice_on_the_grids_edge_is_one_warning_line(datasets):
 def test_iteration_limit_is_one_warning_line_and_a_field(datasets, backend):
     X, y, Xt, yt = datasets["multiclass"]
     grid = heads.grid("logistic", X.shape[1])[-6:]  # weak regularisation: many iterations
-    sel = select.select("logistic", backend, grid, X, y, Xt, yt, head_params={"max_iter": 3},
-                        jobs=1)
-    lines = select.warnings_of("logistic", backend, sel.to_dict(), {"max_iter": 3})
+    params = {"max_iter": 3, **({"warm_path": False} if backend == "torch" else {})}
+    sel = select.select("logistic", backend, grid, X, y, Xt, yt, head_params=params, jobs=1,
+                        extend=False)
+    lines = select.warnings_of("logistic", backend, sel.to_dict(), params)
     lines = [line for line in lines if "max_iter" in line]
     assert len(lines) == 1 and "stopped at max_iter=3" in lines[0] and "\n" not in lines[0], lines
     assert sel.not_converged == grid
@@ -256,3 +261,54 @@ def test_bad_head_parameters_are_value_errors(datasets):
     assert gamma_value("scale", 40, lambda: 0.0) == 1.0  # constant data
     with pytest.raises(ValueError):
         gamma_value(None, 40)
+
+
+@pytest.mark.parametrize("head", ["logistic", "linearsvc", "nystroem"])
+def test_a_warm_started_c_path_is_an_option_with_the_cold_paths_answers(digits_cache, head):
+    """warm_path=True starts each C from its neighbour's solution (off by default: it saved
+    nothing here at equal answers, docs/heads.md). Its choice scores, on the cold path, within
+    half a point of the cold choice, and a C whose warm start does not move is solved from
+    zero: the weakly regularised end equals the cold path's bitwise."""
+    from featurekit.cache import open_cache
+
+    with open_cache(digits_cache) as c:
+        X, y = c.features("train", "penultimate"), c.labels("train")
+        Xv, yv = c.features("val", "penultimate"), c.labels("val")
+    grid = heads.grid(head, X.shape[1])
+    params = {"n_components": 300} if head == "nystroem" else {}
+    warm, cold = (select.select(head, "torch", grid, X, y, Xv, yv, extend=False,
+                                head_params={**params, "warm_path": w}) for w in (True, False))
+    assert heads.create_head(head, "torch").warm_path is False
+    cold_score = dict(zip(map(str, cold.grid), cold.scores))
+    assert cold_score[str(warm.params)] >= max(cold.scores) - 0.005
+    assert np.abs(np.array(warm.scores) - np.array(cold.scores)).max() <= 0.02
+    assert warm.scores[-1] == cold.scores[-1]  # C = the largest: from zero on both paths
+
+
+def test_a_best_point_beyond_the_default_grid_gets_chosen(tmp_path):
+    """Rows with a linear boundary far from the centre: the RBF SVM's best point has a wider
+    kernel (smaller gamma) than the default grid holds. Selection extends the grid past its
+    edge (a decade a step) and chooses it; without the extension the edge is warned about."""
+    import warnings
+
+    from featurekit.fit import fit_head
+    from tests.conftest import array_cache
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(7000, 5)).astype(np.float32)
+    w = rng.normal(size=5)
+    y = (X @ (w / np.linalg.norm(w)) > 2.0).astype(int)
+    cache = array_cache(tmp_path / "far.h5", X, y, {"train": 3000, "val": 2000, "test": 2000})
+    default = heads.grid("svm", 5)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        sel = fit_head(cache, "svm", backend="torch").report["selection"]
+    assert sel["params"] not in default and sel["extended"]
+    scores = dict(zip(map(str, sel["grid"]), sel["scores"]))
+    assert scores[str(sel["params"])] > max(scores[str(p)] for p in default)
+    assert not sel["edge"] and not [w for w in seen if "edge" in str(w.message)]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fixed = fit_head(cache, "svm", backend="torch", extend=False).report["selection"]
+    assert fixed["params"] in default and fixed["edge"] and not fixed["extended"]
+    assert [w for w in seen if "edge of the grid" in str(w.message)]

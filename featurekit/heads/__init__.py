@@ -38,6 +38,14 @@ GRIDS: dict[str, dict[str, list[float]]] = {
 }
 
 
+# The parameters a selection may extend past the grid's edge (featurekit.select). Nystroem's
+# gamma is not: below the grid the kernel is so wide that K_mm is near rank one and its map
+# is rounding (nystroem_map drops those directions; which ones depends on the BLAS threads),
+# so scores there changed with where the fit ran.
+EXTENDS: dict[str, tuple[str, ...]] = {"logistic": ("C",), "linearsvc": ("C",),
+                                       "nystroem": ("C",), "svm": ("C", "gamma")}
+
+
 def grid(head: str, n_features: int, C: float | None = None,
          gamma: float | None = None) -> list[dict[str, float]]:
     """The grid points of ``head`` (C ascending, then gamma), or the single point given."""
@@ -115,13 +123,21 @@ def cuda_available() -> bool:
         return False
 
 
+# ``auto`` by measured speed at equal answers (benchmarks/RESULTS.md, docs/heads.md): the torch
+# heads' whole default selection against scikit-learn's on a 2-core CPU, same choice and
+# accuracy within 0.5 points: logistic 2.5-3.5x, linearsvc 22-64x, nystroem 6-7x, svm 1.8x
+# faster; on CUDA the torch heads run batched on the GPU. cuML is never chosen by auto (it must
+# be installed from NVIDIA's index, and its multiclass SVC trains its pairs one after another).
+AUTO = {"cpu": "torch", "cuda": "torch"}
+
+
 def resolve_backend(backend: str, head: str | None = None) -> str:
-    """``auto``: featurekit's torch heads when a CUDA device is present and ``head`` has a torch
-    implementation, else scikit-learn; cuML is used only when named (it must be installed from
-    NVIDIA's index, and its multiclass SVC trains its pairs one after another)."""
+    """``auto``: per device class (:data:`AUTO`) the measured faster backend that has ``head``
+    (featurekit's torch heads on the CPU and on CUDA), else scikit-learn."""
     if backend == "auto":
-        torch_has = head is None or (_load("torch") and (head, "torch") in _REGISTRY)
-        return "torch" if torch_has and cuda_available() else "sklearn"
+        chosen = AUTO["cuda" if cuda_available() else "cpu"]
+        has_it = head is None or (_load(chosen) and (head, chosen) in _REGISTRY)
+        return chosen if has_it else "sklearn"
     check_names(head or HEADS[0], backend)
     if not _load(backend):
         raise HeadError(

@@ -33,36 +33,61 @@ from featurekit.heads._torch._kernels import nystroem_map, rbf
 
 
 class TorchLinearHead(TorchHead):
-    """A linear model on the standardised rows, every C of a grid by batched L-BFGS."""
+    """A linear model on the standardised rows, every C of a grid by batched L-BFGS.
+    ``warm_path``: in a selection on the CPU each C starts from the solution of the C before
+    it (the grid ascends, so from the more strongly regularised neighbour), as Kornblith et
+    al.'s linear evaluation and scikit-learn's ``warm_start`` do. Off by default: measured
+    here it saved nothing at equal answers (docs/heads.md, benchmarks/RESULTS.md) -- under
+    scikit-learn's stopping rule the weakly regularised end is solved from zero anyway, and
+    where scores nearly tie the two paths can choose neighbouring points. A single fit always
+    starts from zero."""
 
     def __init__(self, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4,
-                 device: str = "auto", dtype: str = "float32") -> None:
+                 device: str = "auto", dtype: str = "float32", warm_path: bool = False) -> None:
         self.C = C
         self.max_iter = max_iter
         self.tol = tol
         self.device = device
         self.dtype = dtype
+        self.warm_path = warm_path
 
     def _solve(self, X, y, classes, grid, on_stop):
         Xs, state = standardised(X)
         return [({**state, **s}, it, ok) for s, it, ok in
                 self._solve_linear(Xs, y, classes, [p["C"] for p in grid], on_stop)]
 
+    def _warm(self, problem, previous):
+        """This C solved from the neighbouring C's solution (``warm_path``), or None: no
+        neighbour yet, or a start the solver did not move from. Where the regularisation is
+        weak, the neighbour's solution already passes scikit-learn's stopping rule for this C
+        (its gradient changes by 1/(C n) times the weights; float32 objectives cannot see the
+        decrease), while a solve from zero ends elsewhere: such a C is solved from zero, as the
+        cold grid solves it."""
+        if previous is None or not getattr(self, "warm_path", False):
+            return None
+        res = _lbfgs.minimize(problem, previous, max_iter=self.max_iter, tol=self.tol)
+        return res if int(res.n_iter[0]) > 1 else None
+
     def _solve_linear(self, Xs, y, classes, Cs, on_stop):
         """[(state, n_iter, converged)] for each C. On a GPU every C in one batch (one GEMM per
-        step for all of them); on the CPU one C after another, each exactly as a single fit
-        computes it: a batch would save no arithmetic there, and it would change the last bits
-        (MKL and torch pick other kernels for other batch shapes), so that a weakly regularised
-        fit in a batch could end elsewhere than the same fit alone."""
+        step for all of them); on the CPU one C after another, along the path (``warm_path``),
+        each C alone: a batch would save no arithmetic there, and it would change the last bits
+        (MKL and torch pick other kernels for other batch shapes)."""
         y_index = np.searchsorted(classes, y)
         batches = [list(range(len(Cs)))] if batch_on(Xs.device) else [[i] for i in range(len(Cs))]
         out: list[Any] = [None] * len(Cs)
+        previous = None
         for members in batches:
             problem = _LinearProblem(Xs, y_index, classes.size, self._loss,
                                      torch.as_tensor([Cs[i] for i in members], device=Xs.device,
                                                      dtype=Xs.dtype))
-            res = _lbfgs.minimize(problem, problem.start(len(members)), max_iter=self.max_iter,
-                                  tol=self.tol, on_stop=on_stop)
+            res = self._warm(problem, previous) if len(members) == 1 else None
+            if res is None:
+                res = _lbfgs.minimize(problem, problem.start(len(members)), max_iter=self.max_iter,
+                                      tol=self.tol, on_stop=on_stop)
+            elif on_stop is not None:
+                on_stop(1)
+            previous = res.theta
             W, b = problem.unpack(res.theta)
             for j, i in enumerate(members):
                 state = {"coef_": W[j].T.double().cpu().numpy(), "intercept_": b[j].double().cpu().numpy()}
@@ -162,7 +187,7 @@ class TorchNystroemHead(TorchLogisticHead):
 
     def __init__(self, C: float = 1.0, gamma: float | None = None, n_components: int = 2048,
                  max_iter: int = 1000, tol: float = 1e-4, random_state: int = 0,
-                 device: str = "auto", dtype: str = "float32") -> None:
+                 device: str = "auto", dtype: str = "float32", warm_path: bool = False) -> None:
         self.C = C
         self.gamma = gamma
         self.n_components = n_components
@@ -171,6 +196,7 @@ class TorchNystroemHead(TorchLogisticHead):
         self.random_state = random_state
         self.device = device
         self.dtype = dtype
+        self.warm_path = warm_path
 
     def _grid_point(self) -> dict[str, Any]:
         return {"C": self.C, "gamma": self.gamma}

@@ -92,10 +92,13 @@ def folds(y, n_select: int, seed: int, cv: int | None = None
             "cannot choose C: a class has a single row to select on; give --C (and --gamma), "
             "or re-extract with --val-fraction > 0"
         )
-    if cv is None:
+    classes = len(np.unique(y))
+    if cv is None and min(int(np.ceil(HOLDOUT * len(y))), int(len(y) * (1 - HOLDOUT))) >= classes:
         split = StratifiedShuffleSplit(n_splits=1, test_size=HOLDOUT, random_state=seed)
         return [next(split.split(np.zeros(len(y)), y))], "holdout"
-    k = int(min(cv, smallest))
+    # too few rows for a fifth to hold every class: cross-validation (5 folds, or as many as
+    # the smallest class allows)
+    k = int(min(cv or 5, smallest))
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     return [(tr, te) for tr, te in splitter.split(np.zeros(len(y)), y)], f"{k}-fold cv"
 

@@ -321,6 +321,10 @@ def test_selection_without_val_holds_out_a_fifth_of_train(tmp_path):
     assert not np.array_equal(held, select.folds(y, 0, seed=4)[0][0][1])
     rep = fit_head(cache, "logistic", backend="torch", cv=3).report
     assert rep["selection"]["method"] == "3-fold cv" and rep["selection"]["seed"] == 0
+    # too few rows for a fifth to hold every class: cross-validation, as folds allow
+    assert select.folds(np.repeat(np.arange(5), 4), 0, seed=0)[1] == "4-fold cv"
+    with pytest.raises(HeadError, match="single row"):
+        select.folds(np.array([0, 0, 1]), 0, seed=0)
 
 
 def test_predict_refuses_another_backbone(tmp_path, image_folder, runner):

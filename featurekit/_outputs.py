@@ -56,16 +56,44 @@ def check_output_folder(out: str | os.PathLike[str], names: Iterable[str], overw
 
 @contextmanager
 def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yields a hidden temporary path beside ``path`` to write; renamed over ``path`` when the
-    block ends, removed if it raises."""
+    """Yields a hidden temporary path beside ``path`` to write; when the block ends it is
+    synced to the disk, renamed over ``path``, and the folder synced (so that after a power
+    loss the name holds the old file or the whole new one, never an empty one); removed if the
+    block raises."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        sync_file(tmp)
         os.replace(tmp, path)
+        sync_folder(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def sync_file(path: str | os.PathLike[str]) -> None:
+    """The file's data and size on the disk (fsync), not only in the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_folder(folder: str | os.PathLike[str]) -> None:
+    """A folder's entries (a rename into it) on the disk; a no-op where folders cannot be
+    opened for it (not POSIX)."""
+    try:
+        fd = os.open(folder if str(folder) else ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory: nothing more to do
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

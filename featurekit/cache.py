@@ -51,6 +51,11 @@ __all__ = ["Cache", "CacheWriter", "WriteFailed", "open_cache", "pack", "read_he
 # --------------------------------------------------------------------------- writer
 
 
+class NonFiniteError(CacheError):
+    """Features that are NaN, infinite, or past the storage type's range: never written, never
+    read as data."""
+
+
 class WriteFailed(OutputError):
     """A write to an open cache failed (full disk, file size limit). HDF5 cannot close such a
     file cleanly, and its exit handlers may crash the process: the CLI exits at once after
@@ -143,7 +148,11 @@ class CacheWriter:
 
     def add(self, split: str, labels, paths, features: dict[str, np.ndarray], file_stats=None) -> None:
         """Queue rows of ``split`` (committed with the next :meth:`advance` past a block);
-        ``file_stats``: (size, mtime_ns) of each row's file, for ``info --verify``."""
+        ``file_stats``: (size, mtime_ns) of each row's file, for ``info --verify``. Rows that
+        are not finite, or would not be in the storage type, are refused (nothing of them is
+        queued): a cache holds finite features only."""
+        for layer, arr in features.items():
+            _check_finite(np.asarray(arr), self.dtype, layer, paths)
         b = self._buffers[split]
         b.labels.append(np.asarray(labels, dtype=np.int64))
         b.paths.extend(paths)
@@ -217,8 +226,13 @@ class CacheWriter:
         g.attrs["n_skipped"] = int(g["skipped"]["path"].shape[0])
         g.attrs["next_index"] = b.next_index
         self._f.flush()
+        self._sync()  # committed means on the disk, not only in the page cache
         self._last_commit = time.monotonic()
         self._buffers[split] = _Buffer(next_index=b.next_index)
+
+    def _sync(self) -> None:
+        """fsync the file (HDF5's flush only hands the data to the operating system)."""
+        os.fsync(self._f.id.get_vfd_handle())
 
     def set_attrs(self, **attrs: Any) -> None:
         for key, value in attrs.items():
@@ -235,8 +249,10 @@ class CacheWriter:
                 for ds in _row_datasets(g):
                     ds.resize(rows, axis=0)
             self._f.flush()
+            self._sync()
             self._f.attrs["complete"] = True  # only once everything else is on disk
             self._f.flush()
+            self._sync()
         except (OSError, RuntimeError) as exc:
             raise WriteFailed(f"finishing {self.path} failed ({exc}); it stays marked incomplete") from None
 
@@ -252,6 +268,27 @@ class CacheWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_finite(arr: np.ndarray, dtype: np.dtype, layer: str, names: list[str],
+                  why: str = "the model's output (NaN in the weights?); nothing of this batch "
+                             "was committed") -> None:
+    """Refuse rows with NaN or infinity, or values past the storage type's range (float16
+    stores anything beyond 65,504 as infinity), naming the first such row (``names``)."""
+    bad = ~np.isfinite(arr).all(axis=1) if arr.ndim == 2 else ~np.isfinite(arr)
+    if bad.any():
+        more = f" (and {int(bad.sum()) - 1} more)" if bad.sum() > 1 else ""
+        raise NonFiniteError(f"layer {layer} of {names[int(np.flatnonzero(bad)[0])]}{more} is NaN "
+                             f"or infinite: {why}")
+    limit = float(np.finfo(dtype).max)
+    if arr.dtype.kind == "f" and limit < float(np.finfo(arr.dtype).max):
+        over = np.abs(arr).max(axis=1) > limit if arr.ndim == 2 else np.abs(arr) > limit
+        if over.any():
+            first = int(np.flatnonzero(over)[0])
+            raise NonFiniteError(
+                f"layer {layer} of {names[first]} reaches {float(np.abs(arr[first]).max()):.4g}, past "
+                f"--dtype {dtype.name}'s largest value {limit:g}; use --dtype float32 (nothing of "
+                "this batch was committed)")
 
 
 def _create(f, attrs: dict[str, Any], split_sizes: dict[str, int], dims: dict[str, int],
@@ -354,9 +391,13 @@ class _Buffer:
 
 
 def _guarded(fn):
-    """Reading a damaged file can fail deep in h5py with many exception types; users get one
-    CacheError line instead."""
+    """Reading a damaged file can fail deep in h5py with many exception types (a checksum
+    that does not match, a chunk that does not decompress, a truncated file); users get one
+    CacheError line naming what is damaged instead."""
     import functools
+
+    what = {"labels": "labels", "paths": "paths", "_block": "features", "file_stats": "file stats",
+            "skipped": "list of skipped files", "n_rows": "row count", "dim": "layer widths"}
 
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
@@ -365,7 +406,14 @@ def _guarded(fn):
         except CacheError:
             raise
         except Exception as exc:
-            raise CacheError(f"{self.path} is damaged: {type(exc).__name__}: {exc}") from None
+            where = what.get(fn.__name__, "header")
+            if args and fn.__name__ != "dim":
+                where += f" of split {args[0]!r}"
+            if fn.__name__ == "_block":
+                where += f", layer {args[1]!r} (rows {args[2]}..{args[3] - 1})"
+            detail = " ".join(str(exc).split())[:200]
+            raise CacheError(f"{self.path} is damaged: its {where} cannot be read ({detail}); "
+                             "re-extract it, or restore the file") from None
 
     return wrapper
 
@@ -427,12 +475,25 @@ class Cache:
         return out
 
     def iter_features(self, split: str, layer: str, block_rows: int = 8192) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(first_row, block)`` of float32 rows, never reading more than a block."""
+        """Yield ``(first_row, block)`` of float32 rows, never reading more than a block;
+        rows that are not finite are refused (:class:`NonFiniteError`), before anyone sees
+        them."""
         self._check_layer(layer)
         n = self.n_rows(split)
-        ds = self._group(split)["features"][layer]
         for start in range(0, n, block_rows):
-            yield start, ds[start : min(n, start + block_rows)].astype(np.float32, copy=False)
+            yield start, self._block(split, layer, start, min(n, start + block_rows))
+
+    @_guarded
+    def _block(self, split: str, layer: str, start: int, stop: int) -> np.ndarray:
+        block = self._group(split)["features"][layer][start:stop].astype(np.float32, copy=False)
+        bad = ~np.isfinite(block).all(axis=1)
+        if bad.any():
+            rows = (np.flatnonzero(bad) + start).tolist()
+            raise NonFiniteError(
+                f"{self.path}: split {split!r}, layer {layer!r}: {len(rows)} row(s) are NaN or "
+                f"infinite (rows {', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''}); "
+                "a damaged or hand-made cache: re-extract it")
+        return block
 
     @_guarded
     def file_stats(self, split: str) -> np.ndarray | None:
@@ -617,13 +678,20 @@ def _copy_split(g_in, g, block: int = 8192) -> None:
         g.attrs[key] = value
     for name, ds in _walk(g_in):
         target = g.require_group(os.path.dirname(name)) if "/" in name else g
+        rows_total = int(g_in.attrs.get("rows", ds.shape[0]))
         n = ds.shape[0]
         rows = chunk_rows(ds.shape[1], ds.dtype.itemsize) if ds.ndim == 2 else 8192
         out = target.create_dataset(os.path.basename(name), shape=ds.shape, dtype=ds.dtype,
                                     maxshape=(None, *ds.shape[1:]),
                                     chunks=(max(1, min(n, rows)), *ds.shape[1:]))
         for start in range(0, n, block):
-            out[start:start + block] = ds[start:start + block]
+            data = ds[start:start + block]
+            if name.startswith("features/") and start < rows_total:
+                _check_finite(data[:max(0, rows_total - start)], data.dtype, name.split("/", 1)[1],
+                              [f"row {start + i} of split {g_in.name.strip('/')!r}"
+                               for i in range(len(data))],
+                              why="a damaged or hand-made cache; nothing was packed")
+            out[start:start + block] = data
 
 
 def _walk(group, prefix: str = ""):

@@ -229,7 +229,16 @@ def _atomic_save(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+# what best.pt holds: what extract/sparsity --weights need (weights, model, classes,
+# preprocessing) and how it was chosen; last.pt holds everything a resume needs besides
+BEST_KEYS = ("format", "format_version", "featurekit_version", "model", "state_dict", "classes",
+             "preprocess", "train_layers", "head", "epoch", "best_acc", "best_by", "best_epoch",
+             "val_split")
+
+
+def load_checkpoint(path: str | os.PathLike[str], resumable: bool = False) -> dict[str, Any]:
+    """A featurekit checkpoint (best.pt or last.pt); ``resumable``: it must hold what
+    ``--resume`` needs (last.pt: optimizer, scheduler, options, metrics)."""
     from featurekit.models import CHECKPOINT_FORMAT, load_torch_file
 
     p = Path(path)
@@ -238,9 +247,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     ckpt = load_torch_file(p, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{p} is not a featurekit checkpoint")
-    expected = {"state_dict": dict, "optimizer": dict, "scheduler": dict, "options": dict,
-                "classes": list, "metrics": list, "epoch": int, "best_epoch": int,
+    expected = {"state_dict": dict, "classes": list, "epoch": int, "best_epoch": int,
                 "best_acc": (int, float)}
+    if resumable:
+        expected.update({"optimizer": dict, "scheduler": dict, "options": dict, "metrics": list})
     bad = [k for k, t in expected.items() if not isinstance(ckpt.get(k), t)]
     if bad:
         raise ModelError(f"{p} is a damaged featurekit checkpoint (no valid {', '.join(bad)})")
@@ -309,6 +319,7 @@ class _Progress:
     best_acc: float = -1.0
     best_epoch: int = 0
     stale: int = 0
+    scaler: Any = None  # torch.amp.GradScaler (fp16 on CUDA; disabled elsewhere), checkpointed
 
 
 def finetune(
@@ -430,7 +441,7 @@ def _resume_checkpoint(run_dir: Path, resume: bool, overwrite: bool) -> dict[str
         raise OutputError(f"--out {run_dir} is a file; give a folder")
     last = run_dir / "last.pt"
     if resume and last.exists():
-        return load_checkpoint(last)
+        return load_checkpoint(last, resumable=True)
     present = [n for n in RUN_FILES if (run_dir / n).exists()]
     if present and not overwrite:
         raise OutputError(
@@ -450,6 +461,12 @@ def _check_resume_options(resume_from: dict[str, Any], opts: FinetuneOptions, sr
         )
     if resume_from.get("classes") != src.classes:
         raise FeaturekitError(f"--resume: the source's classes differ from the run in {run_dir}")
+    recorded = (resume_from.get("source") or {}).get("fingerprint")
+    if recorded is not None and recorded != src.fingerprint:  # runs of 0.1 recorded none
+        raise FeaturekitError(
+            f"--resume: the source changed since the run in {run_dir} began (files added, "
+            "removed or modified); resume on the same files, or start a new --out"
+        )
 
 
 def _val_split(src, val_fraction: float, seed: int) -> dict[str, Any]:
@@ -547,12 +564,15 @@ def _restore(run: _Run, net, opt, sched) -> _Progress:
     import torch
 
     ckpt = run.resume_from
+    scaler = torch.amp.GradScaler(enabled=run.opts.precision == "fp16" and run.device.startswith("cuda"))
     if ckpt is None:
-        return _Progress(rows=[])
+        return _Progress(rows=[], scaler=scaler)
     try:
         net.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"--resume: {run.run_dir / 'last.pt'} does not fit this run: "
                          f"{' '.join(str(exc).split())[:200]}") from None
@@ -560,7 +580,7 @@ def _restore(run: _Run, net, opt, sched) -> _Progress:
         sched.T_max = run.opts.epochs  # --epochs may be raised on resume
     state = _Progress(rows=list(ckpt["metrics"]), start_epoch=int(ckpt["epoch"]) + 1,
                       best_acc=float(ckpt["best_acc"]), best_epoch=int(ckpt["best_epoch"]),
-                      stale=int(ckpt.get("stale", 0)))
+                      stale=int(ckpt.get("stale", 0)), scaler=scaler)
     if run.dist.main:
         run.log(f"resuming {run.run_dir} after epoch {state.start_epoch - 1} "
                 f"(best {state.best_acc:.4f} at epoch {state.best_epoch})")
@@ -601,7 +621,8 @@ def _train(run: _Run, backbone, net, opt, sched, state: _Progress, train_ds, val
         random.seed(o.seed * 100_003 + epoch)
         sampler.set_epoch(epoch)
         lr_now = opt.param_groups[0]["lr"]
-        train_loss, train_acc = _train_epoch(run, net, step_model, opt, train_ds, sampler, epoch, progress)
+        train_loss, train_acc = _train_epoch(run, net, step_model, opt, train_ds, sampler, epoch,
+                                             progress, state.scaler)
         _dist.broadcast_buffers(net, d)  # val and the checkpoint see rank 0's BatchNorm statistics
         sched.step()
         val_loss, val_acc = _evaluate(run, net, val_ds, val_shard) if len(val_ds) else (None, None)
@@ -623,14 +644,14 @@ def _autocast(run: _Run):
 
 
 def _train_epoch(run: _Run, net, step_model, opt, train_ds, sampler, epoch: int,
-                 progress: bool) -> tuple[float, float]:
-    """One pass over this rank's shard; (loss, accuracy) summed over every rank."""
+                 progress: bool, scaler) -> tuple[float, float]:
+    """One pass over this rank's shard; (loss, accuracy) summed over every rank. ``scaler``:
+    the run's GradScaler (its scale carries over epochs and resumes)."""
     import torch
 
     from featurekit._console import progress_bar
 
     o, dev = run.opts, run.device
-    scaler = torch.amp.GradScaler(enabled=o.precision == "fp16" and dev.startswith("cuda"))
     loss_fn = torch.nn.CrossEntropyLoss()
     # a last batch of one image cannot train BatchNorm (one value per channel after layer4 at
     # small sizes, or in the mlp head): leave that image out of this epoch (shuffled: another
@@ -703,10 +724,12 @@ def _record(run: _Run, backbone, net, opt, sched, state: _Progress, row: dict[st
         "best_epoch": state.best_epoch, "stale": state.stale, "options": asdict(run.opts),
         "val_split": run.val_split, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
         "rng": {"torch": torch.get_rng_state()}, "metrics": state.rows,
+        "scaler": state.scaler.state_dict() if state.scaler is not None else {},
+        "source": {"fingerprint": run.src.fingerprint, "spec": run.src.spec},
     }
     _atomic_save(ckpt, run.run_dir / "last.pt")
-    if improved:
-        _atomic_save(ckpt, run.run_dir / "best.pt")
+    if improved:  # the weights and what extract needs, not the optimizer's state
+        _atomic_save({k: ckpt[k] for k in BEST_KEYS}, run.run_dir / "best.pt")
     _write_metrics(run.run_dir / "metrics.csv", state.rows)
     plot_curves(state.rows, run.run_dir / "curves.png")
     va = "-" if row["val_acc"] is None else f"{row['val_acc']:.4f}"

@@ -200,7 +200,7 @@ def _plan(model, weights, compare, layers, dead_threshold, max_images, image_siz
     decode = _decode.resolve("auto", dev, log)  # extract's decode paths and pipeline
     n_workers = _resources.default_workers(dev) if workers is None else workers
     for spec in specs:
-        size = models.preprocess_for(model if spec.model_name is None else None, spec, image_size).crop_size
+        size = models.preprocess_for(model, spec, image_size).crop_size
         _resources.check_batch_fits(image_size=size, batch_size=batch_size, device=dev,
                                     half=prec != "fp32", workers=n_workers,
                                     decoded_on_host=decode == "cpu")
@@ -227,13 +227,13 @@ def _build(plan: _Plan, model, seed: int, image_size, blocks: bool):
 
     nets, names = [], []
     for given, spec in zip(plan.weights, plan.specs):
-        backbone = models.build_backbone(model if spec.model_name is None else None, spec,
+        backbone = models.build_backbone(model, spec,
                                          seed=seed, image_size=image_size)
         net = backbone.model.to(plan.device, memory_format=torch.channels_last).eval()
         nets.append((given, backbone.preprocess, net, models.layer_nodes(net, plan.layers, blocks)))
         names.append(backbone.name)
     order = list(nets[0][3])
-    if any(list(m) != order for *_, m in nets):
+    if any(list(m) != order for *_, m in nets) or (blocks and len(set(names)) > 1):
         raise FeaturekitError(
             "--blocks compares block by block, so every weights must be of the same model; "
             f"got {', '.join(dict.fromkeys(names))}"

@@ -20,9 +20,9 @@ nets: list[torch.nn.Module] = []
 real_load, real_build = ft.load_checkpoint, ft.build_model
 
 
-def counting_load(path):
+def counting_load(path, *a, **k):
     loads.append(str(path))
-    return real_load(path)
+    return real_load(path, *a, **k)
 
 
 def capturing_build(*a, **k):

@@ -267,7 +267,15 @@ def test_checkpoint_is_safe_and_feeds_extract(tmp_path, image_folder):
     best = tmp_path / "run" / "best.pt"
     ckpt = torch.load(best, weights_only=True)  # no pickled code, numpy or RNG objects
     assert ckpt["classes"] == ["cat", "dog", "owl"] and ckpt["model"] == "resnet18"
-    assert ckpt["preprocess"]["crop_size"] == 32 and isinstance(ckpt["rng"]["torch"], torch.Tensor)
+    assert ckpt["preprocess"]["crop_size"] == 32
+    # best.pt: what extract needs, not the optimizer's state (last.pt has that, and the RNG)
+    from featurekit.finetune import BEST_KEYS
+
+    assert set(ckpt) == set(BEST_KEYS) and "optimizer" not in ckpt
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert isinstance(last["rng"]["torch"], torch.Tensor) and "optimizer" in last
+    assert "scale" in last["scaler"] or last["scaler"] == {}  # the GradScaler's state (off on CPU)
+    assert best.stat().st_size < (tmp_path / "run" / "last.pt").stat().st_size
     from featurekit.cache import open_cache
     from featurekit import extract
     from featurekit.models import sha256_file

@@ -165,8 +165,12 @@ def test_blocks_need_one_model(tmp_path, image_folder, runner):
     finetune(image_folder, tmp_path / "run", model="resnet34", weights="none", image_size=32,
              device="cpu", workers=0, batch_size=8, epochs=1, progress=False, log=lambda *a: None)
     ckpt = tmp_path / "run" / "best.pt"  # a checkpoint names its model: resnet34
-    r = invoke(runner, "sparsity", image_folder, *TINY, "--compare", ckpt, "--blocks")
+    r = invoke(runner, "sparsity", image_folder, *TINY, "--compare", ckpt)  # TINY: --model resnet18
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "a resnet34 checkpoint, not resnet18" in r.stderr  # refused, as extract refuses it
+    untied = [a for a in TINY if a not in ("--model", "resnet18")]  # each weights its own model
+    r = invoke(runner, "sparsity", image_folder, *untied, "--compare", ckpt, "--blocks")
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "same model" in r.stderr, r.stderr
-    assert "resnet18, resnet34" in r.stderr
-    r = invoke(runner, "sparsity", image_folder, *TINY, "--compare", ckpt, "--json")
+    assert "resnet50, resnet34" in r.stderr
+    r = invoke(runner, "sparsity", image_folder, *untied, "--compare", ckpt, "--json")
     assert r.exit_code == 0, r.stderr  # stage by stage, different models compare fine

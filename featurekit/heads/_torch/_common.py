@@ -70,6 +70,14 @@ class TorchHead(Head):
             setattr(self, key, value)
         self.n_iter_ = np.atleast_1d(np.asarray(n_iter))
         self.converged_ = bool(converged)
+        if not self.converged_:  # one line, as scikit-learn's solvers say it
+            import warnings
+
+            from sklearn.exceptions import ConvergenceWarning
+
+            warnings.warn(f"{type(self).__name__}: the solver stopped at its iteration limit "
+                          f"({int(np.max(self.n_iter_))} iterations) before converging",
+                          ConvergenceWarning, stacklevel=3)
 
     def fit_grid(self, X, y, grid: list[dict[str, Any]], folds, metric: Callable,
                  on_stop: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[int]]:

@@ -71,7 +71,8 @@ def solve(X, pairs: list[Pair], Cs: list[float], gamma: float, *, tol: float = 1
           max_iter: int = -1, cache_bytes: int = 1 << 30,
           on_stop: Callable[[int], None] | None = None) -> list[list[PairSolution]]:
     """Every pair at every C on the standardised rows ``X`` (a tensor): [C][pair] solutions.
-    ``max_iter`` < 0: no limit, as scikit-learn's default. ``on_stop(1)`` each time every pair
+    ``max_iter`` < 0: libsvm's own bound, max(10^7, 100 m) steps for a pair of m rows (then it
+    has not converged). ``on_stop(1)`` each time every pair
     of some C has finished (a grid point done)."""
     out: list[list[Any]] = [[None] * len(pairs) for _ in Cs]
     left = [len(pairs)] * len(Cs)
@@ -172,6 +173,12 @@ class _Batch:
         return (0.5 * torch.where(self.valid, self.alpha * (self.G - 1), 0.0).sum(1)).cpu().numpy()
 
 
+def iteration_limit(max_iter: int, rows: int) -> int:
+    """SMO steps a pair may take: ``max_iter``, or where it is negative libsvm's own bound
+    (Solver::Solve: max(10^7, 100 l) for l rows), past which it stops unconverged."""
+    return max_iter if max_iter >= 0 else max(10_000_000, 100 * rows)
+
+
 def _last(values, largest: bool):
     """Index of the last maximum (or minimum) in each row, as libsvm's >= / <= scans find it."""
     flipped = values.flip(1)
@@ -193,6 +200,7 @@ def _smo(batch: _Batch, tol: float, max_iter: int, on_stop) -> tuple[np.ndarray,
     a, G, y, C, valid = batch.alpha, batch.G, batch.y, batch.C, batch.valid
     running = torch.ones(batch.S, dtype=torch.bool, device=dev)
     steps = torch.zeros(batch.S, dtype=torch.long, device=dev)
+    limit = iteration_limit(max_iter, batch.m)
     while True:
         upper, lower = a >= C, a <= 0
         up = valid & torch.where(y > 0, ~upper, ~lower)
@@ -209,7 +217,7 @@ def _smo(batch: _Batch, tol: float, max_iter: int, on_stop) -> tuple[np.ndarray,
         obj_diff = torch.where(candidate, -(grad_diff * grad_diff) / torch.where(quad > 0, quad, TAU), INF)
         j = _last(obj_diff, largest=False)
         optimal = (g_max + g_max2 < tol) | ~candidate.any(1)
-        stop = running & (optimal | ((steps >= max_iter) if max_iter >= 0 else False))
+        stop = running & (optimal | (steps >= limit))
         if stop.any():
             converged[members[stop & optimal]] = True
             n_iter[members[stop]] = steps[stop]
@@ -280,7 +288,7 @@ class TorchSVMHead(TorchHead):
     """Exact RBF C-SVC (libsvm's problem, one-vs-one) on standardised features, by batched
     SMO. ``gamma="scale"`` is 1 / (n_features * X.var()) of the standardised X (scikit-learn's
     meaning); ``cache_size``: MiB of kernel blocks held at once (None: a quarter of the free
-    GPU memory on CUDA, 1,024 on the CPU); ``max_iter`` < 0: no limit (scikit-learn's default).
+    GPU memory on CUDA, 1,024 on the CPU); ``max_iter`` < 0: libsvm's bound (scikit-learn's default).
     Fitted like scikit-learn's SVC: ``support_``, ``support_vectors_`` (standardised),
     ``n_support_``, ``dual_coef_`` and ``intercept_`` in libsvm's layout (scikit-learn's
     ``_dual_coef_`` / ``_intercept_``)."""

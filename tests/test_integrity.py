@@ -1,0 +1,127 @@
+"""Nothing silently wrong: finite features only, synced commits, a changed source refused on
+resume, bounded solvers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from featurekit import extract
+from featurekit.cache import open_cache
+from featurekit.errors import CacheError
+from tests.conftest import TINY, invoke
+
+
+def test_a_float16_overflow_is_refused_before_anything_is_committed(tmp_path, image_folder, runner):
+    """Activations past float16's 65,504 would be stored as infinity: refused with one line
+    (use float32); the same weights in float32 extract."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    state = resnet18().state_dict()
+    state["layer4.1.bn2.weight"] *= 1e7  # the last block's output, so penultimate, past 65,504
+    torch.save(state, tmp_path / "loud.pt")
+    args = [a for a in TINY if a not in ("--weights", "none")]
+    out = tmp_path / "c16.h5"
+    r = invoke(runner, "extract", image_folder, "--out", out, *args, "--weights", tmp_path / "loud.pt",
+               "--dtype", "float16")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "past --dtype float16's largest value 65504; use --dtype float32" in r.stderr
+    with h5py.File(out, "r") as f:  # nothing committed; the cache says it is incomplete
+        assert not f.attrs["complete"] and all(int(f[s].attrs["rows"]) == 0 for s in f)
+    r = invoke(runner, "extract", image_folder, "--out", tmp_path / "c32.h5", *args, "--weights",
+               tmp_path / "loud.pt")
+    assert r.exit_code == 0, r.stderr
+    with open_cache(tmp_path / "c32.h5") as c:
+        assert c.features("train", "penultimate").max() > 65504
+
+
+def test_non_finite_rows_are_refused_by_every_reader(digits_cache, tmp_path, runner):
+    """A cache with a NaN row (written by hand) is data no reader returns: open_cache's
+    features, fit, bench, predict and pack each stop with one line naming the split, layer
+    and row."""
+    head = tmp_path / "h.skops"
+    assert invoke(runner, "fit", digits_cache, "--head", "logistic", "--C", "1", "--out", head).exit_code == 0
+    bad = tmp_path / "nan.h5"
+    shutil.copy(digits_cache, bad)
+    with h5py.File(bad, "a") as f:
+        f["test/features/penultimate"][7, 3] = np.nan
+        f["train/features/penultimate"][2, 0] = np.inf
+    with open_cache(bad) as c, pytest.raises(CacheError, match="'train', layer 'penultimate'.*rows 2"):
+        c.features("train", "penultimate")
+    for args in (["fit", bad, "--head", "logistic", "--out", tmp_path / "h2.skops"],
+                 ["bench", bad, "--heads", "logistic"],
+                 ["predict", head, bad, "--out", tmp_path / "p.csv"],
+                 ["pack", bad, "--out", tmp_path / "packed.h5"]):
+        r = invoke(runner, *args)
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
+        assert "NaN or infinite" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "packed.h5").exists() and not (tmp_path / "p.csv").exists()
+    with open_cache(bad) as c:  # the layer3 rows are fine and still read
+        assert np.isfinite(c.features("train", "layer3")).all()
+
+
+def test_commits_and_renames_reach_the_disk(tmp_path, image_folder, monkeypatch):
+    """fsync of the cache file at each commit and at the finish, of the new file before its
+    rename and of its folder after it (counted by wrapping os.fsync)."""
+    synced: list[tuple[bool, int]] = []
+    real = os.fsync
+
+    def counting(fd):
+        st = os.fstat(fd)
+        synced.append((stat.S_ISDIR(st.st_mode), st.st_ino))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    out = tmp_path / "c.h5"
+    extract(image_folder, out, model="resnet18", weights="none", image_size=32, device="cpu",
+            workers=0, progress=False, commit_seconds=0, batch_size=4)
+    cache = out.stat().st_ino
+    assert sum(1 for is_dir, ino in synced if ino == cache and not is_dir) >= 4  # commits + finish
+    assert (True, tmp_path.stat().st_ino) in synced  # the folder, after the rename into it
+    synced.clear()
+    from featurekit._outputs import write_text
+
+    write_text(tmp_path / "x.txt", "x")
+    assert synced == [(False, (tmp_path / "x.txt").stat().st_ino), (True, tmp_path.stat().st_ino)]
+
+
+def test_finetune_resume_refuses_a_changed_source(tmp_path, image_folder, runner):
+    """An image added after the first epoch: --resume stops with one line, last.pt untouched."""
+    src = tmp_path / "source"
+    shutil.copytree(image_folder, src)
+    base = [*TINY, "--batch-size", "8"]
+    r = invoke(runner, "finetune", src, "--out", tmp_path / "run", *base, "--epochs", "1")
+    assert r.exit_code == 0, r.stderr
+    last = (tmp_path / "run" / "last.pt").read_bytes()
+    shutil.copy(src / "cat" / "cat_1.jpg", src / "cat" / "cat_new.jpg")
+    r = invoke(runner, "finetune", src, "--out", tmp_path / "run", *base, "--epochs", "2", "--resume")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "source changed" in r.stderr, r.stderr
+    assert (tmp_path / "run" / "last.pt").read_bytes() == last
+
+
+def test_the_torch_svm_stops_at_an_iteration_bound():
+    """max_iter < 0 is libsvm's bound (max(10^7, 100 l)), not an endless loop; a fit that
+    reaches its bound says so in one ConvergenceWarning and converged_ is False."""
+    import warnings
+
+    from sklearn.datasets import make_classification
+    from sklearn.exceptions import ConvergenceWarning
+
+    from featurekit.heads._torch._svm import TorchSVMHead, iteration_limit
+
+    assert iteration_limit(-1, 50) == 10_000_000 and iteration_limit(-1, 200_000) == 20_000_000
+    assert iteration_limit(7, 10**6) == 7
+    X, y = make_classification(200, 10, random_state=0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        head = TorchSVMHead(C=100.0, max_iter=3).fit(X, y)
+    assert not head.converged_
+    lines = [str(w.message) for w in seen if issubclass(w.category, ConvergenceWarning)]
+    assert len(lines) == 1 and "iteration limit" in lines[0] and "\n" not in lines[0]

@@ -2,15 +2,36 @@
 decisions made once (by rank 0) and shared, so that every rank does the same thing.
 
 Without ``torchrun`` (``WORLD_SIZE`` unset or 1) everything here is a no-op on one process.
+
+Failing together: a rank that fails writes one line (its own error) and publishes the failure
+in the process group's store (torchrun's rendezvous store, which outlives the workers), then
+waits up to ``GRACE_SECONDS`` for the others to stop. The others look at the store at every
+batch (:func:`check_peers`), at every barrier (:func:`barrier` waits on the store, never in a
+collective, so a rank that finishes early can wait for the others as long as they work) and
+when a collective breaks; each stops with one line ("stopped: rank 1 failed: ..."). torchrun's
+SIGTERM to the survivors becomes the same line. A rank killed outright (SIGKILL, the OOM
+killer) publishes nothing: torchrun stops the ranks of its node, and a collective or barrier
+on another node stops within ``FEATUREKIT_DIST_TIMEOUT`` seconds (default 1800).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from featurekit.errors import DeviceError, FeaturekitError
+
+GRACE_SECONDS = 10.0  # a failing rank waits this long at most for the others to stop
+CHECK_SECONDS = 0.2  # check_peers asks the store at most this often
+_FAILED, _ACKS = "featurekit/failed", "featurekit/stopped"
+_BARRIER, _ALIVE = "featurekit/barrier/", "featurekit/alive/"
+
+
+class PeerFailed(FeaturekitError):
+    """Another rank failed: this one stops, in one line (the failing rank printed why)."""
 
 
 @dataclass
@@ -18,6 +39,8 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    barriers: int = 0  # barriers passed, the same on every rank: each one's key in the store
+    checked: float = 0.0  # when check_peers last asked the store
 
     @property
     def main(self) -> bool:
@@ -58,9 +81,116 @@ def init(device: str) -> tuple[Dist, str]:
         # before any collective: NCCL's all_gather_object and barrier use the current device
         torch.cuda.set_device(torch.device(dev))
     if not dist.is_initialized():
+        import datetime
+
         extra = {"device_id": torch.device(dev)} if on_cuda else {}
-        dist.init_process_group(backend="nccl" if on_cuda else "gloo", **extra)
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank), dev
+        dist.init_process_group(backend="nccl" if on_cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_seconds()), **extra)
+    d = Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+    _stop_on_sigterm(d)
+    return d, dev
+
+
+def _store():
+    import torch.distributed as dist
+
+    return dist.distributed_c10d._get_default_store()
+
+
+def _peer_failure(d: Dist) -> str | None:
+    """What another rank published about its failure, if it did."""
+    try:
+        store = _store()
+        if store.check([_FAILED]):
+            text = store.get(_FAILED).decode("utf-8", "replace")
+            return None if text.startswith(f"rank {d.rank} ") else text
+    except Exception:  # the store is gone: torchrun's agent ended the run
+        return "lost contact with the other ranks (torchrun stopped the run)"
+    return None
+
+
+def _stop(d: Dist, failure: str) -> PeerFailed:
+    """This rank stops because of another's failure: counted (the failing rank waits for
+    that), and one line."""
+    with contextlib.suppress(Exception):
+        _store().add(_ACKS, 1)
+    error = PeerFailed(f"stopped: {failure}")
+    error.shared = True  # type: ignore[attr-defined]
+    return error
+
+
+def check_peers(d: Dist, now: bool = False) -> None:
+    """Stop (:class:`PeerFailed`) if another rank failed; cheap enough for every batch (asks
+    the store at most every ``CHECK_SECONDS``)."""
+    if d.world == 1 or (not now and time.monotonic() - d.checked < CHECK_SECONDS):
+        return
+    d.checked = time.monotonic()
+    with contextlib.suppress(Exception):
+        _store().add(f"{_ALIVE}{d.rank}", 1)  # a sign of work, for ranks waiting at a barrier
+    failure = _peer_failure(d)
+    if failure:
+        raise _stop(d, failure)
+
+
+def _publish(d: Dist, exc: BaseException) -> None:
+    """Tell the other ranks why this one fails (the first failure is kept), then give them up
+    to ``GRACE_SECONDS`` to stop before this process exits (torchrun stops the others at
+    once when a rank exits, before they could say anything)."""
+    if isinstance(exc, KeyboardInterrupt):
+        why = "was interrupted"
+    elif isinstance(exc, FeaturekitError):
+        why = "failed: " + " ".join(str(exc).split())
+    else:
+        why = f"failed: {type(exc).__name__}: " + " ".join(str(exc).split())
+    try:
+        store = _store()
+        store.compare_set(_FAILED, "", f"rank {d.rank} {why}"[:400])
+        # Ctrl-C reaches every rank of a terminal's process group: nobody waits for anybody
+        deadline = time.monotonic() + (0.0 if isinstance(exc, KeyboardInterrupt) else GRACE_SECONDS)
+        while time.monotonic() < deadline and int(store.add(_ACKS, 0)) < d.world - 1:
+            time.sleep(0.05)
+    except Exception:
+        pass
+
+
+_CURRENT: list[Dist] = []  # this process's rank under torchrun, once init() joined the group
+
+
+@contextlib.contextmanager
+def failing_together() -> Iterator[None]:
+    """Around a command: under torchrun, a failure of this rank is published (and the others
+    given time to stop), and a failure caused by another rank's (a collective that broke)
+    becomes that rank's line. Nothing happens on one process."""
+    try:
+        yield
+    except BaseException as exc:
+        d = _CURRENT[-1] if _CURRENT else None
+        if d is None or getattr(exc, "shared", False) or isinstance(exc, SystemExit):
+            raise
+        failure = _peer_failure(d)
+        deadline = time.monotonic() + (2.0 if isinstance(exc, RuntimeError) else 0.0)
+        while failure is None and time.monotonic() < deadline:  # a broken collective: the
+            time.sleep(0.05)  # failing rank publishes before it exits
+            failure = _peer_failure(d)
+        if failure:
+            raise _stop(d, failure) from None
+        _publish(d, exc)
+        raise
+
+
+def _stop_on_sigterm(d: Dist) -> None:
+    """torchrun sends SIGTERM to the other ranks when one exits: stop with one line."""
+    import signal
+    import threading
+
+    _CURRENT.append(d)
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise _stop(d, _peer_failure(d) or "terminated (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def decide(d: Dist, fn: Callable[[], Any]) -> Any:
@@ -72,6 +202,7 @@ def decide(d: Dist, fn: Callable[[], Any]) -> Any:
             outcome = ("ok", fn())
         except FeaturekitError as exc:
             outcome = ("error", (type(exc), str(exc)))
+    check_peers(d, now=True)
     if d.world > 1:
         import torch.distributed as dist
 
@@ -82,6 +213,7 @@ def decide(d: Dist, fn: Callable[[], Any]) -> Any:
         cls, message = outcome[1]
         error = cls(message)
         error.quiet = not d.main  # type: ignore[attr-defined]
+        error.shared = True  # every rank raises it: nothing to publish  # type: ignore[attr-defined]
         raise error
     return outcome[1]
 
@@ -89,6 +221,7 @@ def decide(d: Dist, fn: Callable[[], Any]) -> Any:
 def all_sum(values: list[float], d: Dist, device) -> list[float]:
     if d.world == 1:
         return values
+    check_peers(d, now=True)
     import torch
     import torch.distributed as dist
 
@@ -100,6 +233,7 @@ def all_sum(values: list[float], d: Dist, device) -> list[float]:
 def all_gather(obj: Any, d: Dist) -> list[Any]:
     if d.world == 1:
         return [obj]
+    check_peers(d, now=True)
     import torch.distributed as dist
 
     gathered: list[Any] = [None] * d.world
@@ -115,12 +249,49 @@ def broadcast_buffers(module, d: Dist) -> None:
         return
     import torch.distributed as dist
 
+    check_peers(d, now=True)
     for buffer in module.buffers():
         dist.broadcast(buffer, src=0)
 
 
 def barrier(d: Dist) -> None:
-    if d.world > 1:
-        import torch.distributed as dist
+    """Wait until every rank got here, on the store rather than in a collective: a rank with
+    less to do waits as long as the others work (they show it at every batch, see
+    :func:`check_peers`), and stops as soon as one fails, or once one has shown no sign of
+    work for ``FEATUREKIT_DIST_TIMEOUT`` seconds (killed outright on another node)."""
+    if d.world == 1:
+        return
+    d.barriers += 1
+    key = f"{_BARRIER}{d.barriers}/"
+    store = _store()
+    store.set(f"{key}{d.rank}", "1")
+    limit = timeout_seconds()
+    seen: dict[int, tuple[int, float]] = {}  # rank -> (its work counter, when it last moved)
+    pause = 0.01
+    while True:
+        missing = [r for r in range(d.world) if not store.check([f"{key}{r}"])]
+        if not missing:
+            return
+        check_peers(d, now=True)
+        now = time.monotonic()
+        for r in missing:
+            beat = int(store.add(f"{_ALIVE}{r}", 0))
+            if seen.get(r, (None, 0.0))[0] != beat:
+                seen[r] = (beat, now)
+            elif now - seen[r][1] > limit:
+                raise _stop(d, f"rank {r} showed no sign of work for {limit:.0f} s "
+                               "(FEATUREKIT_DIST_TIMEOUT); it was killed or hangs")
+        time.sleep(pause)
+        pause = min(0.5, pause * 1.5)
 
-        dist.barrier()
+
+def timeout_seconds() -> float:
+    """How long a rank waits on another that shows no sign of work, and the process group's
+    collective timeout: ``FEATUREKIT_DIST_TIMEOUT`` seconds, default 1800."""
+    try:
+        value = float(os.environ.get("FEATUREKIT_DIST_TIMEOUT", "1800"))
+    except ValueError:
+        raise DeviceError("FEATUREKIT_DIST_TIMEOUT must be a number of seconds") from None
+    if not value > 0:
+        raise DeviceError("FEATUREKIT_DIST_TIMEOUT must be a positive number of seconds")
+    return value

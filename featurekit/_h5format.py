@@ -27,6 +27,13 @@ SHARDED = "sharded"  # the ``layout`` attribute of a logical cache
 JSON_ATTRS = ("layers", "preprocess", "classes", "source", "zero_fraction", "zero_counts", "options",
               "shard", "shards")
 _STR = None  # h5py string dtype, made on first use
+# How a cache's bytes are checked (root attribute ``checksums``): HDF5's Fletcher-32 filter on
+# every numeric chunked dataset (checked by HDF5 on every read), and a CRC-32 of the decoded
+# strings of each split's paths and skipped lists (split attributes, committed with the rows:
+# HDF5 cannot filter variable-length strings, whose text lives outside the chunks). Caches
+# written before featurekit 0.3 have neither and still read ("checksums: none" in info).
+CHECKSUMS = "fletcher32+crc32"
+CHECKED = {"fletcher32": True}  # create_dataset keywords of a checksummed numeric dataset
 
 
 def str_dtype():
@@ -41,6 +48,15 @@ def str_dtype():
 def chunk_rows(dim: int, itemsize: int) -> int:
     """Rows per HDF5 chunk: about 1 MiB per chunk, so row-block reads touch few chunks."""
     return max(1, min(4096, (1 << 20) // max(1, dim * itemsize)))
+
+
+def strings_crc(values, crc: int = 0) -> int:
+    """CRC-32 of strings in order (each UTF-8, NUL-terminated), continuing from ``crc``: one
+    running value per list, updated at each commit."""
+    import zlib
+
+    data = b"".join((v if isinstance(v, bytes) else str(v).encode("utf-8")) + b"\0" for v in values)
+    return zlib.crc32(data, crc)
 
 
 def encode_attr(key: str, value: Any) -> Any:

@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from featurekit._h5format import (
+    CHECKED,
+    CHECKSUMS,
     JSON_ATTRS,
     FORMAT,
     SHARDED,
@@ -41,6 +43,7 @@ from featurekit._h5format import (
     read_header,
     root_attrs,
     str_dtype,
+    strings_crc,
 )
 from featurekit._outputs import check_output, replacing
 from featurekit.errors import CacheError, OutputError
@@ -222,6 +225,7 @@ class CacheWriter:
         self._f.flush()
         for key, value in (extra or {}).items():  # fixed-size values: rewritten in place, in
             g.attrs[key] = value  # the same object header as the counters below
+        _advance_crcs(g, b)
         g.attrs["rows"] = start + n
         g.attrs["n_skipped"] = int(g["skipped"]["path"].shape[0])
         g.attrs["next_index"] = b.next_index
@@ -299,27 +303,41 @@ def _create(f, attrs: dict[str, Any], split_sizes: dict[str, int], dims: dict[st
         root[key] = encode_attr(key, value)
     root["format"] = FORMAT
     root["format_version"] = SINGLE_VERSION
+    root["checksums"] = CHECKSUMS
     root["complete"] = False
     for split, n in split_sizes.items():
         g = f.create_group(split)
-        for key in ("rows", "next_index", "n_skipped"):
+        for key in ("rows", "next_index", "n_skipped", *_CRCS):
             g.attrs[key] = 0
         g.attrs["n_source"] = n
         cap = max(n, 1)
         g.create_dataset("labels", shape=(cap,), maxshape=(None,), dtype=np.int64,
-                         chunks=(min(cap, 8192),))
+                         chunks=(min(cap, 8192),), **CHECKED)
         g.create_dataset("paths", shape=(cap,), maxshape=(None,), dtype=str_dtype(),
                          chunks=(min(cap, 4096),))
         g.create_dataset("file_stat", shape=(cap, 2), maxshape=(None, 2), dtype=np.int64,
-                         chunks=(min(cap, 8192), 2))
+                         chunks=(min(cap, 8192), 2), **CHECKED)
         fg = g.create_group("features")
         for layer, dim in dims.items():
             fg.create_dataset(layer, shape=(cap, dim), maxshape=(None, dim), dtype=dtype,
-                              chunks=(min(cap, chunk_rows(dim, dtype.itemsize)), dim))
+                              chunks=(min(cap, chunk_rows(dim, dtype.itemsize)), dim), **CHECKED)
         sg = g.create_group("skipped")
         for name in ("path", "reason"):
             sg.create_dataset(name, shape=(0,), maxshape=(None,), dtype=str_dtype(), chunks=(256,))
     f.flush()
+
+
+_CRCS = ("paths_crc32", "skipped_crc32")  # split attributes: CRC-32 of the committed strings
+
+
+def _advance_crcs(g, b: _Buffer) -> None:
+    """The split's string checksums, continued over the rows being committed (a cache written
+    before featurekit 0.3 has none, and a resumed one does not start them halfway)."""
+    if "paths_crc32" in g.attrs:
+        g.attrs["paths_crc32"] = strings_crc(b.paths, int(g.attrs["paths_crc32"]))
+    if "skipped_crc32" in g.attrs:
+        g.attrs["skipped_crc32"] = strings_crc((v for s in b.skipped for v in s),
+                                               int(g.attrs["skipped_crc32"]))
 
 
 def _cut_to_commit(g) -> None:
@@ -411,11 +429,18 @@ def _guarded(fn):
                 where += f" of split {args[0]!r}"
             if fn.__name__ == "_block":
                 where += f", layer {args[1]!r} (rows {args[2]}..{args[3] - 1})"
-            detail = " ".join(str(exc).split())[:200]
-            raise CacheError(f"{self.path} is damaged: its {where} cannot be read ({detail}); "
-                             "re-extract it, or restore the file") from None
+            raise CacheError(f"{self.path} is damaged: its {where} cannot be read "
+                             f"({_read_failure(exc)}); re-extract it, or restore the file") from None
 
     return wrapper
+
+
+def _read_failure(exc: BaseException) -> str:
+    """What went wrong reading a chunk, in a user's words where HDF5's are cryptic."""
+    detail = " ".join(str(exc).split())[:200]
+    if "filter returned failure" in detail:  # the Fletcher-32 filter refuses a changed chunk
+        return "a chunk's checksum does not match its bytes"
+    return detail
 
 
 class Cache:
@@ -425,6 +450,7 @@ class Cache:
         self.path = path
         self._f = f
         self.attrs = attrs
+        self._indexed: set[str] = set()  # splits whose row index (paths, skipped) was checked
 
     # -- metadata
     @property
@@ -455,13 +481,23 @@ class Cache:
         return int(self._f[self.splits[0]]["features"][layer].shape[1])
 
     # -- data
+    @property
+    def checksums(self) -> str:
+        """How this cache's bytes are checked (``fletcher32+crc32``), or ``none`` for a cache
+        written before featurekit 0.3."""
+        return str(self.attrs.get("checksums") or "none")
+
     @_guarded
     def labels(self, split: str) -> np.ndarray:
+        self._check_index(split)
         return self._group(split)["labels"][: self.n_rows(split)]
 
     @_guarded
     def paths(self, split: str) -> list[str]:
-        return [decode_value(p) for p in self._group(split)["paths"][: self.n_rows(split)]]
+        g = self._group(split)
+        raw = g["paths"][: self.n_rows(split)]
+        self._check_crc(g, "paths_crc32", raw, f"paths of split {split!r}")
+        return [decode_value(p) for p in raw]
 
     @_guarded
     def features(self, split: str, layer: str, block_rows: int = 8192) -> np.ndarray:
@@ -485,6 +521,7 @@ class Cache:
 
     @_guarded
     def _block(self, split: str, layer: str, start: int, stop: int) -> np.ndarray:
+        self._check_index(split)
         block = self._group(split)["features"][layer][start:stop].astype(np.float32, copy=False)
         bad = ~np.isfinite(block).all(axis=1)
         if bad.any():
@@ -503,8 +540,50 @@ class Cache:
 
     @_guarded
     def skipped(self, split: str) -> list[tuple[str, str]]:
-        sg = self._group(split)["skipped"]
-        return [(decode_value(p), decode_value(r)) for p, r in zip(sg["path"][:], sg["reason"][:])]
+        g = self._group(split)
+        paths, reasons = g["skipped"]["path"][:], g["skipped"]["reason"][:]
+        self._check_crc(g, "skipped_crc32", [v for pair in zip(paths, reasons) for v in pair],
+                        f"list of skipped files of split {split!r}")
+        return [(decode_value(p), decode_value(r)) for p, r in zip(paths, reasons)]
+
+    def check(self) -> list[tuple[str, str]]:
+        """Read every byte of the cache's rows: HDF5 checks each chunk's Fletcher-32, the
+        strings are checked against their CRC-32 and the features for finiteness. Returns
+        ``(part, message)`` per damaged part (empty: intact); a cache without checksums is read
+        the same way (then only what fails to read, or is not finite, shows)."""
+        damaged: list[tuple[str, str]] = []
+
+        def attempt(part: str, read: Callable[[], Any]) -> None:
+            try:
+                read()
+            except CacheError as exc:
+                damaged.append((part, str(exc)))
+
+        for split in self.splits:
+            before = len(damaged)
+            attempt(f"{split}/paths", lambda: self.paths(split))
+            attempt(f"{split}/skipped", lambda: self.skipped(split))
+            self._indexed.add(split)  # reported above; every row is read regardless
+            attempt(f"{split}/labels", lambda: self.labels(split))
+            attempt(f"{split}/file_stat", lambda: self.file_stats(split))
+            for layer in self.layers:
+                attempt(f"{split}/features/{layer}",
+                        lambda: [None for _ in self.iter_features(split, layer)])  # noqa: B023
+            if len(damaged) > before:
+                self._indexed.discard(split)
+        return damaged
+
+    def require_intact(self) -> dict[str, Any]:
+        """:meth:`check` as one :class:`CacheError` line (the first damage, naming the other
+        damaged parts); else what was checked: ``checksums``, ``rows``, ``seconds``."""
+        t = time.perf_counter()
+        damaged = self.check()
+        if damaged:
+            more = (f" (also damaged: {', '.join(part for part, _ in damaged[1:])})"
+                    if len(damaged) > 1 else "")
+            raise CacheError(damaged[0][1] + more)
+        return {"checksums": self.checksums, "rows": sum(self.n_rows(s) for s in self.splits),
+                "seconds": round(time.perf_counter() - t, 3)}
 
     @_guarded
     def summary(self) -> dict[str, Any]:
@@ -538,10 +617,24 @@ class Cache:
             },
             "stats": a.get("stats"),
             "layout": a.get("layout") or "single",
+            "checksums": self.checksums,
             "shards": [r.get("path") for r in a.get("shards") or []],
         }
 
     # -- internals
+    def _check_index(self, split: str) -> None:
+        """Before a split's rows are read: its row index (paths, skipped files) matches its
+        checksums, so no reader uses rows of a damaged cache (once per split and reader)."""
+        if split not in self._indexed:
+            self.paths(split)
+            self.skipped(split)
+            self._indexed.add(split)
+
+    def _check_crc(self, g, key: str, values, what: str) -> None:
+        if key in g.attrs and strings_crc(values) != int(g.attrs[key]):
+            raise CacheError(f"{self.path} is damaged: its {what} do not match their checksum; "
+                             "re-extract it, or restore the file")
+
     def _group(self, split: str):
         if split not in self._f:
             raise CacheError(
@@ -649,8 +742,9 @@ def _check_split(p: Path, g: Any, s: str, attrs: dict[str, Any]) -> None:
 def pack(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
          overwrite: bool = False) -> Path:
     """Copy any cache (sharded or not) into one ordinary file (format 1): the same groups,
-    attributes and data, in HDF5's 1.8 format, under a temporary name and renamed when
-    complete."""
+    attributes and data, in HDF5's 1.8 format, with checksums (a cache written before
+    featurekit 0.3 gains them), under a temporary name and renamed when complete. Every row
+    read is checked first: a damaged or non-finite source packs nothing."""
     import h5py
 
     src, out = Path(src), check_output(out, overwrite, example="cache.h5")
@@ -663,35 +757,47 @@ def pack(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
                 if key not in ("layout", "shards", "complete"):
                     f.attrs[key] = value
             f.attrs["format_version"] = SINGLE_VERSION
+            f.attrs["checksums"] = CHECKSUMS
             f.attrs["complete"] = False
-            for split in f_in:
-                _copy_split(f_in[split], f.create_group(split))
+            for split in cache.splits:
+                cache.skipped(split)  # the row index (paths, skipped) matches its checksums
+                _copy_split(cache, split, f.create_group(split))
             f.flush()
             f.attrs["complete"] = True
     return out
 
 
-def _copy_split(g_in, g, block: int = 8192) -> None:
-    """A split group's attributes and datasets, read in row blocks (virtual or not), written
-    with featurekit's usual chunking."""
+def _copy_split(cache: Cache, split: str, g, block: int = 8192) -> None:
+    """A split group's attributes and datasets, read in row blocks (virtual or not; each
+    block checked as :class:`Cache` reads it), written with featurekit's chunking and
+    checksums."""
+    g_in = cache._group(split)
     for key, value in g_in.attrs.items():
         g.attrs[key] = value
     for name, ds in _walk(g_in):
         target = g.require_group(os.path.dirname(name)) if "/" in name else g
-        rows_total = int(g_in.attrs.get("rows", ds.shape[0]))
-        n = ds.shape[0]
+        n, text = ds.shape[0], ds.dtype.kind == "O"
         rows = chunk_rows(ds.shape[1], ds.dtype.itemsize) if ds.ndim == 2 else 8192
         out = target.create_dataset(os.path.basename(name), shape=ds.shape, dtype=ds.dtype,
                                     maxshape=(None, *ds.shape[1:]),
-                                    chunks=(max(1, min(n, rows)), *ds.shape[1:]))
+                                    chunks=(max(1, min(n, rows)), *ds.shape[1:]),
+                                    **({} if text else CHECKED))
+        layer = name.split("/", 1)[1] if name.startswith("features/") else None
         for start in range(0, n, block):
-            data = ds[start:start + block]
-            if name.startswith("features/") and start < rows_total:
-                _check_finite(data[:max(0, rows_total - start)], data.dtype, name.split("/", 1)[1],
-                              [f"row {start + i} of split {g_in.name.strip('/')!r}"
-                               for i in range(len(data))],
-                              why="a damaged or hand-made cache; nothing was packed")
-            out[start:start + block] = data
+            stop = min(n, start + block)
+            out[start:stop] = (cache._block(split, layer, start, stop).astype(ds.dtype)
+                               if layer else _read_rows(cache, ds, name, split, start, stop))
+    g.attrs["paths_crc32"] = strings_crc(g["paths"][:])
+    g.attrs["skipped_crc32"] = strings_crc(
+        [v for pair in zip(g["skipped"]["path"][:], g["skipped"]["reason"][:]) for v in pair])
+
+
+def _read_rows(cache: Cache, ds, name: str, split: str, start: int, stop: int) -> np.ndarray:
+    try:
+        return ds[start:stop]
+    except Exception as exc:  # a checksum that does not match, a chunk that does not read
+        raise CacheError(f"{cache.path} is damaged: its {name} of split {split!r} cannot be read "
+                         f"({_read_failure(exc)}); nothing was packed") from None
 
 
 def _walk(group, prefix: str = ""):

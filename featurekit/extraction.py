@@ -354,7 +354,7 @@ def _run_pass(plan: _Plan, backbone, net, writer, summary: ExtractSummary, progr
     thread runs the model, a writer thread does the HDF5 work in batch order."""
     import torch
 
-    from featurekit import _decode, _pipeline
+    from featurekit import _decode, _dist, _pipeline
     from featurekit._console import progress_bar
 
     src, dev, on_cuda = plan.src, plan.device, plan.on_cuda
@@ -395,6 +395,7 @@ def _run_pass(plan: _Plan, backbone, net, writer, summary: ExtractSummary, progr
                             completed=sum(d["next_index"] for d in done.values()))
         stream = torch.cuda.current_stream(dev) if on_cuda else None
         for positions, good, x, failures in ready:
+            _dist.check_peers(plan.dist)  # another rank failed: stop too
             if mark is None and seen >= warm:
                 mark = (seen, time.perf_counter())
             k = next(k for k in reversed(range(len(names))) if positions[0] >= starts[k])

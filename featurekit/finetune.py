@@ -662,6 +662,7 @@ def _train_epoch(run: _Run, net, step_model, opt, train_ds, sampler, epoch: int,
     with progress_bar(enabled=progress and run.dist.main, unit="img") as bar:
         task = bar.add_task(f"epoch {epoch}/{o.epochs}", total=len(sampler) - drop_single)
         for x, y in _loader(run, train_ds, sampler, drop_last=drop_single):
+            _dist.check_peers(run.dist)  # before the step's collectives: stop if a rank failed
             x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(dev, non_blocking=True)
             with _autocast(run):
@@ -689,6 +690,7 @@ def _evaluate(run: _Run, net, val_ds, shard) -> tuple[float, float]:
     sums = [0.0, 0.0, 0.0]
     with torch.inference_mode():
         for x, y in _loader(run, val_ds, shard):
+            _dist.check_peers(run.dist)
             x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(dev, non_blocking=True)
             with _autocast(run):

@@ -27,12 +27,14 @@ from typing import Any
 import numpy as np
 
 from featurekit._h5format import (
+    CHECKSUMS,
     FORMAT,
     SHARDED,
     SHARDED_VERSION,
     encode_attr,
     read_header,
     str_dtype,
+    strings_crc,
 )
 from featurekit._outputs import replacing
 from featurekit.errors import CacheError
@@ -109,6 +111,8 @@ def finalise(out: Path, world: int, expected_options: dict[str, Any], attrs: dic
         for key, value in attrs.items():
             f.attrs[key] = encode_attr(key, value)
         f.attrs["layout"] = SHARDED
+        if all(h.get("checksums") == CHECKSUMS for h in headers):
+            f.attrs["checksums"] = CHECKSUMS
         f.attrs["shards"] = encode_attr("shards", [_record(out, p, h) for p, h in zip(files, headers)])
         counts, fractions = _zero_totals(headers)
         f.attrs["zero_counts"] = encode_attr("zero_counts", counts)
@@ -159,6 +163,22 @@ def _write_logical(f, out: Path, files: list[Path], headers, attrs) -> None:
                 values = [v for p in parts for v in p["skipped"][name][()]]
                 sg.create_dataset(name, data=np.array(values, dtype=object), dtype=str_dtype(),
                                   maxshape=(None,), chunks=(256,))
+            if all("paths_crc32" in p.attrs for p in parts):
+                g.attrs["paths_crc32"] = _paths_crc(files, parts, rows)
+                g.attrs["skipped_crc32"] = strings_crc(
+                    [v for pair in zip(sg["path"][()], sg["reason"][()]) for v in pair])
+
+
+def _paths_crc(files: list[Path], parts, rows: list[int]) -> int:
+    """The CRC-32 of the logical split's paths, each shard's checked on the way."""
+    crc = 0
+    for p, part, n in zip(files, parts, rows):
+        values = part["paths"][:n]
+        if strings_crc(values) != int(part.attrs["paths_crc32"]):
+            raise CacheError(f"shard {p} is damaged: its paths of split {part.name.strip('/')!r} "
+                             "do not match their checksum; re-run extract with --overwrite")
+        crc = strings_crc(values, crc)
+    return crc
 
 
 def _virtual(group, name: str, out: Path, files: list[Path], parts, rows: list[int], where: str) -> None:

@@ -125,3 +125,87 @@ def test_the_torch_svm_stops_at_an_iteration_bound():
     assert not head.converged_
     lines = [str(w.message) for w in seen if issubclass(w.category, ConvergenceWarning)]
     assert len(lines) == 1 and "iteration limit" in lines[0] and "\n" not in lines[0]
+
+
+def _flip(path, dataset: str, chunk: int = 0) -> None:
+    """XOR 16 bytes in the middle of one chunk of ``dataset``, on disk (a bad sector)."""
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(chunk)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        raw = fh.read(16)
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(bytes(b ^ 0xFF for b in raw))
+
+
+@pytest.mark.parametrize("dataset,what", [("train/features/penultimate", "features of split 'train'"),
+                                          ("train/labels", "labels of split 'train'"),
+                                          ("train/paths", "paths of split 'train'")])
+def test_a_damaged_chunk_is_refused_by_every_reader(digits_cache, tmp_path, runner, dataset, what):
+    """16 bytes flipped in one chunk: info, info --verify, fit, bench, predict, pack and
+    open_cache each stop with one line naming the file and what is damaged; nothing is
+    written from it."""
+    head = tmp_path / "h.skops"
+    assert invoke(runner, "fit", digits_cache, "--head", "logistic", "--C", "1", "--out", head).exit_code == 0
+    bad = tmp_path / "bad.h5"
+    shutil.copy(digits_cache, bad)
+    _flip(bad, dataset)
+    for args in (["info", bad], ["info", bad, "--verify"],
+                 ["fit", bad, "--head", "logistic", "--C", "1", "--out", tmp_path / "h2.skops"],
+                 ["bench", bad, "--heads", "logistic", "--out", tmp_path / "b"],
+                 ["predict", head, bad, "--split", "train", "--out", tmp_path / "p.csv"],
+                 ["pack", bad, "--out", tmp_path / "packed.h5"]):
+        r = invoke(runner, *args)
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
+        assert "bad.h5 is damaged: its " + what in r.stderr and "Traceback" not in r.stderr, r.stderr
+    for made in ("h2.skops", "b", "p.csv", "packed.h5"):
+        assert not (tmp_path / made).exists()
+    with open_cache(bad) as c, pytest.raises(CacheError, match="is damaged: its " + what):
+        c.features("train", "penultimate"), c.labels("train")
+
+
+def test_changed_path_text_is_caught_by_its_checksum(digits_cache, tmp_path, runner):
+    """A path's text lives outside the chunks (HDF5 strings cannot be filtered): its CRC-32,
+    committed with the rows, catches a change there; readers of that split's rows refuse (fit
+    on train and test reads no val row and works)."""
+    bad = tmp_path / "text.h5"
+    shutil.copy(digits_cache, bad)
+    with h5py.File(bad, "a") as f:
+        f["val/paths"][3] = "8/elsewhere.png"
+    head = tmp_path / "h.skops"
+    assert invoke(runner, "fit", bad, "--head", "logistic", "--C", "1", "--out", head).exit_code == 0
+    for args in (["info", bad], ["predict", head, bad, "--split", "val", "--out", tmp_path / "p.csv"]):
+        r = invoke(runner, *args)
+        assert r.exit_code == 2 and "its paths of split 'val' do not match their checksum" in r.stderr, r.stderr
+    with open_cache(bad) as c:
+        assert len(c.labels("train")) == 1259  # the other splits still read
+        with pytest.raises(CacheError, match="paths of split 'val'"):
+            c.features("val", "layer3")
+
+
+def test_info_reports_checksums_and_pack_adds_them_to_an_old_cache(digits_cache, tmp_path, runner):
+    """info says intact (or, for a cache written before checksums, that it has none); pack
+    writes a checksummed copy of an old cache, whose data is unchanged."""
+    r = invoke(runner, "info", digits_cache)
+    assert r.exit_code == 0 and "integrity: intact (fletcher32+crc32" in r.stdout, r.stdout
+    old = tmp_path / "old.h5"
+    with h5py.File(digits_cache, "r") as src, h5py.File(old, "w", libver=("v108", "v108")) as dst:
+        for key, value in src.attrs.items():
+            if key != "checksums":
+                dst.attrs[key] = value
+        def copy(name, obj):
+            if isinstance(obj, h5py.Dataset):  # as featurekit 0.2 wrote it: no filter, no CRC
+                dst.create_dataset(name, data=obj[()], dtype=obj.dtype, chunks=obj.chunks,
+                                   maxshape=obj.maxshape)
+            else:
+                dst.require_group(name).attrs.update(
+                    {k: v for k, v in obj.attrs.items() if not k.endswith("_crc32")})
+        src.visititems(copy)
+    r = invoke(runner, "info", old)
+    assert r.exit_code == 0 and "this cache has no checksums" in r.stdout, r.stdout
+    assert invoke(runner, "pack", old, "--out", tmp_path / "new.h5").exit_code == 0
+    r = invoke(runner, "info", tmp_path / "new.h5", "--json")
+    assert r.exit_code == 0 and '"checksums": "fletcher32+crc32"' in r.stdout
+    with h5py.File(tmp_path / "new.h5", "r") as f, open_cache(digits_cache) as c:
+        assert f["train/features/layer3"].fletcher32 and f["val/labels"].fletcher32
+        assert (f["train/features/layer3"][()] == c.features("train", "layer3")).all()

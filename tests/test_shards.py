@@ -43,13 +43,15 @@ def reference(folder, tmp_path_factory) -> Path:
     return ref
 
 
-def torchrun(args, nproc: int = 2) -> subprocess.Popen:
+def torchrun(args, nproc: int = 2, script: tuple[Path, str] | None = None) -> subprocess.Popen:
+    """``torchrun -m featurekit ARGS`` (or ``SCRIPT MODE ARGS``) on two gloo ranks."""
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    target = ["-m", "featurekit"] if script is None else [str(script[0]), script[1]]
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-         "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "featurekit", *map(str, args)],
+         "--master_addr=127.0.0.1", f"--master_port={port}", *target, *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -199,6 +201,31 @@ def test_a_killed_rank_resumes_to_the_single_process_cache(folder, reference, tm
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr[-3000:]
     same_rows(reference, out)
+
+
+@pytest.mark.parametrize("when", ["start", "mid-pass"])
+def test_when_one_rank_fails_every_rank_stops_with_one_line(folder, tmp_path, when):
+    """Rank 1 alone fails: at the start (its shard path is a folder) or in its pass (its third
+    commit: no space left). torchrun returns non-zero well within 60 s; rank 1 printed its
+    error, rank 0 one line saying it stopped because rank 1 failed; no traceback from
+    featurekit on any rank."""
+    import re
+
+    out = tmp_path / "f.h5"
+    if when == "start":
+        (tmp_path / "f.h5.shards" / "00001-of-00002.h5").mkdir(parents=True)
+    script = Path(__file__).with_name("_failing_rank.py")
+    started = time.monotonic()
+    p = torchrun(["extract", folder, "--out", out, *ARGS], script=(script, "writer" if when != "start" else "none"))
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode != 0 and time.monotonic() - started < 60, stderr[-3000:]
+    ours = [line for line in stderr.splitlines() if line.startswith(("error:", "[rank"))]
+    assert len(ours) == 2, stderr[-3000:]
+    assert sum(line.startswith("error: stopped: rank 1 failed: ") for line in ours) == 1, ours
+    why = "is a folder" if when == "start" else "No space left on device"
+    assert all(why in line for line in ours), ours
+    assert not re.search(r'File ".*featurekit[/\\]', stderr), stderr[-3000:]
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------- head sweeps on a Dask cluster

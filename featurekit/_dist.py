@@ -41,6 +41,7 @@ class Dist:
     local_rank: int = 0
     barriers: int = 0  # barriers passed, the same on every rank: each one's key in the store
     checked: float = 0.0  # when check_peers last asked the store
+    stopping: bool = False  # this rank is on its way out: torchrun's SIGTERM changes nothing
 
     @property
     def main(self) -> bool:
@@ -87,7 +88,7 @@ def init(device: str) -> tuple[Dist, str]:
         dist.init_process_group(backend="nccl" if on_cuda else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_seconds()), **extra)
     d = Dist(dist.get_rank(), dist.get_world_size(), local_rank)
-    _stop_on_sigterm(d)
+    _CURRENT.append(d)  # for failing_together and torchrun's SIGTERM
     return d, dev
 
 
@@ -99,6 +100,10 @@ def _store():
 
 def _peer_failure(d: Dist) -> str | None:
     """What another rank published about its failure, if it did."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return None
     try:
         store = _store()
         if store.check([_FAILED]):
@@ -112,6 +117,7 @@ def _peer_failure(d: Dist) -> str | None:
 def _stop(d: Dist, failure: str) -> PeerFailed:
     """This rank stops because of another's failure: counted (the failing rank waits for
     that), and one line."""
+    d.stopping = True
     with contextlib.suppress(Exception):
         _store().add(_ACKS, 1)
     error = PeerFailed(f"stopped: {failure}")
@@ -136,6 +142,7 @@ def _publish(d: Dist, exc: BaseException) -> None:
     """Tell the other ranks why this one fails (the first failure is kept), then give them up
     to ``GRACE_SECONDS`` to stop before this process exits (torchrun stops the others at
     once when a rank exits, before they could say anything)."""
+    d.stopping = True
     if isinstance(exc, KeyboardInterrupt):
         why = "was interrupted"
     elif isinstance(exc, FeaturekitError):
@@ -161,6 +168,14 @@ def failing_together() -> Iterator[None]:
     """Around a command: under torchrun, a failure of this rank is published (and the others
     given time to stop), and a failure caused by another rank's (a collective that broke)
     becomes that rank's line. Nothing happens on one process."""
+    import signal
+    import threading
+
+    _CURRENT.clear()  # the rank this command joins as (init), if any
+    installed, sigterm = False, None
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and \
+            threading.current_thread() is threading.main_thread():
+        sigterm, installed = signal.signal(signal.SIGTERM, _on_sigterm), True
     try:
         yield
     except BaseException as exc:
@@ -176,21 +191,24 @@ def failing_together() -> Iterator[None]:
             raise _stop(d, failure) from None
         _publish(d, exc)
         raise
+    finally:
+        _CURRENT.clear()
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if sigterm is None else sigterm)
 
 
-def _stop_on_sigterm(d: Dist) -> None:
-    """torchrun sends SIGTERM to the other ranks when one exits: stop with one line."""
-    import signal
-    import threading
+def _on_sigterm(signum, frame) -> None:
+    """torchrun sends SIGTERM to the other ranks when one exits: stop with one line (before
+    this rank joined the group: SIGTERM's default, the end of the process)."""
+    d = _CURRENT[-1] if _CURRENT else None
+    if d is None:
+        import signal
 
-    _CURRENT.append(d)
-    if threading.current_thread() is not threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
         return
-
-    def handler(signum, frame):
+    if not d.stopping:  # already stopping: its own line is on its way
         raise _stop(d, _peer_failure(d) or "terminated (SIGTERM)")
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def decide(d: Dist, fn: Callable[[], Any]) -> Any:

@@ -2,7 +2,8 @@
 together, issue 21).
 
 Usage: torchrun ... tests/_failing_rank.py MODE featurekit-args...
-MODE: ``none`` (no fault), ``writer`` (rank 1's third commit fails: "No space left on device").
+MODE: ``none`` (no fault), ``writer`` (rank 1's third commit fails: "No space left on device"),
+``train`` (rank 1 runs out of device memory in its third training step).
 """
 
 import os
@@ -22,4 +23,18 @@ if mode == "writer" and os.environ.get("RANK") == "1":
         return real(self, split, extra)
 
     cache.CacheWriter._commit = failing
+if mode == "train" and os.environ.get("RANK") == "1":
+    import torch
+
+    import featurekit.finetune as ft
+
+    real_autocast, steps = ft._autocast, [0]
+
+    def failing_autocast(run):  # entered once per training step
+        steps[0] += 1
+        if steps[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_autocast(run)
+
+    ft._autocast = failing_autocast
 app(args, prog_name="featurekit")

@@ -345,3 +345,30 @@ def test_a_last_batch_of_one_image_is_left_out(tmp_path, image_folder, runner):
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "--batch-size 1" in r.stderr
     r = invoke(runner, "finetune", image_folder, "--out", tmp_path / "r2", *base, "--train-layers", "fc")
     assert r.exit_code == 0, r.stderr  # a linear head alone trains on single images
+
+
+def test_a_rank_failing_mid_epoch_stops_both(tmp_path, image_folder):
+    """Rank 1 runs out of memory in its third step while rank 0 waits in the step's
+    all-reduce: both ranks exit within 60 s, rank 1 with its one line, rank 0 with one line
+    saying it stopped because rank 1 failed; no traceback from featurekit."""
+    import re
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={port}",
+         str(Path(__file__).with_name("_failing_rank.py")), "train", "finetune", str(image_folder),
+         "--out", str(tmp_path / "run"), "--model", "resnet18", "--weights", "none",
+         "--image-size", "32", "--epochs", "2", "--device", "cpu", "--batch-size", "2",
+         "--workers", "0", "--no-progress"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0 and time.monotonic() - started < 60, r.stderr[-3000:]
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 2 and sum("stopped: rank 1 failed" in line for line in ours) == 1, r.stderr[-3000:]
+    assert all("out of memory" in line for line in ours), ours
+    assert not re.search(r'File ".*featurekit[/\\\\]', r.stderr), r.stderr[-3000:]

@@ -55,10 +55,15 @@ def resolve(decode: str, dev: str, log) -> str:
         return "cpu" if decode == "auto" else decode
     if decode == "cpu":
         return decode
-    hw = hw_problem(dev) if decode in ("auto", "hw") else None
-    if decode in ("auto", "hw") and hw is None:
-        return "hw"
-    nvjpeg = nvjpeg_problem(dev)
+    import torch
+
+    index = torch.device(dev).index  # cuda:N: the probes' allocations on device N
+    bound = index is not None and torch.cuda.is_available()
+    with torch.cuda.device(index) if bound else contextlib.nullcontext():
+        hw = hw_problem(dev) if decode in ("auto", "hw") else None
+        if decode in ("auto", "hw") and hw is None:
+            return "hw"
+        nvjpeg = nvjpeg_problem(dev)
     if decode == "gpu" and nvjpeg:
         raise DeviceError(f"--decode gpu: nvJPEG does not work here ({nvjpeg}); use --decode cpu")
     if nvjpeg is None:
@@ -337,8 +342,9 @@ def _decode_batch(datas: list[Any], device: str, hw) -> list[Any]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
-        out = hw(datas) if hw is not None else decode_jpeg(datas, mode=ImageReadMode.RGB,
-                                                            device=device)
+        with stream_safe(device):
+            out = hw(datas) if hw is not None else decode_jpeg(datas, mode=ImageReadMode.RGB,
+                                                                device=device)
     except torch.OutOfMemoryError:
         raise
     except Exception:
@@ -353,11 +359,38 @@ def _nvjpeg_one(data, device: str):
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        with stream_safe(device):
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except torch.OutOfMemoryError:
         raise
     except Exception:
         return None
+
+
+@contextlib.contextmanager
+def stream_safe(device: str):
+    """Around a decoder that writes on a CUDA stream of its own (nvJPEG in torchvision, the
+    hardware engines of nvImageCodec, which ignore the stream they are given), while its
+    outputs come from torch's caching allocator on the current stream: first, every kernel
+    queued on the current stream finishes (memory freed by the previous batch may be handed
+    to the decoder while such a kernel still reads it: silently wrong pixels); after, the
+    current stream waits for the decoder (torchvision's nvJPEG orders its outputs on the
+    current stream itself; the engines may not). Host-side waits on this (prefetch) stream
+    only: the model's stream runs on. Nothing to do on the CPU."""
+    import torch
+
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.current_stream(torch.device(device)).synchronize()
+    try:
+        yield
+    except BaseException:  # a refused batch: its outputs' memory goes back to the allocator,
+        if cuda:  # so the decoder's own stream must be done with it (rare: the whole device)
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize(torch.device(device))
+        raise
+    if cuda:
+        torch.cuda.current_stream(torch.device(device)).synchronize()
 
 
 def _reason(exc: Exception) -> str:

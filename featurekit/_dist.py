@@ -92,6 +92,12 @@ def init(device: str) -> tuple[Dist, str]:
     return d, dev
 
 
+def local_world(d: Dist) -> int:
+    """Processes torchrun started on this host (LOCAL_WORLD_SIZE; 1 without torchrun): they
+    share its cores (see :func:`featurekit._resources.share_cores`)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if d.world > 1 else 1
+
+
 def _store():
     import torch.distributed as dist
 

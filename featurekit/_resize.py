@@ -155,6 +155,8 @@ def padded(images: list[Any], dtype=None):
     try:
         nt = torch.nested.as_nested_tensor(images, dtype=torch.float16)
         return torch.nested.to_padded_tensor(nt, 0.0).to(dtype)
+    except torch.OutOfMemoryError:  # a smaller --batch-size, not a slower copy
+        raise
     except (RuntimeError, NotImplementedError):  # an older torch: one copy per image
         h = max(int(x.shape[-2]) for x in images)
         w = max(int(x.shape[-1]) for x in images)

@@ -235,8 +235,7 @@ def _plan(source, out, *, model, weights, layers, pool, image_size, batch_size, 
     recorded = _recorded_decode(out_path, dist_info) if resume else None
     decode = _decode.choose(decode, dev, dist_info, recorded, log)
     batch_size = batch_size or (256 if on_cuda(dev) else 64)  # CPU gains nothing past 64
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist_info.world > 1 else 1
-    workers = _resources.share_cores(dev, local) if workers is None else workers
+    workers = _resources.share_cores(dev, _dist.local_world(dist_info)) if workers is None else workers
     spec = models.resolve_weights(weights)
     size = models.preprocess_for(model, spec, image_size).crop_size
     _resources.check_batch_fits(image_size=size, batch_size=batch_size, device=dev,

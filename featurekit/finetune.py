@@ -386,7 +386,7 @@ def _plan(source, out, *, model, weights, train_layers, head, hidden, dropout, e
     from featurekit import data, models
     from featurekit import options as opt
     from featurekit._device import resolve_device, resolve_precision
-    from featurekit._resources import default_workers
+    from featurekit._resources import share_cores
 
     if model is not None:
         models.check_model(model)
@@ -414,7 +414,8 @@ def _plan(source, out, *, model, weights, train_layers, head, hidden, dropout, e
     spec = models.resolve_weights(weights)
     name = model or spec.model_name or models.DEFAULT_MODEL
     size = models.preprocess_for(name, spec, image_size).crop_size
-    n_workers = default_workers(dev) if workers is None else workers
+    # under torchrun the host's cores are shared by its ranks, as extract shares them
+    n_workers = share_cores(dev, _dist.local_world(dist_info)) if workers is None else workers
     _check_memory(name, layers, size, batch_size, dev, prec, n_workers)
     src = data.open_source(source, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
     if "train" not in src.splits:
@@ -658,7 +659,9 @@ def _train_epoch(run: _Run, net, step_model, opt, train_ds, sampler, epoch: int,
     # one each epoch)
     drop_single = len(sampler) % o.batch_size == 1
     set_train_mode(net, o.train_layers)
-    sums = [0.0, 0.0, 0.0]  # loss*n, correct, n
+    # loss*n and correct summed on the device: no host sync per step (one per epoch)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    correct, n = torch.zeros((), dtype=torch.long, device=dev), 0
     with progress_bar(enabled=progress and run.dist.main, unit="img") as bar:
         task = bar.add_task(f"epoch {epoch}/{o.epochs}", total=len(sampler) - drop_single)
         for x, y in _loader(run, train_ds, sampler, drop_last=drop_single):
@@ -672,12 +675,12 @@ def _train_epoch(run: _Run, net, step_model, opt, train_ds, sampler, epoch: int,
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            sums[0] += float(loss.detach()) * len(y)
-            sums[1] += float((logits.argmax(1) == y).sum())
-            sums[2] += len(y)
+            loss_sum += loss.detach().double() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            n += len(y)
             bar.advance(task, len(y))
-    loss_sum, correct, n = _dist.all_sum(sums, run.dist, dev)
-    return loss_sum / n, correct / n
+    total, right, seen = _dist.all_sum([float(loss_sum), float(correct), float(n)], run.dist, dev)
+    return total / seen, right / seen
 
 
 def _evaluate(run: _Run, net, val_ds, shard) -> tuple[float, float]:
@@ -687,7 +690,8 @@ def _evaluate(run: _Run, net, val_ds, shard) -> tuple[float, float]:
     dev = run.device
     loss_fn = torch.nn.CrossEntropyLoss()
     net.eval()
-    sums = [0.0, 0.0, 0.0]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)  # summed on the device
+    correct, n = torch.zeros((), dtype=torch.long, device=dev), 0
     with torch.inference_mode():
         for x, y in _loader(run, val_ds, shard):
             _dist.check_peers(run.dist)
@@ -695,11 +699,11 @@ def _evaluate(run: _Run, net, val_ds, shard) -> tuple[float, float]:
             y = y.to(dev, non_blocking=True)
             with _autocast(run):
                 logits = net(x).float()
-            sums[0] += float(loss_fn(logits, y)) * len(y)
-            sums[1] += float((logits.argmax(1) == y).sum())
-            sums[2] += len(y)
-    loss_sum, correct, n = _dist.all_sum(sums, run.dist, dev)
-    return loss_sum / n, correct / n
+            loss_sum += loss_fn(logits, y).double() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            n += len(y)
+    total, right, seen = _dist.all_sum([float(loss_sum), float(correct), float(n)], run.dist, dev)
+    return total / seen, right / seen
 
 
 def _record(run: _Run, backbone, net, opt, sched, state: _Progress, row: dict[str, Any]) -> None:

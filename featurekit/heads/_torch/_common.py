@@ -33,6 +33,23 @@ def resolve_device(spec: str) -> str:
         raise ValueError(str(exc)) from None
 
 
+def free_bytes(device) -> int:
+    """Device memory this process can still use: the driver's free memory plus what torch's
+    caching allocator holds but does not use (``mem_get_info`` counts that as taken)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return 0
+    free = torch.cuda.mem_get_info(dev)[0]
+    return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+
+
+def release(device) -> None:
+    """Hand torch's cached blocks back between independent solves (gammas, folds), so that
+    the next one's budget, read from :func:`free_bytes`, sees them and the driver can too."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 class TorchHead(Head):
     """A torch head: ``_solve`` fits a list of grid points on the same rows (a tensor) and
     ``_decide`` gives decision values under a fitted state; the rest is shared."""
@@ -50,6 +67,20 @@ class TorchHead(Head):
     def _grid_point(self) -> dict[str, Any]:
         return {"C": self.C}
 
+    _memory_param = "the number of rows"  # what a user lowers when the device runs out
+
+    def _solve_in_memory(self, X, y, classes, grid, on_stop):
+        """:meth:`_solve`, a device out of memory as one line naming the parameter to lower."""
+        from featurekit.errors import ResourceError
+
+        try:
+            return self._solve(X, y, classes, grid, on_stop)
+        except torch.OutOfMemoryError:
+            release(X.device)
+            raise ResourceError(
+                f"{type(self).__name__} ran out of memory on {X.device} ({X.shape[0]} rows x "
+                f"{X.shape[1]}); lower its {self._memory_param}, or fit fewer rows") from None
+
     @abstractmethod
     def _solve(self, X, y, classes, grid, on_stop) -> list[tuple[dict[str, Any], Any, bool]]:
         """[(fitted state, n_iter, converged)] per grid point, fitted on the rows of ``X``."""
@@ -64,7 +95,7 @@ class TorchHead(Head):
             )
         device, dtype = self._torch_setup()
         Xt = tensor(X, device, dtype)
-        state, n_iter, converged = self._solve(Xt, y, classes, [self._grid_point()], None)[0]
+        state, n_iter, converged = self._solve_in_memory(Xt, y, classes, [self._grid_point()], None)[0]
         self.classes_ = classes
         for key, value in state.items():
             setattr(self, key, value)
@@ -96,10 +127,13 @@ class TorchHead(Head):
             classes = np.unique(y[train])
             tr, ho = (torch.as_tensor(np.asarray(i), device=device) for i in (train, held))
             held_rows = Xt[ho]
-            for g, (state, _, converged) in enumerate(self._solve(Xt[tr], y[train], classes, grid, on_stop)):
+            solved = self._solve_in_memory(Xt[tr], y[train], classes, grid, on_stop)
+            for g, (state, _, converged) in enumerate(solved):
                 scores[g, f] = metric(y[held], classes[self._predict_index(state, held_rows)])
                 if not converged:
                     failed.add(g)
+            del solved, held_rows
+            release(device)  # the next fold's budgets see this one's memory
         return scores, sorted(failed)
 
     # -- prediction

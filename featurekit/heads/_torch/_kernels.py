@@ -28,15 +28,20 @@ def rbf_cross(X, Y, gamma: float, chunk: int = 8192):
 
 def rbf_blocks(X, rows, sq, gamma: float, chunk_bytes: int = 64 << 20):
     """The kernel within each pair's ``rows`` (P, m) of X: (P, m, m), float32 like libsvm's
-    Qfloat; ``sq`` (P, m) are those rows' squared norms. Built a few pairs at a time, so that
-    the pairs' feature rows (m x d each) never all sit in memory beside the blocks."""
+    Qfloat; ``sq`` (P, m) are those rows' squared norms. Built a slab of rows at a time, so
+    that what the build holds beside the blocks (a slab's feature rows, its dot products and
+    the kernel's elementwise temporaries, about four slabs of r x m values) stays within
+    ``chunk_bytes`` whatever m is: a pair's whole m x m block would need about four blocks'
+    worth of temporaries (all the memory the blocks' budget left free)."""
     P, m = rows.shape
+    d, item = X.shape[1], max(4, X.element_size())
     out = torch.empty(P, m, m, dtype=torch.float32, device=X.device)
-    step = max(1, chunk_bytes // max(1, m * X.shape[1] * X.element_size()))
-    for s in range(0, P, step):
-        Xp = X[rows[s:s + step]]
-        q = sq[s:s + step]
-        out[s:s + step] = from_dots(q[:, :, None], q[:, None, :], torch.bmm(Xp, Xp.transpose(1, 2)), gamma)
+    slab = max(1, min(m, chunk_bytes // max(1, 4 * m * item + d * X.element_size())))
+    for p in range(P):
+        Xp, q = X[rows[p]], sq[p]  # (m, d), (m,)
+        for r in range(0, m, slab):
+            out[p, r:r + slab] = from_dots(q[r:r + slab, None], q[None, :], Xp[r:r + slab] @ Xp.T, gamma)
+        del Xp
     return out
 
 

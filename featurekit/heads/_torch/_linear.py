@@ -28,7 +28,7 @@ import torch
 from featurekit.heads import register
 from featurekit.heads._base import gamma_value
 from featurekit.heads._torch import _lbfgs
-from featurekit.heads._torch._common import TorchHead, batch_on, standardised
+from featurekit.heads._torch._common import TorchHead, batch_on, free_bytes, release, standardised
 from featurekit.heads._torch._kernels import nystroem_map, rbf
 
 
@@ -43,13 +43,26 @@ class TorchLinearHead(TorchHead):
     starts from zero."""
 
     def __init__(self, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4,
-                 device: str = "auto", dtype: str = "float32", warm_path: bool = False) -> None:
+                 device: str = "auto", dtype: str = "float32", warm_path: bool = False,
+                 memory_budget: float | None = None) -> None:
         self.C = C
         self.max_iter = max_iter
         self.tol = tol
         self.device = device
         self.dtype = dtype
         self.warm_path = warm_path
+        self.memory_budget = memory_budget
+
+    _memory_param = "memory_budget (MiB the C values solved together may use)"
+
+    def _budget(self, device) -> int:
+        """Bytes the members of one L-BFGS batch may use: ``memory_budget`` MiB, or on a GPU
+        half of the memory free now (torch's cached blocks counted as free)."""
+        if getattr(self, "memory_budget", None) is not None:
+            if not float(self.memory_budget) > 0:
+                raise ValueError(f"memory_budget must be a positive number of MiB, got {self.memory_budget!r}")
+            return int(float(self.memory_budget) * (1 << 20))
+        return free_bytes(device) // 2
 
     def _solve(self, X, y, classes, grid, on_stop):
         Xs, state = standardised(X)
@@ -74,7 +87,12 @@ class TorchLinearHead(TorchHead):
         each C alone: a batch would save no arithmetic there, and it would change the last bits
         (MKL and torch pick other kernels for other batch shapes)."""
         y_index = np.searchsorted(classes, y)
-        batches = [list(range(len(Cs)))] if batch_on(Xs.device) else [[i] for i in range(len(Cs))]
+        if batch_on(Xs.device):  # as many C values together as the memory budget holds
+            k = 1 if classes.size == 2 else classes.size
+            per = members_per_batch(*Xs.shape, k, Xs.element_size(), self._budget(Xs.device))
+            batches = [list(range(s, min(len(Cs), s + per))) for s in range(0, len(Cs), per)]
+        else:
+            batches = [[i] for i in range(len(Cs))]
         out: list[Any] = [None] * len(Cs)
         previous = None
         for members in batches:
@@ -93,6 +111,17 @@ class TorchLinearHead(TorchHead):
                 state = {"coef_": W[j].T.double().cpu().numpy(), "intercept_": b[j].double().cpu().numpy()}
                 out[i] = (state, int(res.n_iter[j]), bool(res.converged[j]))
         return out
+
+
+def members_per_batch(n: int, d: int, k: int, itemsize: int, budget: int,
+                      history: int = 10) -> int:
+    """How many members (C values) of a linear problem on n x d rows with k columns fit in
+    ``budget`` bytes at once (at least one): each holds about five n x k temporaries in the
+    objective (logits, exponentials or margins, the gradient's factor) and about 8 + 2 history
+    vectors of its (d + 1) k parameters in L-BFGS (iterate, gradient, direction, trial, the
+    (s, y) history)."""
+    per_member = itemsize * (5 * n * k + (8 + 2 * history) * (d + 1) * k)
+    return max(1, int(budget // max(1, per_member)))
 
 
 class _LinearProblem:
@@ -187,7 +216,8 @@ class TorchNystroemHead(TorchLogisticHead):
 
     def __init__(self, C: float = 1.0, gamma: float | None = None, n_components: int = 2048,
                  max_iter: int = 1000, tol: float = 1e-4, random_state: int = 0,
-                 device: str = "auto", dtype: str = "float32", warm_path: bool = False) -> None:
+                 device: str = "auto", dtype: str = "float32", warm_path: bool = False,
+                 memory_budget: float | None = None) -> None:
         self.C = C
         self.gamma = gamma
         self.n_components = n_components
@@ -197,6 +227,7 @@ class TorchNystroemHead(TorchLogisticHead):
         self.device = device
         self.dtype = dtype
         self.warm_path = warm_path
+        self.memory_budget = memory_budget
 
     def _grid_point(self) -> dict[str, Any]:
         return {"C": self.C, "gamma": self.gamma}
@@ -216,6 +247,8 @@ class TorchNystroemHead(TorchLogisticHead):
             solved = self._solve_linear(Phi, y, classes, [grid[i]["C"] for i in members], on_stop)
             for i, (state, it, ok) in zip(members, solved):
                 out[i] = ({**mapped, **state}, it, ok)
+            del Phi, solved
+            release(X.device)  # before the next gamma's map
         return out
 
     def _landmarks(self, n: int) -> np.ndarray:

@@ -26,6 +26,7 @@ of each step computed on the fly from their feature rows, so memory grows with n
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -34,7 +35,7 @@ import torch
 
 from featurekit.heads import register
 from featurekit.heads._base import gamma_value
-from featurekit.heads._torch._common import TorchHead, standardised, tensor
+from featurekit.heads._torch._common import TorchHead, free_bytes, release, standardised, tensor
 from featurekit.heads._torch._kernels import from_dots, rbf_blocks, rbf_cross
 
 TAU = 1e-12  # libsvm's floor of the quadratic coefficient
@@ -83,7 +84,9 @@ def solve(X, pairs: list[Pair], Cs: list[float], gamma: float, *, tol: float = 1
             if not left[s % len(Cs)] and on_stop is not None:
                 on_stop(1)
 
+    batch = None
     for group, blocks in _batches(pairs, X.shape[1], X.element_size(), cache_bytes):
+        del batch  # one batch's blocks alive at a time: the last one's go before these are made
         batch = _Batch(X, [pairs[k] for k in group], Cs, gamma, blocks)
         n_iter, converged = _smo(batch, tol, max_iter, finished)
         rho, objective = batch.rho(), batch.objective()
@@ -186,22 +189,30 @@ def _last(values, largest: bool):
     return values.shape[1] - 1 - first
 
 
+CHECK_EVERY = 32  # SMO steps between the host's looks at a batch on a GPU (each is a sync)
+
+
 def _smo(batch: _Batch, tol: float, max_iter: int, on_stop) -> tuple[np.ndarray, np.ndarray]:
     """SMO steps for every unfinished member at once; (iterations, converged) per member;
     ``on_stop(members)`` as members finish.
 
     The state of the running members is worked on whole (gathers and scatters along rows, no
     indexing of members per step); finished members are masked, and the running ones are
-    compacted once at most half of them are left."""
+    compacted once at most half of them are left. Nothing in a step waits for the device: the
+    host looks at the batch (all finished? compact? progress) every ``CHECK_EVERY`` steps; a
+    finished member's extra masked steps change nothing."""
     dev = batch.alpha.device
     n_iter = torch.zeros(batch.S, dtype=torch.long, device=dev)
     converged = torch.zeros(batch.S, dtype=torch.bool, device=dev)
+    finished = torch.zeros(batch.S, dtype=torch.bool, device=dev)  # per member id
+    reported = torch.zeros(batch.S, dtype=torch.bool, device=dev)
     members = torch.arange(batch.S, device=dev)
     a, G, y, C, valid = batch.alpha, batch.G, batch.y, batch.C, batch.valid
     running = torch.ones(batch.S, dtype=torch.bool, device=dev)
     steps = torch.zeros(batch.S, dtype=torch.long, device=dev)
     limit = iteration_limit(max_iter, batch.m)
-    while True:
+    every = _check_every(dev)
+    for step in itertools.count(1):
         upper, lower = a >= C, a <= 0
         up = valid & torch.where(y > 0, ~upper, ~lower)
         low = valid & torch.where(y > 0, ~lower, ~upper)
@@ -218,13 +229,12 @@ def _smo(batch: _Batch, tol: float, max_iter: int, on_stop) -> tuple[np.ndarray,
         j = _last(obj_diff, largest=False)
         optimal = (g_max + g_max2 < tol) | ~candidate.any(1)
         stop = running & (optimal | (steps >= limit))
-        if stop.any():
-            converged[members[stop & optimal]] = True
-            n_iter[members[stop]] = steps[stop]
-            running = running & ~stop
-            on_stop(members[stop].tolist())
-            if not running.any():
-                break
+        converged[members] = converged[members] | (stop & optimal)  # on the device: no sync
+        n_iter[members] = torch.where(stop, steps, n_iter[members])
+        running = running & ~stop
+        finished[members] = ~running
+        if step % every == 0 and _report(finished, reported, on_stop) == batch.S:
+            break
         Kj = batch.kernel_rows(members, j).double()
         a_i, a_j = _update(a, G, y, C[:, 0], Ki, i, j)
         old_i, old_j = a.gather(1, i[:, None])[:, 0], a.gather(1, j[:, None])[:, 0]
@@ -234,7 +244,7 @@ def _smo(batch: _Batch, tol: float, max_iter: int, on_stop) -> tuple[np.ndarray,
         G = G + y * ((y_i * d_i)[:, None] * Ki + (y_j * d_j)[:, None] * Kj)  # Q_i da_i + Q_j da_j
         a = a.scatter(1, i[:, None], (old_i + d_i)[:, None]).scatter(1, j[:, None], (old_j + d_j)[:, None])
         steps = steps + running.long()
-        if batch.blocks is not None and int(running.sum()) * 2 <= running.numel():
+        if step % every == 0 and batch.blocks is not None and int(running.sum()) * 2 <= running.numel():
             # compact (block mode): write back, keep the running members
             batch.alpha[members], batch.G[members] = a, G
             keep = running
@@ -242,6 +252,22 @@ def _smo(batch: _Batch, tol: float, max_iter: int, on_stop) -> tuple[np.ndarray,
             steps, running = steps[keep], running[keep]
     batch.alpha[members], batch.G[members] = a, G
     return n_iter.cpu().numpy(), converged.cpu().numpy()
+
+
+def _check_every(dev) -> int:
+    """Steps between the host's looks: ``CHECK_EVERY`` on a GPU; on the CPU, where a look
+    costs nothing, every step (no masked extra steps)."""
+    return CHECK_EVERY if dev.type == "cuda" else 1
+
+
+def _report(finished, reported, on_stop) -> int:
+    """The host's look: members finished since the last one to ``on_stop``; how many are
+    finished in all."""
+    new = (finished & ~reported).nonzero()[:, 0].tolist()
+    if new:
+        reported[new] = True
+        on_stop(new)
+    return int(reported.sum())
 
 
 def _update(a, G, y, C, Ki, i, j):
@@ -307,11 +333,16 @@ class TorchSVMHead(TorchHead):
     def _grid_point(self) -> dict[str, Any]:
         return {"C": self.C, "gamma": self.gamma}
 
+    _memory_param = "cache_size (MiB of kernel blocks held at once)"
+
     def _cache_bytes(self, device) -> int:
+        """Bytes of kernel blocks held at once: ``cache_size`` MiB, or on a GPU a quarter of
+        the memory free now (torch's cached blocks counted as free); their build temporaries
+        are bounded apart (:func:`rbf_blocks`)."""
         if self.cache_size is not None:
             return int(float(self.cache_size) * (1 << 20))
         if torch.device(device).type == "cuda":
-            return int(torch.cuda.mem_get_info(torch.device(device))[0] // 4)
+            return free_bytes(device) // 4
         return 1 << 30
 
     def _solve(self, X, y, classes, grid, on_stop):
@@ -330,6 +361,8 @@ class TorchSVMHead(TorchHead):
             for i, sols in zip(members, solutions):
                 state = {**base, "gamma_": g, **_model(Xs, y_index, classes.size, pairs, sols)}
                 out[i] = (state, np.array([s.n_iter for s in sols]), all(s.converged for s in sols))
+            del solutions
+            release(X.device)  # before the next gamma's blocks are sized and built
         return out
 
     def _decide(self, state: dict[str, Any], X, chunk: int = 4096):

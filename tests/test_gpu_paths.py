@@ -1,0 +1,175 @@
+"""The GPU code paths' safety, checked on the CPU where the behaviour shows there (issue 22):
+memory budgets of the torch heads, one-line out-of-memory errors, stream-safe decoding."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import make_classification
+
+from featurekit.heads._torch import _kernels, _linear
+
+
+def _data(n=300, d=20, classes=4):
+    X, y = make_classification(n, d, n_informative=8, n_classes=classes, random_state=0)
+    return X.astype(np.float32), y
+
+
+def test_lbfgs_members_split_to_fit_the_budget_give_one_batchs_answers(monkeypatch):
+    """On a GPU every C of a grid is one L-BFGS batch; a memory budget splits them into
+    batches that fit it. Forced on the CPU: each objective call holds at most the members the
+    budget allows, and the solutions equal the single batch's."""
+    X, y = _data()
+    grid = [{"C": c} for c in (0.01, 0.1, 1.0, 10.0, 100.0)]
+    folds = [(np.arange(0, 240), np.arange(240, 300))]
+    monkeypatch.setattr(_linear, "batch_on", lambda device: True)
+    seen: list[int] = []
+    real = _linear._LinearProblem.__call__
+
+    def counting(self, theta, members):
+        seen.append(theta.shape[0])
+        return real(self, theta, members)
+
+    monkeypatch.setattr(_linear._LinearProblem, "__call__", counting)
+    Xs = torch.as_tensor(X[:240])
+    states = {}
+    for budget, per in ((1e6, 5), (0.06, 2)):  # MiB: all five C values together; two at a time
+        head = _linear.TorchLogisticHead(device="cpu", memory_budget=budget)
+        assert _linear.members_per_batch(240, 20, 4, 4, head._budget("cpu")) >= per
+        seen.clear()
+        states[budget] = head._solve(Xs, y[:240], np.unique(y), grid, None)
+        assert max(seen) == per, (budget, seen[:5])
+    for (a, _, ok_a), (b, _, ok_b) in zip(states[1e6], states[0.06]):
+        assert ok_a == ok_b
+        np.testing.assert_allclose(a["coef_"], b["coef_"], rtol=1e-4, atol=1e-5)
+    scores, _ = _linear.TorchLogisticHead(device="cpu", memory_budget=0.06).fit_grid(
+        X, y, grid, folds, lambda t, p: float(np.mean(t == p)))
+    assert scores.shape == (5, 1)
+
+
+def test_a_bad_memory_budget_is_a_value_error():
+    X, y = _data(60)
+    with pytest.raises(ValueError, match="memory_budget must be a positive number of MiB"):
+        _linear.TorchLogisticHead(device="cpu", memory_budget=0)._budget("cpu")
+
+
+def test_kernel_blocks_are_built_within_their_temporaries_budget(monkeypatch):
+    """rbf_blocks builds each pair's m x m block a slab of rows at a time: no product it
+    makes holds more than its chunk budget, whatever m, and the blocks equal the whole
+    kernel."""
+    rng = np.random.default_rng(0)
+    X = torch.as_tensor(rng.normal(size=(400, 16)), dtype=torch.float32)
+    rows = torch.stack([torch.arange(0, 300), torch.arange(100, 400)])
+    sq = (X * X).sum(1)[rows]
+    sizes: list[int] = []
+    real = _kernels.from_dots
+
+    def recording(sq_a, sq_b, dots, gamma):
+        sizes.append(dots.numel() * dots.element_size())
+        return real(sq_a, sq_b, dots, gamma)
+
+    monkeypatch.setattr(_kernels, "from_dots", recording)
+    budget = 64 << 10  # 64 KiB: a 300 x 300 float32 block is 352 KiB
+    blocks = _kernels.rbf_blocks(X, rows, sq, 0.05, chunk_bytes=budget)
+    assert len(sizes) > 2 and 4 * max(sizes) <= budget, (len(sizes), max(sizes))
+    for p in range(2):
+        np.testing.assert_allclose(blocks[p].numpy(), _kernels.rbf(X[rows[p]], X[rows[p]], 0.05).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head,param", [(_linear.TorchLogisticHead, "memory_budget"),
+                                        ("svm", "cache_size")])
+def test_running_out_of_device_memory_is_one_line_naming_what_to_lower(monkeypatch, head, param):
+    from featurekit.errors import ResourceError
+    from featurekit.heads._torch._svm import TorchSVMHead
+
+    cls = TorchSVMHead if head == "svm" else head
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(cls, "_solve", oom)
+    X, y = _data(60)
+    with pytest.raises(ResourceError, match=f"ran out of memory on cpu .*lower its {param}") as e:
+        cls(device="cpu").fit(X, y)
+    assert "\n" not in str(e.value)
+
+
+def test_every_device_decode_runs_inside_stream_safe(monkeypatch):
+    """nvJPEG and the hardware engines write on streams of their own: every decode call, the
+    batched one and the per-image retries, runs inside stream_safe (which waits for the current
+    stream before and after, on CUDA)."""
+    import torchvision.io as tio
+    from torchvision.io import encode_jpeg
+
+    from featurekit import _decode
+
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def recording(device):
+        events.append("enter")
+        try:
+            yield
+        finally:
+            events.append("exit")
+
+    real = tio.decode_jpeg
+
+    def decoding(*a, **k):
+        events.append("decode")
+        return real(*a, **k)
+
+    monkeypatch.setattr(_decode, "stream_safe", recording)
+    monkeypatch.setattr(tio, "decode_jpeg", decoding)
+    good = encode_jpeg(torch.full((3, 24, 24), 90, dtype=torch.uint8))
+    bad = torch.frombuffer(bytearray(b"\xff\xd8\xff broken"), dtype=torch.uint8)
+    out = _decode._decode_batch([good, bad], "cpu", None)  # one bad file fails the batch
+    assert out == [None, None] and events == ["enter", "decode", "exit"]  # exit: also on errors
+    events.clear()
+    assert _decode._nvjpeg_one(good, "cpu") is not None and _decode._nvjpeg_one(bad, "cpu") is None
+    assert events == ["enter", "decode", "exit", "enter", "decode", "exit"]
+    with _decode.stream_safe("cpu"):  # a no-op off CUDA
+        pass
+
+
+SYNCS = ("__bool__", "__int__", "__float__", "item", "tolist", "nonzero", "cpu", "numpy")
+
+
+@contextlib.contextmanager
+def counting_syncs(monkeypatch):
+    """Counts the tensor methods that make the host wait for the device (on a GPU)."""
+    count = [0]
+    for name in SYNCS:
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, _real=real, **k):
+            count[0] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    yield count
+    monkeypatch.undo()
+
+
+def test_smo_steps_do_not_wait_for_the_device(monkeypatch):
+    """The SVM's SMO loop looks at the batch from the host every CHECK_EVERY steps only (as on
+    a GPU): host syncs per step well under one, and the same solution as looking every step."""
+    from featurekit.heads._torch import _svm
+
+    X, y = _data(240, 10, 3)
+    Xs = torch.as_tensor(X)
+    pairs = _svm.pairs_of(np.searchsorted(np.unique(y), y), 3)
+    base = _svm.solve(Xs, pairs, [1.0, 10.0], 0.1)
+    monkeypatch.setattr(_svm, "_check_every", lambda dev: 16)
+    with counting_syncs(monkeypatch) as syncs:
+        sols = _svm.solve(Xs, pairs, [1.0, 10.0], 0.1)
+    steps = max(s.n_iter for per_c in sols for s in per_c)
+    assert steps > 100 and syncs[0] / steps < 0.5, (syncs[0], steps)
+    for per_c, ref_c in zip(sols, base):
+        for s, r in zip(per_c, ref_c):
+            assert s.n_iter == r.n_iter and s.converged == r.converged
+            np.testing.assert_array_equal(s.alpha, r.alpha)

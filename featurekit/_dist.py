@@ -7,11 +7,13 @@ Failing together: a rank that fails writes one line (its own error) and publishe
 in the process group's store (torchrun's rendezvous store, which outlives the workers), then
 waits up to ``GRACE_SECONDS`` for the others to stop. The others look at the store at every
 batch (:func:`check_peers`), at every barrier (:func:`barrier` waits on the store, never in a
-collective, so a rank that finishes early can wait for the others as long as they work) and
+collective, so a rank that finishes early can wait for the others as long as they live) and
 when a collective breaks; each stops with one line ("stopped: rank 1 failed: ..."). torchrun's
 SIGTERM to the survivors becomes the same line. A rank killed outright (SIGKILL, the OOM
-killer) publishes nothing: torchrun stops the ranks of its node, and a collective or barrier
-on another node stops within ``FEATUREKIT_DIST_TIMEOUT`` seconds (default 1800).
+killer) publishes nothing: torchrun stops the ranks of its node, and on other nodes a rank
+waiting at a barrier stops once the dead rank's heartbeat (a thread counting in the store
+every second) has not moved for ``FEATUREKIT_DIST_TIMEOUT`` seconds (default 1800, also the
+process group's collective timeout).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from featurekit.errors import DeviceError, FeaturekitError
 
 GRACE_SECONDS = 10.0  # a failing rank waits this long at most for the others to stop
 CHECK_SECONDS = 0.2  # check_peers asks the store at most this often
+HEARTBEAT_SECONDS = 1.0  # each rank's sign of life in the store
 _FAILED, _ACKS = "featurekit/failed", "featurekit/stopped"
 _BARRIER, _ALIVE = "featurekit/barrier/", "featurekit/alive/"
 
@@ -89,7 +92,26 @@ def init(device: str) -> tuple[Dist, str]:
                                 timeout=datetime.timedelta(seconds=timeout_seconds()), **extra)
     d = Dist(dist.get_rank(), dist.get_world_size(), local_rank)
     _CURRENT.append(d)  # for failing_together and torchrun's SIGTERM
+    _heartbeat(d)
     return d, dev
+
+
+def _heartbeat(d: Dist) -> None:
+    """A daemon thread that counts up ``featurekit/alive/<rank>`` in the store every second
+    while this process lives: what a rank waiting at a barrier watches (a rank killed outright
+    or frozen stops counting; one stuck in a collective is ended by the process group's
+    timeout, and stops counting then)."""
+    import threading
+
+    def beat() -> None:
+        while True:
+            try:
+                _store().add(f"{_ALIVE}{d.rank}", 1)
+            except Exception:
+                return  # the group is gone: nothing to tell
+            time.sleep(HEARTBEAT_SECONDS)
+
+    threading.Thread(target=beat, name="featurekit-heartbeat", daemon=True).start()
 
 
 def local_world(d: Dist) -> int:
@@ -137,8 +159,6 @@ def check_peers(d: Dist, now: bool = False) -> None:
     if d.world == 1 or (not now and time.monotonic() - d.checked < CHECK_SECONDS):
         return
     d.checked = time.monotonic()
-    with contextlib.suppress(Exception):
-        _store().add(f"{_ALIVE}{d.rank}", 1)  # a sign of work, for ranks waiting at a barrier
     failure = _peer_failure(d)
     if failure:
         raise _stop(d, failure)
@@ -280,9 +300,9 @@ def broadcast_buffers(module, d: Dist) -> None:
 
 def barrier(d: Dist) -> None:
     """Wait until every rank got here, on the store rather than in a collective: a rank with
-    less to do waits as long as the others work (they show it at every batch, see
-    :func:`check_peers`), and stops as soon as one fails, or once one has shown no sign of
-    work for ``FEATUREKIT_DIST_TIMEOUT`` seconds (killed outright on another node)."""
+    less to do waits as long as the others live (their heartbeats), and stops as soon as one
+    fails, or once one has shown no sign of life for ``FEATUREKIT_DIST_TIMEOUT`` seconds
+    (killed outright or frozen, e.g. on another node)."""
     if d.world == 1:
         return
     d.barriers += 1
@@ -290,7 +310,7 @@ def barrier(d: Dist) -> None:
     store = _store()
     store.set(f"{key}{d.rank}", "1")
     limit = timeout_seconds()
-    seen: dict[int, tuple[int, float]] = {}  # rank -> (its work counter, when it last moved)
+    seen: dict[int, tuple[int, float]] = {}  # rank -> (its heartbeat count, when it last moved)
     pause = 0.01
     while True:
         missing = [r for r in range(d.world) if not store.check([f"{key}{r}"])]
@@ -303,14 +323,14 @@ def barrier(d: Dist) -> None:
             if seen.get(r, (None, 0.0))[0] != beat:
                 seen[r] = (beat, now)
             elif now - seen[r][1] > limit:
-                raise _stop(d, f"rank {r} showed no sign of work for {limit:.0f} s "
-                               "(FEATUREKIT_DIST_TIMEOUT); it was killed or hangs")
+                raise _stop(d, f"rank {r} showed no sign of life for {limit:.0f} s "
+                               "(FEATUREKIT_DIST_TIMEOUT); it was killed or is frozen")
         time.sleep(pause)
         pause = min(0.5, pause * 1.5)
 
 
 def timeout_seconds() -> float:
-    """How long a rank waits on another that shows no sign of work, and the process group's
+    """How long a rank waits on another that shows no sign of life, and the process group's
     collective timeout: ``FEATUREKIT_DIST_TIMEOUT`` seconds, default 1800."""
     try:
         value = float(os.environ.get("FEATUREKIT_DIST_TIMEOUT", "1800"))

@@ -3,7 +3,10 @@ together, issue 21).
 
 Usage: torchrun ... tests/_failing_rank.py MODE featurekit-args...
 MODE: ``none`` (no fault), ``writer`` (rank 1's third commit fails: "No space left on device"),
-``train`` (rank 1 runs out of device memory in its third training step).
+``train`` (rank 1 runs out of device memory in its third training step), ``slow`` (each of
+rank 1's commits takes 0.5 s more: rank 0 waits for it at the barrier), ``freeze`` (rank 1
+stops itself with SIGSTOP at its second commit: no sign of life, as a rank killed on another
+node).
 """
 
 import os
@@ -23,6 +26,21 @@ if mode == "writer" and os.environ.get("RANK") == "1":
         return real(self, split, extra)
 
     cache.CacheWriter._commit = failing
+if mode in ("slow", "freeze") and os.environ.get("RANK") == "1":
+    import signal
+    import time
+
+    real_commit, seen = cache.CacheWriter._commit, [0]
+
+    def late(self, split, extra):
+        seen[0] += 1
+        if mode == "slow":
+            time.sleep(0.5)
+        elif seen[0] == 2:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return real_commit(self, split, extra)
+
+    cache.CacheWriter._commit = late
 if mode == "train" and os.environ.get("RANK") == "1":
     import torch
 

@@ -4,6 +4,7 @@ single-process run, pack, resume after a rank is killed, readers refusing a miss
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -43,7 +44,8 @@ def reference(folder, tmp_path_factory) -> Path:
     return ref
 
 
-def torchrun(args, nproc: int = 2, script: tuple[Path, str] | None = None) -> subprocess.Popen:
+def torchrun(args, nproc: int = 2, script: tuple[Path, str] | None = None,
+             env: dict[str, str] | None = None, stderr=subprocess.PIPE) -> subprocess.Popen:
     """``torchrun -m featurekit ARGS`` (or ``SCRIPT MODE ARGS``) on two gloo ranks."""
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
@@ -52,8 +54,8 @@ def torchrun(args, nproc: int = 2, script: tuple[Path, str] | None = None) -> su
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
          "--master_addr=127.0.0.1", f"--master_port={port}", *target, *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def same_rows(a: Path, b: Path) -> None:
@@ -209,7 +211,6 @@ def test_when_one_rank_fails_every_rank_stops_with_one_line(folder, tmp_path, wh
     commit: no space left). torchrun returns non-zero well within 60 s; rank 1 printed its
     error, rank 0 one line saying it stopped because rank 1 failed; no traceback from
     featurekit on any rank."""
-    import re
 
     out = tmp_path / "f.h5"
     if when == "start":
@@ -226,6 +227,36 @@ def test_when_one_rank_fails_every_rank_stops_with_one_line(folder, tmp_path, wh
     assert all(why in line for line in ours), ours
     assert not re.search(r'File ".*featurekit[/\\]', stderr), stderr[-3000:]
     assert not out.exists()
+
+
+def test_a_rank_waits_at_the_barrier_as_long_as_the_others_work(folder, reference, tmp_path):
+    """FEATUREKIT_DIST_TIMEOUT compressed to 3 s: rank 0 finishes its shard and waits for
+    rank 1, slowed to well past 3 s, at the barrier: the run completes (the wait is on the
+    store, kept by rank 1's heartbeat, not a collective that times out). A rank frozen (no
+    sign of life for 3 s: as one killed on another node) stops the other with one line."""
+    out = tmp_path / "w.h5"
+    script = Path(__file__).with_name("_failing_rank.py")
+    started = time.monotonic()
+    p = torchrun(["extract", folder, "--out", out, *ARGS], script=(script, "slow"),
+                 env={"FEATUREKIT_DIST_TIMEOUT": "3"})
+    _, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    assert time.monotonic() - started > 8  # rank 1's ten commits took 5 s more than rank 0's
+    same_rows(reference, out)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        p = torchrun(["extract", folder, "--out", tmp_path / "f.h5", *ARGS],
+                     script=(script, "freeze"), env={"FEATUREKIT_DIST_TIMEOUT": "3"}, stderr=err)
+        deadline = time.monotonic() + 120
+        while "showed no sign of life" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in _children(p.pid):  # wake the frozen rank: torchrun's SIGTERM then ends it
+            os.kill(pid, signal.SIGCONT)
+        p.wait(timeout=120)
+    stderr = log.read_text()
+    assert p.returncode != 0, stderr[-3000:]
+    assert "error: stopped: rank 1 showed no sign of life for 3 s" in stderr, stderr[-3000:]
+    assert not re.search(r'File ".*featurekit[/\\]', stderr), stderr[-3000:]
 
 
 # ---------------------------------------------------------------- head sweeps on a Dask cluster

@@ -7,6 +7,11 @@ Stages, in order (each writes its results into OUT_DIR/gpu-suite.json as soon as
 run cut short keeps what it measured; a stage that would start past the budget is recorded as
 skipped):
 
+0. ``correctness`` (about 2 minutes, before anything is timed; ``benchmarks/gpu_correctness.py``):
+   photo-sized JPEGs of six kinds through every decode path against the CPU path (minimum
+   cosine per image), a stream-race probe of nvJPEG's own stream, the torch SVM and the batched
+   L-BFGS near their memory budgets (peak memory), a two-epoch fp16 finetune, torch vs
+   scikit-learn heads on one cache; PASS/FAIL per check with its figure.
 1. ``agreement`` -- digits written as 64-px JPEGs, resnet18 ``--weights none``: extract with
    ``--decode cpu``, ``gpu`` (nvJPEG) and ``hw`` (nvImageCodec's JPEG engines, where they work);
    mean cosine of each GPU path's features against the CPU path's (goal >= 0.999) and an SVM
@@ -119,6 +124,13 @@ def agreement(work: Path, device: str) -> dict:
                                "points_vs_cpu": 100 * abs(acc - result.report["accuracy"])}
     out["awkward"] = _awkward(work, common)
     return out
+
+
+def correctness(work: Path, device: str, smoke: bool) -> dict:
+    """Stage 0: the GPU paths compute the right thing (see benchmarks/gpu_correctness.py)."""
+    from benchmarks.gpu_correctness import run
+
+    return run(work, device, smoke)
 
 
 def _awkward(work: Path, common: dict) -> dict:
@@ -280,12 +292,14 @@ def main() -> None:
     suite.results["data_seconds"] = time.perf_counter() - suite.t0
     dev = "cpu" if args.cpu_smoke else "cuda"
     suite.results["cpu_smoke"] = args.cpu_smoke
+    suite.stage("correctness", 10, correctness, work, dev, args.cpu_smoke)
     suite.stage("agreement", 20, agreement, work, dev)
     suite.stage("ceilings", 40, ceilings, folder, args.workers, dev, args.cpu_smoke)
     suite.stage("extract", 90, extract_runs, folder, work, args.images, dev, args.cpu_smoke)
     if not args.cpu_smoke:
         suite.stage("heads", 30, heads, args.out, suite.left() - 5)
-    failed = [k for k, v in suite.results["stages"].items() if "failed" in v]
+    failed = [k for k, v in suite.results["stages"].items()
+              if "failed" in v or v.get("passed") is False]
     print(f"results in {suite.path}")
     if failed:
         raise SystemExit(f"gpu_suite: stage(s) failed: {', '.join(failed)} (see the JSON)")

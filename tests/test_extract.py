@@ -344,8 +344,9 @@ def test_gpu_suite_help_and_no_gpu():
 
 
 def test_gpu_suite_code_runs_in_cpu_smoke_mode(tmp_path):
-    """The GPU suite's stages (agreement, ceilings, extract processes) run end to end on tiny
-    data on the CPU, so a GPU session's few minutes are not lost to a broken script."""
+    """The GPU suite's stages (correctness checks, agreement, ceilings, extract processes) run
+    end to end on tiny data on the CPU, so a GPU session's few minutes are not lost to a broken
+    script."""
     import json
     import os
     import subprocess
@@ -359,8 +360,14 @@ def test_gpu_suite_code_runs_in_cpu_smoke_mode(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads((tmp_path / "out" / "gpu-suite.json").read_text())
     stages = res["stages"]
-    assert set(stages) == {"agreement", "ceilings", "extract"}
+    assert set(stages) == {"correctness", "agreement", "ceilings", "extract"}
     assert not any("failed" in v or "skipped" in v for v in stages.values())
+    checks = stages["correctness"]["checks"]
+    assert set(checks) == {"photos", "stream_race", "svm_budget", "lbfgs_budget", "finetune_fp16",
+                           "torch_vs_sklearn"}
+    assert stages["correctness"]["passed"] and all(c["passed"] for c in checks.values()), checks
+    assert checks["photos"]["paths"]["gpu"]["min_cosine"] >= 0.999
+    assert all(f"PASS {name}:" in r.stdout for name in checks)
     agree = stages["agreement"]
     assert agree["gpu"]["mean_cosine_vs_cpu"] >= 0.999 and agree["gpu"]["points_vs_cpu"] <= 0.5
     assert agree["awkward"]["cpu"]["skipped"] == agree["awkward"]["gpu"]["skipped"]

@@ -10,11 +10,15 @@ scikit-learn's stopping rule per member: ``max |gradient| <= tol`` (scipy's ``gt
 relative decrease of the objective below ``ftol`` (64 machine epsilons, as scikit-learn passes
 to scipy), or ``max_iter`` iterations (then it has not converged).
 
-Members that stop are taken out of the batch, so the work shrinks as they converge.
+Members that stop are taken out of the batch, so the work shrinks as they converge. On a GPU
+an iteration asks the host nothing in the common case (a full step accepted): stopped members
+are masked and taken out every ``CHECK_EVERY`` iterations, and the line search looks once per
+extra trial.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -57,34 +61,40 @@ def minimize(fun: Objective, theta0: torch.Tensor, *, max_iter: int = 1000, tol:
     f, g = fun(theta, active)
     flat = torch.zeros(S, dtype=torch.bool, device=device)  # last step decreased f by < ftol
     failed = torch.zeros(S, dtype=torch.bool, device=device)  # last line search found no step
-    while True:
+    halted = torch.zeros(S, dtype=torch.bool, device=device)  # stopped, not yet taken out
+    every = _check_every(device)
+    for it in itertools.count(1):
         small = g.abs().amax(1) <= tol
-        converged[active] = small | flat
-        stop = small | flat | failed | (n_iter[active] >= max_iter)
-        final_f[active] = f
-        if stop.any():
-            if on_stop is not None:
-                on_stop(int(stop.sum()))
-            go = ~stop
-            active, f, g = active[go], f[go], g[go]
-        if not active.numel():
-            break
-        every = active.numel() == S  # no member has stopped: views, not copies of the history
-        direction = _two_loop(g, s_hist if every else s_hist[active],
-                              y_hist if every else y_hist[active], rho if every else rho[active],
-                              slot, filled)
+        stop = ~halted & (small | flat | failed | (n_iter[active] >= max_iter))
+        converged[active] = torch.where(stop, small | flat, converged[active])
+        final_f[active] = torch.where(halted, final_f[active], f)
+        halted = halted | stop
+        if it % every == 0 or it == 1:  # the host's look: take stopped members out
+            done = int(halted.sum())
+            if done:
+                if on_stop is not None:
+                    on_stop(done)
+                go = (~halted).nonzero()[:, 0]  # one look for all of them
+                active, f, g, halted = active[go], f[go], g[go], halted[go]
+                flat, failed = flat[go], failed[go]
+            if not active.numel():
+                break
+        every_member = active.numel() == S  # no member taken out: views, not copies
+        direction = _two_loop(g, s_hist if every_member else s_hist[active],
+                              y_hist if every_member else y_hist[active],
+                              rho if every_member else rho[active], slot, filled)
         gd = (g * direction).sum(1)
         uphill = gd >= 0  # numerical trouble: forget the history, follow the gradient
-        if uphill.any():
-            direction[uphill] = -g[uphill]
-            gd = torch.where(uphill, -(g * g).sum(1), gd)
-            rho[active[uphill]] = 0
-        step = torch.ones(f.shape, dtype=dtype, device=device)
+        direction = torch.where(uphill[:, None], -g, direction)
+        gd = torch.where(uphill, -(g * g).sum(1), gd)
+        rho[active] = torch.where(uphill[:, None], torch.zeros_like(rho[active]), rho[active])
         fresh = rho[active].abs().sum(1) == 0  # no curvature yet: scipy's first step, 1/||d||
-        if fresh.any():
-            step[fresh] = torch.clamp(1.0 / direction[fresh].norm(dim=1), max=1.0)
+        step = torch.where(fresh, torch.clamp(1.0 / direction.norm(dim=1), max=1.0),
+                           torch.ones(f.shape, dtype=dtype, device=device))
         theta_a = theta[active]
-        new_theta, new_f, new_g, ok = _line_search(fun, active, theta_a, f, gd, direction, step, max_ls)
+        new_theta, new_f, new_g, ok = _line_search(fun, active, theta_a, f, gd, direction, step,
+                                                   max_ls, halted)
+        ok = ok & ~halted  # a stopped member waiting to be taken out changes nothing
         s, yv = new_theta - theta_a, new_g - g
         sy = (s * yv).sum(1)
         keep = ok & (sy > torch.finfo(dtype).eps * (yv * yv).sum(1))  # curvature condition
@@ -94,12 +104,20 @@ def minimize(fun: Objective, theta0: torch.Tensor, *, max_iter: int = 1000, tol:
                                         torch.zeros_like(sy))
         slot, filled = (slot + 1) % history, min(filled + 1, history)
         theta[active] = torch.where(ok[:, None], new_theta, theta_a)
-        n_iter[active] += 1
+        n_iter[active] += (~halted).long()
         rel = (f - new_f) / torch.clamp(torch.maximum(f.abs(), new_f.abs()), min=1.0)
-        flat, failed = ok & (rel <= ftol), ~ok
+        flat, failed = ok & (rel <= ftol), ~ok & ~halted
         f = torch.where(ok, new_f, f)
         g = torch.where(ok[:, None], new_g, g)
     return Result(theta=theta, n_iter=n_iter, converged=converged, objective=final_f)
+
+
+CHECK_EVERY = 8  # iterations between the host's looks at a batch on a GPU (each is a sync)
+
+
+def _check_every(device) -> int:
+    """``CHECK_EVERY`` on a GPU; every iteration on the CPU, where a look costs nothing."""
+    return CHECK_EVERY if torch.device(device).type == "cuda" else 1
 
 
 def _two_loop(g, s_hist, y_hist, rho, slot: int, filled: int) -> torch.Tensor:
@@ -127,15 +145,27 @@ def _two_loop(g, s_hist, y_hist, rho, slot: int, filled: int) -> torch.Tensor:
     return -r
 
 
-def _line_search(fun: Objective, active, theta, f, gd, direction, step, max_ls: int):
+def _line_search(fun: Objective, active, theta, f, gd, direction, step, max_ls: int,
+                 halted=None):
     """Backtracking with the Armijo condition (c1 = 1e-4), each member its own step; members
-    that find no step in ``max_ls`` trials stay where they are (ok = False)."""
-    A = theta.shape[0]
-    ok = torch.zeros(A, dtype=torch.bool, device=theta.device)
-    new_theta, new_f = theta.clone(), f.clone()
-    new_g = torch.zeros_like(theta)
-    todo = torch.arange(A, device=theta.device)
-    for _ in range(max_ls):  # each trial evaluates only the members still searching
+    that find no step in ``max_ls`` trials stay where they are (ok = False). The first trial
+    is every member's (``halted`` ones too: their result is not used), so the common case, a
+    full step accepted, asks nothing of the host; later trials evaluate only the members still
+    searching."""
+    trial = theta + step[:, None] * direction
+    tf, tg = fun(trial, active)
+    good = torch.isfinite(tf) & (tf <= f + 1e-4 * (step * gd).double())
+    if halted is not None:
+        good = good | halted
+    ok = good.clone()
+    new_theta = torch.where(good[:, None], trial, theta)
+    new_f = torch.where(good, tf, f)
+    new_g = torch.where(good[:, None], tg, torch.zeros_like(theta))
+    todo = (~good).nonzero()[:, 0]  # one look per trial
+    for _ in range(max_ls - 1):  # each further trial evaluates only the members still searching
+        if not todo.numel():
+            break
+        step[todo] *= 0.5
         trial = theta[todo] + step[todo, None] * direction[todo]
         tf, tg = fun(trial, active[todo])
         good = torch.isfinite(tf) & (tf <= f[todo] + 1e-4 * (step[todo] * gd[todo]).double())
@@ -143,7 +173,6 @@ def _line_search(fun: Objective, active, theta, f, gd, direction, step, max_ls: 
         new_theta[hit], new_f[hit], new_g[hit] = trial[good], tf[good], tg[good]
         ok[hit] = True
         todo = todo[~good]
-        if not todo.numel():
-            break
-        step[todo] *= 0.5
+    if halted is not None:
+        ok = ok & ~halted
     return new_theta, new_f, new_g, ok

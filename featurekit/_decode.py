@@ -416,11 +416,25 @@ class HwDecoder:
         """One decoder per device and process: the probe's is the one the run uses (making
         one costs a noticeable part of a second)."""
         if device not in cls._made:
+            if not cls._made:  # decoders go before the CUDA context does at exit
+                import atexit
+
+                atexit.register(cls.release)
             cls._made[device] = cls(device)
         return cls._made[device]
 
+    @classmethod
+    def release(cls, device: str | None = None) -> None:
+        """Drop the decoder of ``device`` (all: None) while the CUDA context is alive: at the
+        end of a run, and at exit before the interpreter's teardown, whose order would not
+        guarantee it."""
+        for key in [device] if device is not None else list(cls._made):
+            cls._made.pop(key, None)
+
     def __init__(self, device: str) -> None:
         import torch
+
+        _quiet_nvimgcodec()
         from nvidia import nvimgcodec
 
         index = torch.device(device).index
@@ -441,6 +455,15 @@ class HwDecoder:
         return [None if im is None else torch.from_dlpack(im).permute(2, 0, 1) for im in out]
 
 
+def _quiet_nvimgcodec() -> None:
+    """nvImageCodec's Python API prints a WARNING line per image its engines refuse; featurekit
+    retries such images with nvJPEG or PIL and records what fails, so only its errors are
+    shown (PYNVIMGCODEC_VERBOSITY=1, read at import; a value the user set is kept)."""
+    import os
+
+    os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "1")
+
+
 def hw_problem(device: str) -> str | None:
     """None when nvImageCodec's hardware JPEG decoder works on ``device``, else why not (not
     installed, no JPEG engines on this GPU, a decoder that cannot be created), checked once
@@ -449,6 +472,7 @@ def hw_problem(device: str) -> str | None:
     from torchvision.io import encode_jpeg
 
     try:
+        _quiet_nvimgcodec()
         import nvidia.nvimgcodec as _probe  # noqa: F401
 
         del _probe
@@ -572,6 +596,11 @@ def device_batches(source, items, preprocess, decode: str, device: str, batch_sa
     )
 
     workers_iter = iter(loader)  # workers start before any thread does
-    with _pipeline.Prefetcher(workers_iter, fetch, device) as fetched:
-        yield iter(fetched)
-    del workers_iter  # the workers stop now, not when the caller returns
+    try:
+        with _pipeline.Prefetcher(workers_iter, fetch, device) as fetched:
+            yield iter(fetched)
+    finally:
+        del workers_iter  # the workers stop now, not when the caller returns
+        if decode == "hw":
+            hw = None
+            HwDecoder.release(device)

@@ -194,3 +194,23 @@ def test_lbfgs_iterations_do_not_wait_for_the_device(monkeypatch):
     assert iterations > 10 and syncs[0] <= 1.5 * iterations, (syncs[0], iterations)
     assert torch.equal(res.n_iter, base.n_iter) and torch.equal(res.converged, base.converged)
     torch.testing.assert_close(res.theta, base.theta)
+
+
+def test_hardware_decoders_are_released_while_the_context_lives(monkeypatch):
+    """nvImageCodec decoders are dropped at the end of a run, and at exit by a handler
+    registered when the first is made (never left to the interpreter's teardown)."""
+    import atexit
+
+    from featurekit._decode import HwDecoder
+
+    registered = []
+    monkeypatch.setattr(atexit, "register", lambda fn: registered.append(fn))
+    monkeypatch.setattr(HwDecoder, "__init__", lambda self, device: None)
+    monkeypatch.setattr(HwDecoder, "_made", {})
+    a = HwDecoder.on("cuda:0")
+    assert HwDecoder.on("cuda:0") is a and registered == [HwDecoder.release]
+    HwDecoder.on("cuda:1")
+    HwDecoder.release("cuda:0")
+    assert list(HwDecoder._made) == ["cuda:1"]
+    registered[0]()
+    assert HwDecoder._made == {}

@@ -211,7 +211,7 @@ def lbfgs_budget(work: Path, device: str, smoke: bool) -> dict:
     y = rng.integers(0, k, n)
     grid = [{"C": c} for c in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)]
     Xt = torch.as_tensor(X, device=device)
-    per_member = 4 * (5 * n * k + 28 * (d + 1) * k)  # as members_per_batch counts them
+    per_member = 4 * (8 * n * k + 28 * (d + 1) * k)  # as members_per_batch counts them
     budget_mib = 2.2 * per_member / (1 << 20)  # two members at a time
     real = _linear.batch_on
     _linear.batch_on = lambda dev: True  # the GPU's batching, also in smoke mode

@@ -36,16 +36,16 @@ def test_lbfgs_members_split_to_fit_the_budget_give_one_batchs_answers(monkeypat
     monkeypatch.setattr(_linear._LinearProblem, "__call__", counting)
     Xs = torch.as_tensor(X[:240])
     states = {}
-    for budget, per in ((1e6, 5), (0.06, 2)):  # MiB: all five C values together; two at a time
+    for budget, per in ((1e6, 5), (0.08, 2)):  # MiB: all five C values together; two at a time
         head = _linear.TorchLogisticHead(device="cpu", memory_budget=budget)
         assert _linear.members_per_batch(240, 20, 4, 4, head._budget("cpu")) >= per
         seen.clear()
         states[budget] = head._solve(Xs, y[:240], np.unique(y), grid, None)
         assert max(seen) == per, (budget, seen[:5])
-    for (a, _, ok_a), (b, _, ok_b) in zip(states[1e6], states[0.06]):
+    for (a, _, ok_a), (b, _, ok_b) in zip(states[1e6], states[0.08]):
         assert ok_a == ok_b
         np.testing.assert_allclose(a["coef_"], b["coef_"], rtol=1e-4, atol=1e-5)
-    scores, _ = _linear.TorchLogisticHead(device="cpu", memory_budget=0.06).fit_grid(
+    scores, _ = _linear.TorchLogisticHead(device="cpu", memory_budget=0.08).fit_grid(
         X, y, grid, folds, lambda t, p: float(np.mean(t == p)))
     assert scores.shape == (5, 1)
 

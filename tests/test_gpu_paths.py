@@ -250,3 +250,23 @@ def test_lbfgs_peak_memory_follows_the_budget():
     split, whole = growth(35), growth(1e6)  # 35 MiB: one C at a time (about 32 MB each)
     assert split <= 1.25 * 35 + 40, (split, whole)  # measured 44-46 MiB
     assert whole >= 2.5 * split, (split, whole)  # measured 228-314 MiB
+
+
+def test_padding_out_of_memory_is_not_retried_image_by_image(monkeypatch):
+    """Out of memory while padding a batch is raised (a smaller --batch-size is the fix), not
+    swallowed into the slower per-image copy that would run out again."""
+    from featurekit import _resize
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch.nested, "as_nested_tensor", oom)
+    images = [torch.zeros(3, 8, 9, dtype=torch.uint8), torch.zeros(3, 5, 4, dtype=torch.uint8)]
+    with pytest.raises(torch.OutOfMemoryError):
+        _resize.padded(images)
+
+    def old_torch(*a, **k):
+        raise NotImplementedError("no nested tensors here")
+
+    monkeypatch.setattr(torch.nested, "as_nested_tensor", old_torch)
+    assert _resize.padded(images).shape == (2, 3, 8, 9)  # the per-image copy still serves

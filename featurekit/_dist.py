@@ -29,8 +29,10 @@ from featurekit.errors import DeviceError, FeaturekitError
 GRACE_SECONDS = 10.0  # a failing rank waits this long at most for the others to stop
 CHECK_SECONDS = 0.2  # check_peers asks the store at most this often
 HEARTBEAT_SECONDS = 1.0  # each rank's sign of life in the store
-_FAILED, _ACKS = "featurekit/failed", "featurekit/stopped"
-_BARRIER, _ALIVE = "featurekit/barrier/", "featurekit/alive/"
+# keys in the store, under each run's prefix (Dist.prefix): torchrun keeps one store across
+# --max-restarts attempts, and a Python caller may run several commands in one process
+_FAILED, _ACKS, _BARRIER, _ALIVE = "failed", "stopped", "barrier/", "alive/"
+_RUNS = [0]  # process groups this process joined (init calls): every rank counts the same
 
 
 class PeerFailed(FeaturekitError):
@@ -42,6 +44,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    prefix: str = "featurekit/"  # this run's keys in the store (attempt and run of the process)
     barriers: int = 0  # barriers passed, the same on every rank: each one's key in the store
     checked: float = 0.0  # when check_peers last asked the store
     stopping: bool = False  # this rank is on its way out: torchrun's SIGTERM changes nothing
@@ -90,25 +93,43 @@ def init(device: str) -> tuple[Dist, str]:
         extra = {"device_id": torch.device(dev)} if on_cuda else {}
         dist.init_process_group(backend="nccl" if on_cuda else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_seconds()), **extra)
-    d = Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+    _RUNS[0] += 1
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    d = Dist(dist.get_rank(), dist.get_world_size(), local_rank,
+             prefix=f"featurekit/{attempt}/{_RUNS[0]}/")
     _CURRENT.append(d)  # for failing_together and torchrun's SIGTERM
     _heartbeat(d)
     return d, dev
 
 
 def _heartbeat(d: Dist) -> None:
-    """A daemon thread that counts up ``featurekit/alive/<rank>`` in the store every second
-    while this process lives: what a rank waiting at a barrier watches (a rank killed outright
-    or frozen stops counting; one stuck in a collective is ended by the process group's
-    timeout, and stops counting then)."""
+    """A daemon thread that counts up this rank's ``alive/<rank>`` key in the store every
+    second while the rank makes progress: what a rank waiting at a barrier watches. Progress
+    is any of the process's threads at another place in its Python code than a second ago (a
+    batch, a commit, a download); threads all stuck where they were for
+    ``FEATUREKIT_DIST_TIMEOUT`` seconds (a hung read, a deadlock: polling loops waiting on
+    them sit at the same place too), a frozen or killed process, stop the count. A failed
+    store call is retried; the thread ends with the process group."""
+    import sys
     import threading
 
+    limit = timeout_seconds()
+
+    def places() -> frozenset:
+        me = threading.get_ident()
+        return frozenset((t, f.f_code, f.f_lasti) for t, f in sys._current_frames().items() if t != me)
+
     def beat() -> None:
-        while True:
-            try:
-                _store().add(f"{_ALIVE}{d.rank}", 1)
-            except Exception:
-                return  # the group is gone: nothing to tell
+        import torch.distributed as dist
+
+        where, moved = None, time.monotonic()
+        while dist.is_initialized():
+            here, now = places(), time.monotonic()
+            if here != where:
+                where, moved = here, now
+            if now - moved < limit:
+                with contextlib.suppress(Exception):  # a transient store error: next second
+                    _store().add(f"{d.prefix}{_ALIVE}{d.rank}", 1)
             time.sleep(HEARTBEAT_SECONDS)
 
     threading.Thread(target=beat, name="featurekit-heartbeat", daemon=True).start()
@@ -134,8 +155,8 @@ def _peer_failure(d: Dist) -> str | None:
         return None
     try:
         store = _store()
-        if store.check([_FAILED]):
-            text = store.get(_FAILED).decode("utf-8", "replace")
+        if store.check([d.prefix + _FAILED]):
+            text = store.get(d.prefix + _FAILED).decode("utf-8", "replace")
             return None if text.startswith(f"rank {d.rank} ") else text
     except Exception:  # the store is gone: torchrun's agent ended the run
         return "lost contact with the other ranks (torchrun stopped the run)"
@@ -147,7 +168,7 @@ def _stop(d: Dist, failure: str) -> PeerFailed:
     that), and one line."""
     d.stopping = True
     with contextlib.suppress(Exception):
-        _store().add(_ACKS, 1)
+        _store().add(d.prefix + _ACKS, 1)
     error = PeerFailed(f"stopped: {failure}")
     error.shared = True  # type: ignore[attr-defined]
     return error
@@ -177,10 +198,10 @@ def _publish(d: Dist, exc: BaseException) -> None:
         why = f"failed: {type(exc).__name__}: " + " ".join(str(exc).split())
     try:
         store = _store()
-        store.compare_set(_FAILED, "", f"rank {d.rank} {why}"[:400])
+        store.compare_set(d.prefix + _FAILED, "", f"rank {d.rank} {why}"[:400])
         # Ctrl-C reaches every rank of a terminal's process group: nobody waits for anybody
         deadline = time.monotonic() + (0.0 if isinstance(exc, KeyboardInterrupt) else GRACE_SECONDS)
-        while time.monotonic() < deadline and int(store.add(_ACKS, 0)) < d.world - 1:
+        while time.monotonic() < deadline and int(store.add(d.prefix + _ACKS, 0)) < d.world - 1:
             time.sleep(0.05)
     except Exception:
         pass
@@ -207,6 +228,9 @@ def failing_together() -> Iterator[None]:
     except BaseException as exc:
         d = _CURRENT[-1] if _CURRENT else None
         if d is None or getattr(exc, "shared", False) or isinstance(exc, SystemExit):
+            raise
+        if isinstance(exc, KeyboardInterrupt):  # every rank got the terminal's Ctrl-C: each
+            _publish(d, exc)  # says "interrupted" (exit 130); a rank that missed it stops
             raise
         failure = _peer_failure(d)
         deadline = time.monotonic() + (2.0 if isinstance(exc, RuntimeError) else 0.0)
@@ -306,7 +330,7 @@ def barrier(d: Dist) -> None:
     if d.world == 1:
         return
     d.barriers += 1
-    key = f"{_BARRIER}{d.barriers}/"
+    key = f"{d.prefix}{_BARRIER}{d.barriers}/"
     store = _store()
     store.set(f"{key}{d.rank}", "1")
     limit = timeout_seconds()
@@ -319,12 +343,12 @@ def barrier(d: Dist) -> None:
         check_peers(d, now=True)
         now = time.monotonic()
         for r in missing:
-            beat = int(store.add(f"{_ALIVE}{r}", 0))
+            beat = int(store.add(f"{d.prefix}{_ALIVE}{r}", 0))
             if seen.get(r, (None, 0.0))[0] != beat:
                 seen[r] = (beat, now)
             elif now - seen[r][1] > limit:
                 raise _stop(d, f"rank {r} showed no sign of life for {limit:.0f} s "
-                               "(FEATUREKIT_DIST_TIMEOUT); it was killed or is frozen")
+                               "(FEATUREKIT_DIST_TIMEOUT); it was killed, is frozen or hangs")
         time.sleep(pause)
         pause = min(0.5, pause * 1.5)
 

@@ -186,7 +186,14 @@ class Consumer:
             self._q.put_nowait(_END)
         except queue.Full:
             pass
-        self._thread.join()
+        interrupted = None
+        while self._thread.is_alive():  # a signal (Ctrl-C, torchrun's SIGTERM) during the wait
+            try:  # never leaves the item in progress cut off: the file would be closed under it
+                self._thread.join()
+            except BaseException as exc:
+                interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
 
     def __enter__(self) -> Consumer:
         return self

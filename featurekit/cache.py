@@ -125,6 +125,7 @@ class CacheWriter:
                 for layer, ds in g["features"].items():
                     self.layer_dims[layer] = int(ds.shape[1])
                 _cut_to_commit(g)
+                _check_committed_strings(self.path, split, g)
                 self._buffers[split] = _Buffer(next_index=int(g.attrs["next_index"]))
             self._f.flush()
         except BaseException:
@@ -387,6 +388,19 @@ def _clear_strings_past(ds, keep: int) -> None:
             ds.resize(keep, axis=0)
 
 
+def _check_committed_strings(path: Path, split: str, g) -> None:
+    """Before a resume continues a split's running CRC-32s: its committed strings match them
+    (a resume must never carry damage into a cache that then says it is intact)."""
+    committed = {"paths_crc32": g["paths"][: int(g.attrs["rows"])],
+                 "skipped_crc32": [v for pair in zip(g["skipped"]["path"][()], g["skipped"]["reason"][()])
+                                   for v in pair]}
+    for key, values in committed.items():
+        if key in g.attrs and strings_crc(values) != int(g.attrs[key]):
+            raise CacheError(f"{path} is damaged: the committed {key[:-6]} of split {split!r} do "
+                             "not match their checksum; it cannot be resumed: extract again with "
+                             "--overwrite")
+
+
 def _row_datasets(g) -> list[Any]:
     """Every dataset of a split group with one row per cached image."""
     return [g["labels"], g["paths"], *([g["file_stat"]] if "file_stat" in g else []),
@@ -541,7 +555,8 @@ class Cache:
     @_guarded
     def skipped(self, split: str) -> list[tuple[str, str]]:
         g = self._group(split)
-        paths, reasons = g["skipped"]["path"][:], g["skipped"]["reason"][:]
+        k = int(g.attrs.get("n_skipped", g["skipped"]["path"].shape[0]))  # the committed ones
+        paths, reasons = g["skipped"]["path"][:k], g["skipped"]["reason"][:k]
         self._check_crc(g, "skipped_crc32", [v for pair in zip(paths, reasons) for v in pair],
                         f"list of skipped files of split {split!r}")
         return [(decode_value(p), decode_value(r)) for p, r in zip(paths, reasons)]

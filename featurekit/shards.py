@@ -159,6 +159,7 @@ def _write_logical(f, out: Path, files: list[Path], headers, attrs) -> None:
                 _virtual(fg, layer, out, files, [p["features"] for p in parts], rows,
                          f"{split}/features")
             sg = g.create_group("skipped")
+            _check_skipped(files, parts)
             for name in ("path", "reason"):
                 values = [v for p in parts for v in p["skipped"][name][()]]
                 sg.create_dataset(name, data=np.array(values, dtype=object), dtype=str_dtype(),
@@ -179,6 +180,17 @@ def _paths_crc(files: list[Path], parts, rows: list[int]) -> int:
                              "do not match their checksum; re-run extract with --overwrite")
         crc = strings_crc(values, crc)
     return crc
+
+
+def _check_skipped(files: list[Path], parts) -> None:
+    """Each shard's skipped list matches its CRC-32 before it is copied."""
+    for p, part in zip(files, parts):
+        values = [v for pair in zip(part["skipped"]["path"][()], part["skipped"]["reason"][()])
+                  for v in pair]
+        if "skipped_crc32" in part.attrs and strings_crc(values) != int(part.attrs["skipped_crc32"]):
+            raise CacheError(f"shard {p} is damaged: its list of skipped files of split "
+                             f"{part.name.strip('/')!r} does not match its checksum; re-run "
+                             "extract with --overwrite")
 
 
 def _virtual(group, name: str, out: Path, files: list[Path], parts, rows: list[int], where: str) -> None:

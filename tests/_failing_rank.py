@@ -26,7 +26,7 @@ if mode == "writer" and os.environ.get("RANK") == "1":
         return real(self, split, extra)
 
     cache.CacheWriter._commit = failing
-if mode in ("slow", "freeze") and os.environ.get("RANK") == "1":
+if mode in ("slow", "freeze", "hang") and os.environ.get("RANK") == "1":
     import signal
     import time
 
@@ -36,6 +36,8 @@ if mode in ("slow", "freeze") and os.environ.get("RANK") == "1":
         seen[0] += 1
         if mode == "slow":
             time.sleep(0.5)
+        elif mode == "hang" and seen[0] == 2:
+            time.sleep(120)  # a hung write: every thread of the rank waits where it is
         elif seen[0] == 2:
             os.kill(os.getpid(), signal.SIGSTOP)
         return real_commit(self, split, extra)

@@ -270,3 +270,33 @@ def test_padding_out_of_memory_is_not_retried_image_by_image(monkeypatch):
 
     monkeypatch.setattr(torch.nested, "as_nested_tensor", old_torch)
     assert _resize.padded(images).shape == (2, 3, 8, 9)  # the per-image copy still serves
+
+
+def test_warm_path_with_gpu_batches_solves_each_batch_from_zero(monkeypatch):
+    """warm_path is a CPU path: with a GPU's batches (split by memory_budget) every batch
+    starts from zero (a warm start from another batch's solutions would index past it)."""
+    X, y = _data(200)
+    monkeypatch.setattr(_linear, "batch_on", lambda device: True)
+    head = _linear.TorchLogisticHead(device="cpu", warm_path=True, memory_budget=0.08)
+    sols = head._solve(torch.as_tensor(X), y, np.unique(y), [{"C": c} for c in (0.1, 1.0, 10.0)], None)
+    assert len(sols) == 3 and all(ok for _, _, ok in sols)
+
+
+def test_each_run_and_restart_has_its_own_keys_in_the_store(monkeypatch):
+    """torchrun keeps one store across --max-restarts attempts, and a Python caller may run
+    several commands in one process: their failures and barriers never meet."""
+    import torch.distributed as dist
+
+    from featurekit import _dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "3")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(_dist, "_heartbeat", lambda d: None)
+    a, _ = _dist.init("cpu")
+    b, _ = _dist.init("cpu")
+    assert a.prefix.startswith("featurekit/3/") and b.prefix.startswith("featurekit/3/")
+    assert a.prefix != b.prefix
+    _dist._CURRENT.clear()

@@ -209,3 +209,27 @@ def test_info_reports_checksums_and_pack_adds_them_to_an_old_cache(digits_cache,
     with h5py.File(tmp_path / "new.h5", "r") as f, open_cache(digits_cache) as c:
         assert f["train/features/layer3"].fletcher32 and f["val/labels"].fletcher32
         assert (f["train/features/layer3"][()] == c.features("train", "layer3")).all()
+
+
+def test_uncommitted_skipped_entries_never_count_and_a_damaged_index_is_not_resumed(tmp_path):
+    """Skipped entries written after the last commit (a kill between the two flushes) are not
+    read as the cache's; a resume refuses to continue CRC-32s over committed paths that no
+    longer match them."""
+    from featurekit.cache import CacheWriter
+    from tests.conftest import array_cache
+
+    rng = np.random.default_rng(0)
+    path = array_cache(tmp_path / "a.h5", rng.normal(size=(30, 4)).astype(np.float32),
+                       np.arange(30) % 3, {"train": 30})
+    with h5py.File(path, "a") as f:  # as a kill after the data flush: an entry not counted
+        f.attrs["complete"] = False
+        sk = f["train/skipped"]
+        for name, value in (("path", "late.jpg"), ("reason", "truncated")):
+            sk[name].resize(1, axis=0)
+            sk[name][0] = value
+    with open_cache(path, allow_incomplete=True) as c:
+        assert c.skipped("train") == [] and len(c.labels("train")) == 30
+    with h5py.File(path, "a") as f:
+        f["train/paths"][4] = "train/elsewhere"
+    with pytest.raises(CacheError, match="committed paths of split 'train' do not match"):
+        CacheWriter.reopen(path).close()

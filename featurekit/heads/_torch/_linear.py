@@ -99,7 +99,8 @@ class TorchLinearHead(TorchHead):
             problem = _LinearProblem(Xs, y_index, classes.size, self._loss,
                                      torch.as_tensor([Cs[i] for i in members], device=Xs.device,
                                                      dtype=Xs.dtype))
-            res = self._warm(problem, previous) if len(members) == 1 else None
+            # warm starts along the path on the CPU only: a GPU's batches are the grid's
+            res = self._warm(problem, previous) if not batch_on(Xs.device) else None
             if res is None:
                 res = _lbfgs.minimize(problem, problem.start(len(members)), max_iter=self.max_iter,
                                       tol=self.tol, on_stop=on_stop)

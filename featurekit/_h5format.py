@@ -50,6 +50,22 @@ def chunk_rows(dim: int, itemsize: int) -> int:
     return max(1, min(4096, (1 << 20) // max(1, dim * itemsize)))
 
 
+def fletcher32(data: bytes) -> bytes:
+    """HDF5's Fletcher-32 of a chunk's bytes, as its filter stores it after them (H5checksum.c:
+    16-bit big-endian words, sums folded mod 65535; stored little-endian). For re-sealing the
+    one chunk an interrupted commit was writing (see ``cache._reseal``)."""
+    a = np.frombuffer(data, dtype=np.uint8)
+    if a.size % 2:
+        a = np.concatenate([a, np.zeros(1, np.uint8)])
+    w = (a[0::2].astype(np.int64) << 8) | a[1::2].astype(np.int64)
+    if not w.any():
+        return bytes(4)
+    s1 = int(w.sum())
+    s2 = int(np.dot(w, np.arange(w.size, 0, -1, dtype=np.int64)))
+    fold = lambda v: (v - 1) % 65535 + 1 if v else 0  # noqa: E731  (HDF5 folds to 1..65535)
+    return ((fold(s2) << 16) | fold(s1)).to_bytes(4, "little")
+
+
 def strings_crc(values, crc: int = 0) -> int:
     """CRC-32 of strings in order (each UTF-8, NUL-terminated), continuing from ``crc``: one
     running value per list, updated at each commit."""

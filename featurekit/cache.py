@@ -32,6 +32,7 @@ import numpy as np
 
 from featurekit._h5format import (
     CHECKED,
+    fletcher32,
     CHECKSUMS,
     JSON_ATTRS,
     FORMAT,
@@ -354,11 +355,28 @@ def _cut_to_commit(g) -> None:
     rows = int(g.attrs["rows"])
     for ds in _row_datasets(g):
         if ds.shape[0] != rows:
+            _reseal(ds, rows)
             ds.resize(rows, axis=0)
     _clear_strings_past(g["paths"], rows)
     sg, k = g["skipped"], int(g.attrs.get("n_skipped", 0))
     for name in ("path", "reason"):
         _clear_strings_past(sg[name], k)
+
+
+def _reseal(ds, rows: int) -> None:
+    """The chunk holding both committed rows and rows of the interrupted commit gets a
+    checksum of its bytes as they are. Its committed part is what the last commit wrote (the
+    interrupted one rewrote the same values), but a power loss during that rewrite can leave
+    the chunk's new part and its checksum out of step, and HDF5 reads the chunk to cut the
+    dataset. Only this chunk, only on a resume; every other chunk keeps its checksum."""
+    if not ds.fletcher32 or rows % ds.chunks[0] == 0 or rows >= ds.shape[0]:
+        return
+    coord = ((rows // ds.chunks[0]) * ds.chunks[0],) + (0,) * (ds.ndim - 1)
+    if ds.id.get_chunk_info_by_coord(coord).byte_offset is None:
+        return  # never written
+    mask, raw = ds.id.read_direct_chunk(coord)
+    if not mask and raw[-4:] != fletcher32(raw[:-4]):
+        ds.id.write_direct_chunk(coord, raw[:-4] + fletcher32(raw[:-4]), mask)
 
 
 def _clear_strings_past(ds, keep: int) -> None:

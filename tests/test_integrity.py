@@ -233,3 +233,38 @@ def test_uncommitted_skipped_entries_never_count_and_a_damaged_index_is_not_resu
         f["train/paths"][4] = "train/elsewhere"
     with pytest.raises(CacheError, match="committed paths of split 'train' do not match"):
         CacheWriter.reopen(path).close()
+
+
+def test_a_resume_reseals_the_chunk_an_interrupted_commit_was_writing(tmp_path):
+    """A power loss while a commit rewrites the chunk that also holds committed rows can
+    leave the chunk's new part and its checksum out of step: the resume re-seals that one
+    chunk (its committed rows unchanged), continues, and the finished cache is intact."""
+    from featurekit.cache import CacheWriter
+    from featurekit._h5format import fletcher32
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 8)).astype(np.float32)
+    attrs = {"model": "synthetic", "weights": "none", "layers": ["penultimate"], "classes": ["a", "b"],
+             "dtype": "float32"}
+    path = tmp_path / "p.h5"
+    w = CacheWriter(path, attrs, {"train": 40}, {"penultimate": 8}, commit_rows=10)
+    w.add("train", np.arange(10) % 2, [f"i{k}" for k in range(10)], {"penultimate": X[:10]})
+    w.advance("train", 10)  # committed: rows 0-9, in the first chunk (40 rows)
+    w.add("train", np.arange(10) % 2, [f"i{k}" for k in range(10, 20)], {"penultimate": X[10:20]})
+    w._f.flush()  # the next commit's data reached the chunk ...
+    w._f.close()  # ... and the power went
+    with h5py.File(path, "r+") as f:  # the torn write: new bytes, the old checksum
+        ds = f["train/features/penultimate"]
+        mask, raw = ds.id.read_direct_chunk((0, 0))
+        torn = bytearray(raw)
+        torn[15 * 32: 15 * 32 + 8] = bytes(8 * [0x7F])  # inside row 15: not committed
+        ds.id.write_direct_chunk((0, 0), bytes(torn), mask)
+        assert fletcher32(bytes(torn[:-4])) != bytes(torn[-4:])
+    w = CacheWriter.reopen(path, commit_rows=10)
+    w.add("train", np.arange(30) % 2, [f"i{k}" for k in range(10, 40)], {"penultimate": X[10:]})
+    w.advance("train", 40)
+    w.finish()
+    w.close()
+    with open_cache(path) as c:
+        assert c.require_intact()["rows"] == 40
+        assert np.array_equal(c.features("train", "penultimate"), X)

@@ -28,15 +28,22 @@ def rbf_cross(X, Y, gamma: float, chunk: int = 8192):
 
 def rbf_blocks(X, rows, sq, gamma: float, chunk_bytes: int = 64 << 20):
     """The kernel within each pair's ``rows`` (P, m) of X: (P, m, m), float32 like libsvm's
-    Qfloat; ``sq`` (P, m) are those rows' squared norms. Built a slab of rows at a time, so
-    that what the build holds beside the blocks (a slab's feature rows, its dot products and
-    the kernel's elementwise temporaries, about four slabs of r x m values) stays within
-    ``chunk_bytes`` whatever m is: a pair's whole m x m block would need about four blocks'
-    worth of temporaries (all the memory the blocks' budget left free)."""
+    Qfloat; ``sq`` (P, m) are those rows' squared norms. What the build holds beside the
+    blocks (feature rows, dot products and the kernel's elementwise temporaries, about four
+    r x m arrays for r rows at a time) stays within ``chunk_bytes`` whatever m is: small pairs
+    go several at a time (one batched product), a large pair a slab of rows at a time (its
+    whole m x m block would need about four blocks' worth of temporaries)."""
     P, m = rows.shape
     d, item = X.shape[1], max(4, X.element_size())
     out = torch.empty(P, m, m, dtype=torch.float32, device=X.device)
-    slab = max(1, min(m, chunk_bytes // max(1, 4 * m * item + d * X.element_size())))
+    per_row = 4 * m * item + d * X.element_size()  # one row's share of the temporaries
+    slab = max(1, min(m, chunk_bytes // per_row))
+    if slab == m:  # whole pairs fit: as many together as the budget holds
+        step = max(1, chunk_bytes // (m * per_row))
+        for s in range(0, P, step):
+            Xp, q = X[rows[s:s + step]], sq[s:s + step]
+            out[s:s + step] = from_dots(q[:, :, None], q[:, None, :], torch.bmm(Xp, Xp.transpose(1, 2)), gamma)
+        return out
     for p in range(P):
         Xp, q = X[rows[p]], sq[p]  # (m, d), (m,)
         for r in range(0, m, slab):

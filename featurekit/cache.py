@@ -565,6 +565,28 @@ class Cache:
         return block
 
     @_guarded
+    def rows(self, split: str, layer: str, index) -> np.ndarray:
+        """Rows ``index`` (strictly increasing) of one split and layer as float32, checked as
+        :meth:`iter_features` checks its blocks."""
+        self._check_layer(layer)
+        self._check_index(split)
+        index = np.asarray(index, dtype=np.int64)
+        if not index.size:
+            return np.empty((0, self.dim(layer)), dtype=np.float32)
+        if index[0] < 0 or index[-1] >= self.n_rows(split) or np.any(np.diff(index) <= 0):
+            raise CacheError(f"{self.path}: rows of split {split!r} must be increasing and below "
+                             f"{self.n_rows(split)}")
+        if index[-1] - index[0] + 1 == index.size:  # a run of rows: one slice
+            return self._block(split, layer, int(index[0]), int(index[-1]) + 1)
+        block = self._group(split)["features"][layer][index].astype(np.float32, copy=False)
+        bad = ~np.isfinite(block).all(axis=1)
+        if bad.any():
+            raise NonFiniteError(f"{self.path}: split {split!r}, layer {layer!r}: row "
+                                 f"{int(index[np.flatnonzero(bad)[0]])} is NaN or infinite; a damaged "
+                                 "or hand-made cache: re-extract it")
+        return block
+
+    @_guarded
     def file_stats(self, split: str) -> np.ndarray | None:
         """(size, mtime_ns) of each row's file at extraction (None for caches without it)."""
         g = self._group(split)

@@ -595,6 +595,46 @@ def sparsity(
         _err(f"wrote {path}")
 
 
+@app.command()
+@_handles_errors
+def similarity(
+    cache_a: Path = typer.Argument(..., metavar="A", help="A featurekit cache (e.g. pretrained weights)."),
+    cache_b: Path = typer.Argument(..., metavar="B", help="Another cache of the same images (e.g. fine-tuned)."),
+    layers: Optional[str] = typer.Option(None, help="Comma list of layers, in both caches [default: every layer of each]."),
+    split: Optional[str] = typer.Option(None, help="Compare one split's images [default: every split both hold]."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for similarity.csv/.json/.png [default: write nothing]."),
+    overwrite: bool = typer.Option(False, help="Replace similarity.* already in --out."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout [default: off]."),
+) -> None:
+    """Linear CKA between every layer of A and every layer of B, on the images both hold.
+
+    1: the same representation up to rotation and scale; near 0: unrelated. Rows are matched
+    by split and path (at least 100 shared).
+
+    \b
+    Example: featurekit similarity birds.h5 birds-ft.h5 --out cka/
+    """
+    from featurekit.similarity import similarity as run
+
+    result = run(cache_a, cache_b, layers=layers, split=split, device=device, out=out,
+                 overwrite=overwrite)
+    if json_out:
+        _print_json(result)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"linear CKA, {result['rows']} shared images")
+    t.add_column("A \\ B")
+    for y in result["layers_b"]:
+        t.add_column(y, justify="right")
+    for x, row in zip(result["layers_a"], result["cka"]):
+        t.add_row(x, *(f"{v:.4f}" for v in row))
+    _console().print(t)
+    for path in (result.get("files") or {}).values():
+        _err(f"wrote {path}")
+
+
 # --------------------------------------------------------------------------- demo
 
 

@@ -30,6 +30,7 @@ BASE_ARGS: dict[str, list[str]] = {
                  "--no-progress", "--out", "{tmp}/sp"],
     "demo": ["--out", "{tmp}/demo"],
     "pack": ["{tmp}/x.h5", "--out", "{tmp}/one.h5"],
+    "similarity": ["{tmp}/x.h5", "{tmp}/x.h5", "--out", "{tmp}/cka"],
 }
 
 

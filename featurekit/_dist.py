@@ -123,16 +123,37 @@ def _heartbeat(d: Dist) -> None:
         import torch.distributed as dist
 
         where, moved = None, time.monotonic()
-        while dist.is_initialized():
+        while dist.is_initialized() and not stop.is_set():
             here, now = places(), time.monotonic()
             if here != where:
                 where, moved = here, now
             if now - moved < limit:
                 with contextlib.suppress(Exception):  # a transient store error: next second
                     _store().add(f"{d.prefix}{_ALIVE}{d.rank}", 1)
-            time.sleep(HEARTBEAT_SECONDS)
+            stop.wait(HEARTBEAT_SECONDS)
 
-    threading.Thread(target=beat, name="featurekit-heartbeat", daemon=True).start()
+    stop = threading.Event()
+    thread = threading.Thread(target=beat, name="featurekit-heartbeat", daemon=True)
+    if not _BEATS:
+        import atexit
+
+        atexit.register(stop_heartbeats)
+    _BEATS.append((stop, thread))
+    thread.start()
+
+
+_BEATS: list = []  # (stop event, thread) of each heartbeat of this process
+
+
+def stop_heartbeats() -> None:
+    """End the heartbeat threads (at the end of a command, and at exit): a thread still in a
+    store call while the interpreter and torch's C++ objects are torn down aborts the process
+    ("terminate called without an active exception")."""
+    for stop, _ in _BEATS:
+        stop.set()
+    for _, thread in _BEATS:
+        thread.join(timeout=2 * HEARTBEAT_SECONDS + 1)
+    _BEATS.clear()
 
 
 def local_world(d: Dist) -> int:
@@ -243,6 +264,7 @@ def failing_together() -> Iterator[None]:
         raise
     finally:
         _CURRENT.clear()
+        stop_heartbeats()
         if installed:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if sigterm is None else sigterm)
 

@@ -75,6 +75,11 @@ def strings_crc(values, crc: int = 0) -> int:
     return zlib.crc32(data, crc)
 
 
+def skipped_crc(paths, reasons, crc: int = 0) -> int:
+    """The CRC-32 of a skipped list: path, reason, path, reason, ... (see :func:`strings_crc`)."""
+    return strings_crc([v for pair in zip(paths, reasons) for v in pair], crc)
+
+
 def encode_attr(key: str, value: Any) -> Any:
     """JSON for structured attributes; plain ``str`` for str subclasses (h5py rejects them)."""
     if key in JSON_ATTRS:

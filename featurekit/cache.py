@@ -43,6 +43,7 @@ from featurekit._h5format import (
     encode_attr,
     read_header,
     root_attrs,
+    skipped_crc,
     str_dtype,
     strings_crc,
 )
@@ -338,7 +339,7 @@ def _advance_crcs(g, b: _Buffer) -> None:
     if "paths_crc32" in g.attrs:
         g.attrs["paths_crc32"] = strings_crc(b.paths, int(g.attrs["paths_crc32"]))
     if "skipped_crc32" in g.attrs:
-        g.attrs["skipped_crc32"] = strings_crc((v for s in b.skipped for v in s),
+        g.attrs["skipped_crc32"] = skipped_crc([p for p, _ in b.skipped], [r for _, r in b.skipped],
                                                int(g.attrs["skipped_crc32"]))
 
 
@@ -409,11 +410,10 @@ def _clear_strings_past(ds, keep: int) -> None:
 def _check_committed_strings(path: Path, split: str, g) -> None:
     """Before a resume continues a split's running CRC-32s: its committed strings match them
     (a resume must never carry damage into a cache that then says it is intact)."""
-    committed = {"paths_crc32": g["paths"][: int(g.attrs["rows"])],
-                 "skipped_crc32": [v for pair in zip(g["skipped"]["path"][()], g["skipped"]["reason"][()])
-                                   for v in pair]}
-    for key, values in committed.items():
-        if key in g.attrs and strings_crc(values) != int(g.attrs[key]):
+    committed = {"paths_crc32": strings_crc(g["paths"][: int(g.attrs["rows"])]),
+                 "skipped_crc32": skipped_crc(g["skipped"]["path"][()], g["skipped"]["reason"][()])}
+    for key, crc in committed.items():
+        if key in g.attrs and crc != int(g.attrs[key]):
             raise CacheError(f"{path} is damaged: the committed {key[:-6]} of split {split!r} do "
                              "not match their checksum; it cannot be resumed: extract again with "
                              "--overwrite")
@@ -528,7 +528,7 @@ class Cache:
     def paths(self, split: str) -> list[str]:
         g = self._group(split)
         raw = g["paths"][: self.n_rows(split)]
-        self._check_crc(g, "paths_crc32", raw, f"paths of split {split!r}")
+        self._check_crc(g, "paths_crc32", strings_crc(raw), f"paths of split {split!r}")
         return [decode_value(p) for p in raw]
 
     @_guarded
@@ -555,9 +555,14 @@ class Cache:
     def _block(self, split: str, layer: str, start: int, stop: int) -> np.ndarray:
         self._check_index(split)
         block = self._group(split)["features"][layer][start:stop].astype(np.float32, copy=False)
+        return self._finite(block, split, layer, np.arange(start, stop))
+
+    def _finite(self, block: np.ndarray, split: str, layer: str, row_ids: np.ndarray) -> np.ndarray:
+        """``block`` (rows ``row_ids``), or :class:`NonFiniteError` naming its rows that are not
+        finite: no reader ever returns them."""
         bad = ~np.isfinite(block).all(axis=1)
         if bad.any():
-            rows = (np.flatnonzero(bad) + start).tolist()
+            rows = row_ids[bad].tolist()
             raise NonFiniteError(
                 f"{self.path}: split {split!r}, layer {layer!r}: {len(rows)} row(s) are NaN or "
                 f"infinite (rows {', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''}); "
@@ -579,12 +584,7 @@ class Cache:
         if index[-1] - index[0] + 1 == index.size:  # a run of rows: one slice
             return self._block(split, layer, int(index[0]), int(index[-1]) + 1)
         block = self._group(split)["features"][layer][index].astype(np.float32, copy=False)
-        bad = ~np.isfinite(block).all(axis=1)
-        if bad.any():
-            raise NonFiniteError(f"{self.path}: split {split!r}, layer {layer!r}: row "
-                                 f"{int(index[np.flatnonzero(bad)[0]])} is NaN or infinite; a damaged "
-                                 "or hand-made cache: re-extract it")
-        return block
+        return self._finite(block, split, layer, index)
 
     @_guarded
     def file_stats(self, split: str) -> np.ndarray | None:
@@ -597,7 +597,7 @@ class Cache:
         g = self._group(split)
         k = int(g.attrs.get("n_skipped", g["skipped"]["path"].shape[0]))  # the committed ones
         paths, reasons = g["skipped"]["path"][:k], g["skipped"]["reason"][:k]
-        self._check_crc(g, "skipped_crc32", [v for pair in zip(paths, reasons) for v in pair],
+        self._check_crc(g, "skipped_crc32", skipped_crc(paths, reasons),
                         f"list of skipped files of split {split!r}")
         return [(decode_value(p), decode_value(r)) for p, r in zip(paths, reasons)]
 
@@ -685,8 +685,8 @@ class Cache:
             self.skipped(split)
             self._indexed.add(split)
 
-    def _check_crc(self, g, key: str, values, what: str) -> None:
-        if key in g.attrs and strings_crc(values) != int(g.attrs[key]):
+    def _check_crc(self, g, key: str, crc: int, what: str) -> None:
+        if key in g.attrs and crc != int(g.attrs[key]):
             raise CacheError(f"{self.path} is damaged: its {what} do not match their checksum; "
                              "re-extract it, or restore the file")
 
@@ -843,8 +843,7 @@ def _copy_split(cache: Cache, split: str, g, block: int = 8192) -> None:
             out[start:stop] = (cache._block(split, layer, start, stop).astype(ds.dtype)
                                if layer else _read_rows(cache, ds, name, split, start, stop))
     g.attrs["paths_crc32"] = strings_crc(g["paths"][:])
-    g.attrs["skipped_crc32"] = strings_crc(
-        [v for pair in zip(g["skipped"]["path"][:], g["skipped"]["reason"][:]) for v in pair])
+    g.attrs["skipped_crc32"] = skipped_crc(g["skipped"]["path"][:], g["skipped"]["reason"][:])
 
 
 def _read_rows(cache: Cache, ds, name: str, split: str, start: int, stop: int) -> np.ndarray:

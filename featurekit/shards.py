@@ -33,6 +33,7 @@ from featurekit._h5format import (
     SHARDED_VERSION,
     encode_attr,
     read_header,
+    skipped_crc,
     str_dtype,
     strings_crc,
 )
@@ -166,8 +167,7 @@ def _write_logical(f, out: Path, files: list[Path], headers, attrs) -> None:
                                   maxshape=(None,), chunks=(256,))
             if all("paths_crc32" in p.attrs for p in parts):
                 g.attrs["paths_crc32"] = _paths_crc(files, parts, rows)
-                g.attrs["skipped_crc32"] = strings_crc(
-                    [v for pair in zip(sg["path"][()], sg["reason"][()]) for v in pair])
+                g.attrs["skipped_crc32"] = skipped_crc(sg["path"][()], sg["reason"][()])
 
 
 def _paths_crc(files: list[Path], parts, rows: list[int]) -> int:
@@ -185,9 +185,8 @@ def _paths_crc(files: list[Path], parts, rows: list[int]) -> int:
 def _check_skipped(files: list[Path], parts) -> None:
     """Each shard's skipped list matches its CRC-32 before it is copied."""
     for p, part in zip(files, parts):
-        values = [v for pair in zip(part["skipped"]["path"][()], part["skipped"]["reason"][()])
-                  for v in pair]
-        if "skipped_crc32" in part.attrs and strings_crc(values) != int(part.attrs["skipped_crc32"]):
+        crc = skipped_crc(part["skipped"]["path"][()], part["skipped"]["reason"][()])
+        if "skipped_crc32" in part.attrs and crc != int(part.attrs["skipped_crc32"]):
             raise CacheError(f"shard {p} is damaged: its list of skipped files of split "
                              f"{part.name.strip('/')!r} does not match its checksum; re-run "
                              "extract with --overwrite")

@@ -352,21 +352,17 @@ def test_a_rank_failing_mid_epoch_stops_both(tmp_path, image_folder):
     all-reduce: both ranks exit within 60 s, rank 1 with its one line, rank 0 with one line
     saying it stopped because rank 1 failed; no traceback from featurekit."""
     import re
-    import socket
     import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.test_shards import torchrun
+
     started = time.monotonic()
-    r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={port}",
-         str(Path(__file__).with_name("_failing_rank.py")), "train", "finetune", str(image_folder),
-         "--out", str(tmp_path / "run"), "--model", "resnet18", "--weights", "none",
-         "--image-size", "32", "--epochs", "2", "--device", "cpu", "--batch-size", "2",
-         "--workers", "0", "--no-progress"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = torchrun(["finetune", image_folder, "--out", tmp_path / "run", "--model", "resnet18",
+                  "--weights", "none", "--image-size", "32", "--epochs", "2", "--device", "cpu",
+                  "--batch-size", "2", "--workers", "0", "--no-progress"],
+                 script=(Path(__file__).with_name("_failing_rank.py"), "train"))
+    out, err = p.communicate(timeout=120)
+    r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
     assert r.returncode != 0 and time.monotonic() - started < 60, r.stderr[-3000:]
     ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(ours) == 2 and sum("stopped: rank 1 failed" in line for line in ours) == 1, r.stderr[-3000:]

@@ -68,3 +68,17 @@ def test_the_command_writes_its_files_and_refuses_caches_without_shared_images(t
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "share 0 image(s)" in r.stderr, r.stderr
     with pytest.raises(CacheError, match="no layer 'layer9'"):
         similarity(digits_cache, digits_cache, layers="layer9")
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_missing_or_junk_cache_is_one_line(tmp_path, digits_cache, runner, which):
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"\x89HDF\r\n" + bytes(range(256)) * 8)
+    for bad in (tmp_path / "missing.h5", junk):
+        args = [digits_cache, digits_cache]
+        args[which] = bad
+        r = invoke(runner, "similarity", *args, "--out", tmp_path / "o")
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "o").exists()
+    r = invoke(runner, "similarity", digits_cache, digits_cache, "--layers", " , ")
+    assert r.exit_code == 2 and "--layers is empty" in r.stderr

@@ -18,19 +18,13 @@ from featurekit._outputs import (
     write_text,
 )
 from featurekit.errors import HeadError
+from featurekit.options import comma_list
 
 OUTPUT_FILES = ["results.csv", "results.json", "results.md", "results.png"]
 COLUMNS = ["head", "backend", "layer", "status", "params", "accuracy", "balanced_accuracy",
            "macro_f1", "top5_accuracy", "fit_seconds", "predict_seconds", "selection_seconds",
            "n_train", "n_eval", "eval_split", "converged", "accuracy_low", "accuracy_high",
            "total_seconds"]
-
-
-def _comma(value: str | list[str] | None, default: list[str]) -> list[str]:
-    if value is None:
-        return list(default)
-    items = value.split(",") if isinstance(value, str) else list(value)
-    return [v.strip() for v in items if v.strip()]
 
 
 def run_bench(
@@ -64,17 +58,17 @@ def run_bench(
     from featurekit.fit import check_request, read_request
     from featurekit.heads import HEADS
 
-    backend_list = _comma(backends, ["auto"])
+    backend_list = comma_list(backends, ["auto"])
     # a head is a name (run on every --backends entry) or name:backend (on that backend only)
     head_list = [(h.partition(":")[0], [h.partition(":")[2]] if ":" in h else backend_list)
-                 for h in _comma(heads, list(HEADS))]
+                 for h in comma_list(heads, list(HEADS))]
     for h, bs in head_list:
         for b in bs:
             check_request(h, b, metric, cv=cv)
     out_dir = check_output_folder(out, OUTPUT_FILES, overwrite) if out is not None else None
     with open_cache(cache_path, allow_incomplete=allow_incomplete) as cache:
         layer_list = [read_request(cache, layer, train_split, eval_split).layer
-                      for layer in _comma(layers, [None])]
+                      for layer in comma_list(layers, [None])]
         if not layer_list:
             raise HeadError(f"--layers: no layer given; {cache_path} has {', '.join(cache.layers)}")
         req = read_request(cache, layer_list[0], train_split, eval_split)
@@ -255,7 +249,9 @@ def cell(row: dict[str, Any], col: str) -> str:
         return str(row["accuracy_ci95"][col == "accuracy_high"])
     v = row.get(col, "")
     if col == "params" and isinstance(v, dict):
-        return " ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}" for k, val in v.items())
+        from featurekit.select import params_text
+
+        return params_text(v)
     return "" if v is None else str(v)
 
 

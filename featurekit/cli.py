@@ -320,12 +320,14 @@ def pack(
 @_handles_errors
 def fit(
     cache: Path = typer.Argument(..., metavar="CACHE", help="A featurekit HDF5 cache."),
-    head: str = typer.Option(..., help="logistic | linearsvc | svm (RBF SVC) | nystroem (RBF approximation + logistic)."),
+    head: str = typer.Option(..., help="logistic | linearsvc | svm (RBF SVC) | nystroem (RBF approximation + logistic) | knn (k nearest neighbours, cosine, DINO's vote)."),
     out: Path = typer.Option(..., "--out", "-o", help="The head file: NAME.skops (safe to load, shareable) or NAME.joblib (a pickle; cuML heads)."),
     backend: str = typer.Option("auto", help="auto (torch on a CUDA GPU where the head has it, else sklearn) | sklearn | torch | cuml."),
     layer: Optional[str] = typer.Option(None, help="Cached layer to fit on [default: penultimate]."),
     c: Optional[float] = typer.Option(None, "--C", parser=opt.POSITIVE, help="Fix C (> 0) instead of choosing it [default: chosen on the grid]."),
     gamma: Optional[float] = typer.Option(None, parser=opt.POSITIVE, help="Fix the RBF gamma (> 0; svm, nystroem) instead of choosing it [default: chosen on the grid]."),
+    k: Optional[int] = typer.Option(None, "--k", parser=opt.NEIGHBOURS, help="Fix the neighbours k (>= 1; knn) instead of choosing it [default: chosen on the grid]."),
+    t: Optional[float] = typer.Option(None, "--T", parser=opt.POSITIVE, help="Fix the vote's temperature T (> 0; knn) instead of choosing it [default: chosen on the grid]."),
     train_split: str = typer.Option("train", help="Split to train on."),
     eval_split: Optional[str] = typer.Option(None, help="Split to report [default: test, else val]."),
     select_metric: str = typer.Option("accuracy", help="What selection maximises: accuracy | balanced_accuracy."),
@@ -339,7 +341,7 @@ def fit(
     progress: bool = typer.Option(True, help="Show the selection's progress on stderr (on a terminal)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout [default: off]."),
 ) -> None:
-    """Fit a head on cached features; C (and gamma) are chosen without touching the reported split.
+    """Fit a head on cached features; C (gamma; knn: k, T) are chosen without touching the reported split.
 
     \b
     Example: featurekit fit birds.h5 --head svm --out birds-svm.skops --json
@@ -347,7 +349,7 @@ def fit(
     from featurekit.fit import fit_head
 
     result = fit_head(cache, head, out=out, overwrite=overwrite, backend=backend, layer=layer,
-                      C=c, gamma=gamma, train_split=train_split, eval_split=eval_split,
+                      C=c, gamma=gamma, k=k, T=t, train_split=train_split, eval_split=eval_split,
                       allow_incomplete=allow_incomplete, metric=select_metric, refit=refit,
                       jobs=jobs, progress=_live(progress), scheduler=dask_scheduler, cv=cv,
                       extend=extend_grid)
@@ -355,8 +357,9 @@ def fit(
     if json_out:
         _print_json(r)
         return
-    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
-    from featurekit.select import describe
+    from featurekit.select import describe, params_text
+
+    params = params_text(r["params"]).replace(" ", ", ")
 
     sel = r["selection"]
     grown = f", grid extended by {len(sel['extended'])} point(s)" if sel.get("extended") else ""
@@ -371,6 +374,10 @@ def fit(
     print(line)
     print(f"trained on {r['n_train']} rows in {r['fit_seconds']:.3f} s; predicted {r['n_eval']} "
           f"rows in {r['predict_seconds']:.3f} s -> {out}")
+    if r["head"] == "knn":  # a k-NN head has no weights: it keeps the rows it votes with
+        size = Path(result.out).stat().st_size / 1e6
+        print(f"a knn head's state is its training rows: {out} holds all {r['n_train']} of them "
+              f"({size:.1f} MB)")
 
 
 @app.command()
@@ -407,8 +414,8 @@ def predict(
 @_handles_errors
 def bench(
     cache: Path = typer.Argument(..., metavar="CACHE", help="A featurekit HDF5 cache."),
-    heads: str = typer.Option("logistic,linearsvc,svm,nystroem", help="Comma list of heads."),
-    backends: str = typer.Option("auto", help="Comma list of backends: auto (per head: torch on a CUDA GPU, else sklearn), sklearn, torch, cuml."),
+    heads: str = typer.Option("logistic,linearsvc,svm,nystroem,knn", help="Comma list of heads (NAME or NAME:BACKEND)."),
+    backends: str = typer.Option("auto", help="Comma list of backends: auto (per head the measured fastest: torch), sklearn, torch, cuml."),
     layers: Optional[str] = typer.Option(None, help="Comma list of cached layers [default: penultimate]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for results.{csv,json,md,png} [default: none, print only]."),
     train_split: str = typer.Option("train", help="Split to train on."),
@@ -443,6 +450,56 @@ def bench(
         _print_json(result)
         return
     _render_bench(result)
+
+
+@app.command()
+@_handles_errors
+def fewshot(
+    cache: Path = typer.Argument(..., metavar="CACHE", help="A featurekit HDF5 cache."),
+    shots: str = typer.Option("1,2,5,10,20", help="Comma list of labelled images per class."),
+    draws: int = typer.Option(20, parser=opt.DRAWS, help="Seeded, nested draws per shot count (>= 1; the interval needs 2)."),
+    heads: str = typer.Option("logistic,knn", help="Comma list of heads."),
+    backend: str = typer.Option("auto", help="auto (per head the measured fastest: torch) | sklearn | torch | cuml."),
+    layer: Optional[str] = typer.Option(None, help="Cached layer [default: penultimate]."),
+    c: Optional[float] = typer.Option(None, "--C", parser=opt.POSITIVE, help="Fix C (> 0) [default: chosen per shot count]."),
+    k: Optional[int] = typer.Option(None, "--k", parser=opt.NEIGHBOURS, help="Fix knn's k (>= 1) [default: chosen per shot count]."),
+    t: Optional[float] = typer.Option(None, "--T", parser=opt.POSITIVE, help="Fix knn's temperature T (> 0) [default: chosen per shot count]."),
+    ways: Optional[int] = typer.Option(None, parser=opt.WAYS, help="N-way episodes: N classes per draw [default: every class]."),
+    queries: Optional[int] = typer.Option(None, parser=opt.QUERIES, help="Reported images per class and episode (with --ways) [default: 15]."),
+    seed: Optional[int] = typer.Option(None, parser=opt.SEED, help="Seed of the draws [default: the cache's]."),
+    train_split: str = typer.Option("train", help="Split the shots are drawn from."),
+    eval_split: Optional[str] = typer.Option(None, help="Split to report [default: test, else val]."),
+    select_metric: str = typer.Option("accuracy", help="What selection maximises: accuracy | balanced_accuracy."),
+    jobs: Optional[int] = typer.Option(None, parser=opt.JOBS, help="Processes for point-by-point selection fits [default: every core]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for fewshot.{csv,json,md,png} [default: none, print only]."),
+    overwrite: bool = typer.Option(False, help="Replace fewshot.* already in --out."),
+    allow_incomplete: bool = typer.Option(False, help="Use the committed rows of an interrupted cache."),
+    progress: bool = typer.Option(True, help="A progress bar on stderr (on a terminal)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout [default: off]."),
+) -> None:
+    """Accuracy against labelled images per class: mean and 95% interval over seeded draws.
+
+    Parameters (C; k, T) are chosen per shot count on val, or on the training rows outside
+    the draw, never on the reported split.
+
+    \b
+    Example: featurekit fewshot birds.h5 --shots 1,5,20 --draws 20 --out fs/
+    """
+    from featurekit.fewshot import run_fewshot
+
+    result = run_fewshot(cache, shots=shots, draws=draws, heads=heads, backend=backend,
+                         layer=layer, C=c, k=k, T=t, ways=ways, queries=queries, seed=seed,
+                         train_split=train_split, eval_split=eval_split, metric=select_metric,
+                         jobs=jobs, out=out, overwrite=overwrite,
+                         allow_incomplete=allow_incomplete, progress=_live(progress))
+    if json_out:
+        _print_json(result)
+        return
+    from featurekit.fewshot import markdown
+
+    print(markdown(result))
+    for path in (result.get("files") or {}).values():
+        _err(f"wrote {path}")
 
 
 def _render_bench(result: dict[str, Any]) -> None:

@@ -29,7 +29,6 @@ from featurekit.headfile import (
     soft_differences,
 )
 
-GAMMA_HEADS = ("svm", "nystroem")  # heads with an RBF width
 PREDICTION_COLUMNS = ["path", "label", "prediction", "score"]
 
 
@@ -57,19 +56,24 @@ class _Request:
 
 
 def check_request(head: str, backend: str, metric: str, C: float | None = None,
-                  gamma: float | None = None, cv: int | None = None) -> None:
+                  gamma: float | None = None, cv: int | None = None, k: int | None = None,
+                  T: float | None = None) -> None:
     """What ``fit`` and ``bench`` check before reading any cache: a known head and backend
-    name, a known metric, C, gamma and the folds in range, gamma only for RBF heads."""
-    from featurekit.heads import check_names
-    from featurekit.options import CV, POSITIVE
+    name, a known metric, C, gamma, k, T and the folds in range, each only for a head that has
+    that parameter."""
+    from featurekit.heads import check_names, parameters
+    from featurekit.options import CV, NEIGHBOURS, POSITIVE
     from featurekit.select import metric_function
 
     check_names(head, backend)
-    POSITIVE.check("--C", C)
-    POSITIVE.check("--gamma", gamma)
+    for name, value in (("--C", C), ("--gamma", gamma), ("--T", T)):
+        POSITIVE.check(name, value)
+    NEIGHBOURS.check("--k", k)
     CV.check("--cv", cv)
-    if gamma is not None and head not in GAMMA_HEADS:
-        raise HeadError(f"--gamma applies to the {' and '.join(GAMMA_HEADS)} heads only, not {head!r}")
+    for name, value in (("C", C), ("gamma", gamma), ("k", k), ("T", T)):
+        if value is not None and name not in parameters(head):
+            raise HeadError(f"--{name} does not apply to the {head} head (its parameters: "
+                            f"{', '.join(parameters(head))})")
     metric_function(metric)
 
 
@@ -165,8 +169,9 @@ def wilson(k: int, n: int, z: float = 1.959964) -> list[float]:
 
 def fit_on_arrays(
     head: str, backend: str, X, y, X_eval, y_eval, n_classes: int, *, X_sel=None, y_sel=None,
-    C: float | None = None, gamma: float | None = None, seed: int = 0,
-    metric: str = "accuracy", refit: bool = True, jobs: int | None = None,
+    C: float | None = None, gamma: float | None = None, k: int | None = None,
+    T: float | None = None, seed: int = 0, metric: str = "accuracy", refit: bool = True,
+    jobs: int | None = None,
     progress: bool = False, head_params: dict[str, Any] | None = None,
     executor=None, rows=None, cv: int | None = None, extend: bool = True, tracker=None,
 ) -> tuple[Any, dict[str, Any]]:
@@ -176,7 +181,7 @@ def fit_on_arrays(
     refit on all of train, and val too (``refit``) when the cache has one."""
     from featurekit import heads, select
 
-    grid = heads.grid(head, X.shape[1], C, gamma)
+    grid = heads.grid(head, X.shape[1], C, gamma, k, T)
     chosen = select.select(head, backend, grid, X, y, X_sel, y_sel, seed=seed, metric=metric,
                            jobs=jobs, progress=progress, head_params=head_params,
                            executor=executor, rows=rows, cv=cv, extend=extend, tracker=tracker)
@@ -214,6 +219,8 @@ def fit_head(
     layer: str | None = None,
     C: float | None = None,
     gamma: float | None = None,
+    k: int | None = None,
+    T: float | None = None,
     train_split: str = "train",
     eval_split: str | None = None,
     allow_incomplete: bool = False,
@@ -237,7 +244,7 @@ def fit_head(
     from featurekit.cache import open_cache
     from featurekit.heads import resolve_backend
 
-    check_request(head, backend, metric, C, gamma, cv)
+    check_request(head, backend, metric, C, gamma, cv, k, T)
     backend = resolve_backend(backend, head)
     if out is not None:
         check_output(out, overwrite, example="head.skops")
@@ -246,7 +253,9 @@ def fit_head(
         req = read_request(cache, layer, train_split, eval_split)
         X, y = cache.features(req.train, req.layer), cache.labels(req.train)
         X_eval, y_eval = cache.features(req.evaluate, req.layer), cache.labels(req.evaluate)
-        selecting = req.select and (C is None or (head in GAMMA_HEADS and gamma is None))
+        from featurekit.heads import grid
+
+        selecting = req.select and len(grid(head, 1, C, gamma, k, T)) > 1
         X_sel, y_sel = ((cache.features(req.select, req.layer), cache.labels(req.select))
                         if selecting else (None, None))
         provenance = provenance_of(cache, req.layer)
@@ -256,7 +265,7 @@ def fit_head(
                      req.select if selecting else None, allow_incomplete)
     with Executor(jobs, scheduler) as executor:
         est, report = fit_on_arrays(head, backend, X, y, X_eval, y_eval, req.n_classes, X_sel=X_sel,
-                                    y_sel=y_sel, C=C, gamma=gamma, seed=req.seed, metric=metric,
+                                    y_sel=y_sel, C=C, gamma=gamma, k=k, T=T, seed=req.seed, metric=metric,
                                     refit=refit, progress=progress, head_params=head_params,
                                     executor=executor, rows=rows, cv=cv, extend=extend)
     warn_selection(head, backend, report["selection"], head_params)

@@ -93,7 +93,7 @@ WORKERS = Range(int, 0, 1024)
 SEED = Range(int, 0, 2**32 - 1)  # numpy's and torch's seed range
 FRACTION = Range(float, 0.0, 1.0, high_open=True)  # --val-fraction, --test-fraction
 COMMIT_SECONDS = Range(float, 0.0, 86400.0)  # 0: commit after every batch
-POSITIVE = Range(float, 0.0, None, low_open=True)  # C, gamma
+POSITIVE = Range(float, 0.0, None, low_open=True)  # C, gamma, T
 LEARNING_RATE = Range(float, 0.0, 10.0, low_open=True)
 WEIGHT_DECAY = Range(float, 0.0, 10.0)
 DROPOUT = Range(float, 0.0, 1.0, high_open=True)
@@ -104,6 +104,10 @@ MAX_IMAGES = Range(int, 1, None)
 DEAD_THRESHOLD = Range(float, 0.0, 1.0, low_open=True)
 JOBS = Range(int, 1, 4096)
 CV = Range(int, 2, 1000)  # --cv: folds
+NEIGHBOURS = Range(int, 1, None)  # --k: the k-NN head's neighbours
+DRAWS = Range(int, 1, 100000)  # fewshot --draws
+WAYS = Range(int, 2, None)  # fewshot --ways (classes per episode)
+QUERIES = Range(int, 1, None)  # fewshot --queries (reported images per class and episode)
 
 # -- names several commands share
 SPLITS = ("train", "val", "test")  # split folders of a source, split groups of a cache
@@ -123,3 +127,11 @@ def canonical_options(options: Any) -> Any:
     if isinstance(options, dict) and "decode" in options:
         return {**options, "decode": canonical_decode(options["decode"])}
     return options
+
+
+def comma_list(value: str | list[str] | None, default: list[str]) -> list[str]:
+    """``a, b,c`` (or a list) -> ['a', 'b', 'c'], empty items dropped; None -> ``default``."""
+    if value is None:
+        return list(default)
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [v.strip() for v in items if v.strip()]

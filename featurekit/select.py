@@ -11,7 +11,8 @@ and on every backend.
 * When the best point lies on the grid's edge, the grid is extended past it, a decade per step,
   at most three steps, every backend alike (``extend``); the added points are recorded.
 * The score is ``accuracy`` or ``balanced_accuracy``; the best grid point wins, ties going to
-  the earlier one: the smaller C (stronger regularisation), then the smaller gamma.
+  the earlier one: the smaller C (stronger regularisation), then the smaller gamma (k-NN: the
+  smaller T, then the smaller k).
 * A head with a ``fit_grid`` (featurekit's torch heads) runs the whole selection itself, in
   this process (batched on a GPU); any other head is fitted point by point, the (point, fold)
   fits spread over ``jobs`` processes through joblib. Each such fit is pinned to one
@@ -67,6 +68,11 @@ def describe(selection: dict[str, Any]) -> str:
     return str(method)
 
 
+def params_text(params: dict[str, Any]) -> str:
+    """A grid point for tables: ``C=3.162 gamma=0.001953``, ``T=0.07 k=20``."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
 def metric_function(name: str):
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
@@ -117,19 +123,41 @@ def select(head: str, backend: str, grid: list[dict[str, Any]], X, y, X_sel=None
     ``tracker``: told of the fits to do and done (``grow(k)``, ``advance(k)``), instead of a
     progress bar of its own.
     """
+    metric_function(metric)  # an unknown metric is refused even with a single point
+    if len(grid) == 1:
+        return Selection(params=grid[0], method="given", metric=metric, grid=grid)
+    if X_sel is not None:
+        X, y = np.concatenate([X, X_sel]), np.concatenate([y, y_sel])
+    splits, method = folds(y, 0 if X_sel is None else len(y_sel), seed, cv)
+    chosen = choose(head, backend, grid, X, y, splits, metric=metric, jobs=jobs,
+                    progress=progress, batched=batched, head_params=head_params,
+                    executor=executor, rows=rows, extend=extend, tracker=tracker)
+    chosen.method = method
+    chosen.fraction = HOLDOUT if method == "holdout" else None
+    chosen.seed = seed if method != "val" else None
+    return chosen
+
+
+def choose(head: str, backend: str, grid: list[dict[str, Any]], X, y, splits, *,
+           metric: str = "accuracy", jobs: int | None = None, progress: bool = False,
+           batched: bool = True, head_params: dict[str, Any] | None = None,
+           executor: Executor | None = None, rows: CacheRows | None = None,
+           extend: bool = True, tracker=None, method: str = "given splits",
+           together: bool = False) -> Selection:
+    """The best grid point over given ``splits`` ([(rows fitted, rows scored)] of X, y): every
+    point scored on every split, the grid extended past an edge (``extend``), the mean score
+    deciding (ties: the earlier point). :func:`select` makes the protocol's splits; a caller
+    with splits of its own (few-shot draws) comes here directly. ``together``: splits of equal
+    size solved in one batch by a head that can (``fits_together``)."""
     from featurekit.heads import batched as batched_of
     from featurekit.heads import create_head
 
     score_fn = metric_function(metric)
-    if len(grid) == 1:
-        return Selection(params=grid[0], method="given", metric=metric, grid=grid)
     proto = create_head(head, backend, **(head_params or {}))  # imports the backend: not timed
     t0 = time.perf_counter()
-    if X_sel is not None:
-        X, y = np.concatenate([X, X_sel]), np.concatenate([y, y_sel])
-    splits, method = folds(y, 0 if X_sel is None else len(y_sel), seed, cv)
     job = _Job(head, backend, head_params or {}, X, y, rows, splits, score_fn,
-               batched_of(proto) if batched else None)
+               batched_of(proto) if batched else None,
+               together and getattr(proto, "fits_together", False))
     with _tracking(tracker, progress, f"selecting {head} ({backend})") as track, \
             (executor or Executor(jobs)) as ex:
         grid = sorted(grid, key=_order)
@@ -140,13 +168,14 @@ def select(head: str, backend: str, grid: list[dict[str, Any]], X, y, X_sel=None
     best = int(np.argmax(scores))  # the first maximum: grids ascend in C, then gamma
     return Selection(params=grid[best], method=method, metric=metric, grid=grid,
                      scores=[float(s) for s in scores], seconds=time.perf_counter() - t0,
-                     edge=_on_edge(grid, best), not_converged=failed,
-                     fraction=HOLDOUT if method == "holdout" else None,
-                     seed=seed if method != "val" else None, extended=extended)
+                     edge=_on_edge(grid, best, scores), not_converged=failed, extended=extended)
+
+
+ORDER = ("C", "gamma", "T", "k")  # how grid points sort, and so which of tied points wins
 
 
 def _order(point: dict[str, Any]) -> tuple:
-    return (point["C"], point.get("gamma") or 0.0)
+    return tuple(point.get(key) or 0.0 for key in ORDER)
 
 
 @dataclass
@@ -162,6 +191,7 @@ class _Job:
     splits: list
     score_fn: Any
     fit_grid: Any  # the head's own whole-selection method, or None: point by point
+    together: bool = False  # every split in one batch (fit_grid(together=True))
 
     def score(self, points: list[dict[str, Any]], ex: Executor, track
               ) -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -169,8 +199,9 @@ class _Job:
         track.grow(len(points) * len(self.splits))
         data = self.rows if ex.remote and self.rows is not None else (self.X, self.y)
         if self.fit_grid is not None and not ex.remote:  # the whole selection here (GPU or cores)
+            extra = {"together": True} if self.together else {}
             table, failed = self.fit_grid(self.X, self.y, points, self.splits, self.score_fn,
-                                          on_stop=track.advance)
+                                          on_stop=track.advance, **extra)
         elif self.fit_grid is not None:  # one unit on a worker
             (table, failed), = ex.map(_grid_unit, [(self.head, self.backend, self.head_params,
                                                    points, data, self.splits, self.score_fn)])
@@ -194,8 +225,8 @@ def _extend(job: _Job, grid, table, failed, ex, track, steps: int, keys: tuple[s
     failed, added)."""
     added: list[dict[str, Any]] = []
     for _ in range(steps):
-        best = int(np.argmax(table.mean(axis=1)))
-        new = _beyond(grid, best, keys)
+        scores = table.mean(axis=1)
+        new = _beyond(grid, int(np.argmax(scores)), keys, scores)
         if not new:
             break
         more, more_failed = job.score(new, ex, track)
@@ -206,11 +237,12 @@ def _extend(job: _Job, grid, table, failed, ex, track, steps: int, keys: tuple[s
     return grid, table, sorted(failed, key=_order), added
 
 
-def _beyond(grid: list[dict[str, Any]], best: int, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+def _beyond(grid: list[dict[str, Any]], best: int, keys: tuple[str, ...], scores=None
+            ) -> list[dict[str, Any]]:
     """The points a decade past the best one's value of each parameter (of ``keys``) on the
     grid's edge."""
     new: list[dict[str, Any]] = []
-    for key in (k for k in _on_edge(grid, best) if k in keys):
+    for key in (k for k in _on_edge(grid, best, scores) if k in keys):
         values = sorted({p[key] for p in grid})
         value = grid[best][key]
         step = 10.0 if value == values[-1] else 0.1
@@ -220,7 +252,7 @@ def _beyond(grid: list[dict[str, Any]], best: int, keys: tuple[str, ...]) -> lis
     return sorted(unique.values(), key=_order)
 
 
-class _Counter:
+class BarTracker:
     """A tracker that counts into a rich progress bar (or nothing)."""
 
     def __init__(self, bar, task) -> None:
@@ -242,7 +274,7 @@ def _tracking(tracker, progress: bool, what: str) -> Iterator[Any]:
     from featurekit._console import progress_bar
 
     with progress_bar(enabled=progress, unit="fit") as bar:
-        yield _Counter(bar, bar.add_task(what, total=0))
+        yield BarTracker(bar, bar.add_task(what, total=0))
 
 
 def _point_by_point(head, backend, grid, data, splits, score_fn, head_params, ex, tick):
@@ -299,10 +331,22 @@ def converged(est) -> bool:
     return bool(np.max(n_iter) < max_iter)
 
 
-def _on_edge(grid: list[dict[str, Any]], best: int) -> list[str]:
+def _on_edge(grid: list[dict[str, Any]], best: int, scores=None) -> list[str]:
+    """The parameters whose chosen value is the first or last of the grid's. Not an edge: a
+    value that bounds the parameter itself (k = 1: nothing lies beyond it), or, given the
+    ``scores``, a parameter that changed nothing (every value of it, the others as chosen,
+    scored the same: T where k = 1)."""
+    from featurekit.heads import BOUNDS
+
     edge = []
     for key in grid[best]:
         values = sorted({p[key] for p in grid})
+        if grid[best][key] == BOUNDS.get(key):
+            continue
+        line = [s for p, s in zip(grid, scores if scores is not None else [])
+                if all(p[o] == grid[best][o] for o in p if o != key)]
+        if len(line) > 1 and max(line) == min(line):
+            continue
         if len(values) > 1 and grid[best][key] in (values[0], values[-1]):
             edge.append(key)
     return edge

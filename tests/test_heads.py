@@ -38,7 +38,7 @@ def test_expected_failures_are_sklearns_own():
 
 
 def test_registry_lists_and_refuses(monkeypatch):
-    assert featurekit.list_heads() == ["linearsvc", "logistic", "nystroem", "svm"]
+    assert featurekit.list_heads() == ["knn", "linearsvc", "logistic", "nystroem", "svm"]
     assert {"sklearn", "torch"} <= set(heads.list_backends())
     h = featurekit.create_head("svm", C=3.0)
     assert h.get_params()["C"] == 3.0 and h.backend == "sklearn"
@@ -63,10 +63,10 @@ def test_auto_backend_selection(monkeypatch):
     monkeypatch.setitem(heads._LOADED, "cuml", True)
     for cuda in (False, True):
         monkeypatch.setattr(heads, "cuda_available", lambda: cuda)
-        assert [heads.resolve_backend("auto", h) for h in heads.HEADS] == ["torch"] * 4
-    monkeypatch.setitem(heads._REGISTRY, ("knn", "sklearn"), object)  # a head torch lacks
-    monkeypatch.setattr(heads, "HEADS", (*heads.HEADS, "knn"))
-    assert heads.resolve_backend("auto", "knn") == "sklearn"
+        assert [heads.resolve_backend("auto", h) for h in heads.HEADS] == ["torch"] * 5
+    monkeypatch.setitem(heads._REGISTRY, ("forest", "sklearn"), object)  # a head torch lacks
+    monkeypatch.setattr(heads, "HEADS", (*heads.HEADS, "forest"))
+    assert heads.resolve_backend("auto", "forest") == "sklearn"
     assert heads.resolve_backend("cuml") == "cuml"
 
 

@@ -31,6 +31,7 @@ BASE_ARGS: dict[str, list[str]] = {
     "demo": ["--out", "{tmp}/demo"],
     "pack": ["{tmp}/x.h5", "--out", "{tmp}/one.h5"],
     "similarity": ["{tmp}/x.h5", "{tmp}/x.h5", "--out", "{tmp}/cka"],
+    "fewshot": ["{tmp}/x.h5", "--out", "{tmp}/fs"],
 }
 
 

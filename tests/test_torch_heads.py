@@ -187,7 +187,9 @@ def test_a_choice_on_the_grids_edge_is_one_warning_line(datasets):
     """Selection records the edge (it never warns itself: it may run on a worker); the
     command that asked for it words it as one line (fit_head and bench warn with it)."""
     X, y, Xt, yt = datasets["multiclass"]
-    grid = [{"C": 1e-6}, {"C": 1e-5}]  # two points: whichever wins is on an edge
+    flat = select.select("logistic", "torch", [{"C": 1e-6}, {"C": 1e-5}], X, y, Xt, yt, extend=False)
+    assert flat.scores[0] == flat.scores[1] and not flat.edge  # C changed nothing: no edge
+    grid = [{"C": 1e-6}, {"C": 1.0}]  # two points that score apart: the winner is on an edge
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sel = select.select("logistic", "torch", grid, X, y, Xt, yt, extend=False)

@@ -9,7 +9,7 @@ The registry also owns what selection needs to know about each head: its paramet
 runs a whole selection itself, every grid point and fold (:func:`batched`)::
 
     head = featurekit.create_head("svm", backend="sklearn", C=10.0)
-    featurekit.list_heads()      # ['linearsvc', 'logistic', 'nystroem', 'svm']
+    featurekit.list_heads()      # ['knn', 'linearsvc', 'logistic', 'nystroem', 'svm']
     featurekit.heads.list_backends()   # ['sklearn', 'torch'], plus 'cuml' where it works
 """
 
@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from featurekit.errors import HeadError
 
-HEADS = ("logistic", "linearsvc", "svm", "nystroem")
+HEADS = ("logistic", "linearsvc", "svm", "nystroem", "knn")
 BACKENDS = ("sklearn", "torch", "cuml")  # every backend featurekit knows; list_backends() says which work
 _REGISTRY: dict[tuple[str, str], Callable[..., Any]] = {}
 _LOADED: dict[str, bool] = {}
@@ -35,7 +35,11 @@ GRIDS: dict[str, dict[str, list[float]]] = {
     "linearsvc": {"C": [10 ** (e / 2) for e in range(-10, 3)]},  # 13 values, 1e-5 .. 10
     "nystroem": {"C": [10.0 ** e for e in range(-3, 6)], "gamma_scale": [0.25, 1.0, 4.0]},
     "svm": {"C": [0.1, 1.0, 10.0, 100.0], "gamma_scale": [0.25, 1.0, 4.0]},
+    # k-NN (DINO's protocol, Caron et al. 2021): every k of a T scored from one search
+    "knn": {"T": [0.03, 0.07, 0.2], "k": [1, 5, 10, 20, 50, 100, 200]},
 }
+# parameter values that are a bound of their own, not the edge of a grid (no k below 1)
+BOUNDS: dict[str, float] = {"k": 1}
 
 
 # The parameters a selection may extend past the grid's edge (featurekit.select). Nystroem's
@@ -43,20 +47,28 @@ GRIDS: dict[str, dict[str, list[float]]] = {
 # is rounding (nystroem_map drops those directions; which ones depends on the BLAS threads),
 # so scores there changed with where the fit ran.
 EXTENDS: dict[str, tuple[str, ...]] = {"logistic": ("C",), "linearsvc": ("C",),
-                                       "nystroem": ("C",), "svm": ("C", "gamma")}
+                                       "nystroem": ("C",), "svm": ("C", "gamma"), "knn": ()}
 
 
-def grid(head: str, n_features: int, C: float | None = None,
-         gamma: float | None = None) -> list[dict[str, float]]:
-    """The grid points of ``head`` (C ascending, then gamma), or the single point given."""
+def grid(head: str, n_features: int, C: float | None = None, gamma: float | None = None,
+         k: int | None = None, T: float | None = None) -> list[dict[str, float]]:
+    """The grid points of ``head`` (the product of its parameters' values, in :data:`GRIDS`'
+    order), a given value replacing its parameter's list."""
     import itertools
 
-    spec = GRIDS[head]
-    Cs = [C] if C is not None else list(spec["C"])
-    if "gamma_scale" not in spec:
-        return [{"C": c} for c in Cs]
-    gammas = [gamma] if gamma is not None else [g / n_features for g in spec["gamma_scale"]]
-    return [{"C": c, "gamma": g} for c, g in itertools.product(Cs, gammas)]
+    given = {"C": C, "gamma": gamma, "k": k, "T": T}
+    axes: dict[str, list] = {}
+    for key, values in GRIDS[head].items():
+        if key == "gamma_scale":
+            axes["gamma"] = [gamma] if gamma is not None else [g / n_features for g in values]
+        else:
+            axes[key] = [given[key]] if given[key] is not None else list(values)
+    return [dict(zip(axes, point)) for point in itertools.product(*axes.values())]
+
+
+def parameters(head: str) -> list[str]:
+    """The names of ``head``'s grid parameters (C, gamma, k, T)."""
+    return ["gamma" if key == "gamma_scale" else key for key in GRIDS[head]]
 
 
 def batched(head: Any) -> Callable[..., Any] | None:

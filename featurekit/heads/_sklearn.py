@@ -1,5 +1,6 @@
 """scikit-learn heads: standardise, then logistic regression, LinearSVC, RBF SVC, or a Nystroem
-RBF approximation followed by logistic regression."""
+RBF approximation followed by logistic regression; and the k-NN vote (on L2-normalised rows,
+not standardised: DINO's protocol)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from featurekit.heads import register
-from featurekit.heads._base import PipelineHead
+from featurekit.heads._base import Head, PipelineHead
 
 
 class _SklearnHead(PipelineHead):
@@ -95,3 +96,59 @@ class NystroemHead(_SklearnHead):
     def predict_proba(self, X):
         X = self._checked(X)
         return np.asarray(self.pipeline_.predict_proba(X))
+
+
+class DinoWeights:
+    """A neighbour's vote weight from its cosine distance d = 1 - cos: exp(-d / T), which is
+    DINO's exp(cos / T) times exp(-1 / T), the same for every neighbour, so the neighbours'
+    order, every class's share of the vote and the winner are DINO's. A class, not a function,
+    so that skops head files can hold it."""
+
+    def __init__(self, T: float) -> None:
+        self.T = T
+
+    def __call__(self, distances):
+        return np.exp(-np.asarray(distances, dtype=np.float64) / self.T)
+
+
+@register("knn", "sklearn")
+class KNNHead(Head):
+    """scikit-learn's KNeighborsClassifier, brute force on cosine distance, weights exp(-d / T)
+    (:class:`DinoWeights`): DINO's k-NN protocol; ``k`` larger than the training rows uses
+    every row."""
+
+    def __init__(self, k: int = 20, T: float = 0.07) -> None:
+        self.k = k
+        self.T = T
+
+    def _fit(self, X, y) -> None:
+        from sklearn.neighbors import KNeighborsClassifier
+
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
+        if isinstance(self.T, bool) or not isinstance(self.T, (int, float, np.number)) or not self.T > 0:
+            raise ValueError(f"T must be a number > 0, got {self.T!r}")
+        self.model_ = KNeighborsClassifier(n_neighbors=int(min(self.k, X.shape[0])), metric="cosine",
+                                           algorithm="brute", weights=DinoWeights(float(self.T)))
+        self.model_.fit(X, y)
+        self.classes_ = np.asarray(self.model_.classes_)
+
+    def neighbours(self, X, k: int | None = None):
+        """(cosine similarities, training-row indices) of each row's k nearest training rows,
+        most similar first."""
+        X = self._checked(X)
+        d, index = self.model_.kneighbors(X, n_neighbors=k)
+        return 1.0 - d, index
+
+    def predict(self, X):
+        X = self._checked(X)
+        return np.asarray(self.model_.predict(X))
+
+    def predict_proba(self, X):
+        X = self._checked(X)
+        return np.asarray(self.model_.predict_proba(X))
+
+    def decision_function(self, X):
+        """Log shares of the vote (one column, log p1 - log p0, for two classes)."""
+        logs = np.log(np.clip(self.predict_proba(X), 1e-300, None))
+        return logs[:, 1] - logs[:, 0] if logs.shape[1] == 2 else logs

@@ -5,7 +5,8 @@ is a dependency); loaded only through the registry.
 * :mod:`._kernels`: the one RBF kernel (and Nystroem's normalisation);
 * :mod:`._lbfgs`: a batched L-BFGS;
 * :mod:`._linear`: logistic, linearsvc and nystroem on it;
-* :mod:`._svm`: the exact RBF SVM (libsvm's problem, batched SMO).
+* :mod:`._svm`: the exact RBF SVM (libsvm's problem, batched SMO);
+* :mod:`._knn`: the k-NN vote (DINO's protocol), similarities in blocks within a budget.
 """
 
 # importing them registers the heads; the names here are also where head files written by
@@ -16,3 +17,4 @@ from featurekit.heads._torch._linear import (  # noqa: F401
     TorchNystroemHead,
 )
 from featurekit.heads._torch._svm import TorchSVMHead  # noqa: F401
+from featurekit.heads._torch._knn import TorchKNNHead  # noqa: F401

@@ -114,6 +114,75 @@ class TorchLinearHead(TorchHead):
         return out
 
 
+    # -- many small problems with rows of their own (few-shot draws): one batch for all
+    fits_together = True  # fit_grid(together=True) and fit_predict_draws exist
+    DRAWS_CPU_BUDGET_MIB = 512
+
+    def solve_draws(self, X, y, draws: list[np.ndarray], Cs: list[float], on_stop=None):
+        """[draw][C] -> (fitted state, n_iter, converged): the head fitted on the rows
+        ``draws[j]`` of X (every draw the same size; its classes its own) at every C, all in
+        one batched L-BFGS (one batched GEMM per step; on the CPU too: these problems are too
+        small for a solve each to use the cores)."""
+        from featurekit.heads._torch._common import standardise, tensor
+
+        device, dtype = self._torch_setup()
+        Xd = tensor(np.stack([X[r] for r in draws]), device, dtype)  # (D, m, d)
+        scaling = [standardise(x) for x in Xd]
+        Xs = torch.stack([(x - mean) / scale for x, (mean, scale) in zip(Xd, scaling)])
+        classes = [np.unique(y[r]) for r in draws]
+        index = np.stack([np.searchsorted(c, y[r]) for c, r in zip(classes, draws)])
+        members = [(j, c) for j in range(len(draws)) for c in range(len(Cs))]
+        k = 1 if classes[0].size == 2 else classes[0].size
+        budget = (self._budget(device) if device != "cpu" or self.memory_budget is not None
+                  else self.DRAWS_CPU_BUDGET_MIB << 20)
+        m, d = Xs.shape[1:]  # a member: its rows gathered, members_per_batch's temporaries
+        per = max(1, budget // (Xs.element_size() * (m * d + 8 * m * k + 28 * (d + 1) * k)))
+        out: list[list[Any]] = [[None] * len(Cs) for _ in draws]
+        for start in range(0, len(members), per):
+            batch = members[start:start + per]
+            problem = _DrawsProblem(Xs, index, classes[0].size, self._loss,
+                                    torch.as_tensor([Cs[c] for _, c in batch], device=device,
+                                                    dtype=dtype), [j for j, _ in batch])
+            res = _lbfgs.minimize(problem, problem.start(len(batch)), max_iter=self.max_iter,
+                                  tol=self.tol, on_stop=on_stop)
+            W, b = problem.unpack(res.theta)
+            for i, (j, c) in enumerate(batch):
+                mean, scale = scaling[j]
+                out[j][c] = ({"mean_": mean.double().cpu().numpy(), "scale_": scale.double().cpu().numpy(),
+                              "coef_": W[i].T.double().cpu().numpy(),
+                              "intercept_": b[i].double().cpu().numpy(), "classes_": classes[j]},
+                             int(res.n_iter[i]), bool(res.converged[i]))
+        return out
+
+    def fit_grid(self, X, y, grid, folds, metric, on_stop=None, together: bool = False):
+        """As :meth:`TorchHead.fit_grid`; ``together``: every fold and C in one batch
+        (:meth:`solve_draws`; folds of equal size, as few-shot draws are)."""
+        if not (together and self.fits_together):
+            return super().fit_grid(X, y, grid, folds, metric, on_stop)
+        from featurekit.heads._torch._common import tensor
+
+        device, dtype = self._torch_setup()
+        solved = self.solve_draws(X, y, [tr for tr, _ in folds], [p["C"] for p in grid], on_stop)
+        scores = np.empty((len(grid), len(folds)))
+        failed: set[int] = set()
+        for f, (_, held) in enumerate(folds):
+            rows = tensor(X[held], device, dtype)
+            for g, (state, _, ok) in enumerate(solved[f]):
+                scores[g, f] = metric(y[held], state["classes_"][self._predict_index(state, rows)])
+                failed.update([] if ok else [g])
+        return scores, sorted(failed)
+
+    def fit_predict_draws(self, X, y, draws: list[np.ndarray], queries: list[np.ndarray]):
+        """Predicted classes of ``queries[j]`` (rows of features) by the head fitted at its C
+        on ``X[draws[j]]``, every draw in one batch."""
+        from featurekit.heads._torch._common import tensor
+
+        device, dtype = self._torch_setup()
+        solved = self.solve_draws(X, y, draws, [self.C])
+        return [state["classes_"][self._predict_index(state, tensor(q, device, dtype))]
+                for (state, _, _), q in ((s[0], q) for s, q in zip(solved, queries))]
+
+
 def members_per_batch(n: int, d: int, k: int, itemsize: int, budget: int,
                       history: int = 10) -> int:
     """How many members (C values) of a linear problem on n x d rows with k columns fit in
@@ -160,33 +229,74 @@ class _LinearProblem:
         A, (n, d, k) = theta.shape[0], (self.n, self.d, self.k)
         W, b = self.unpack(theta)
         Z = (self.X @ W.permute(1, 0, 2).reshape(d, A * k)).reshape(n, A, k) + b[None]
-        # objectives are summed in float64: in float32 the line search could not tell the last
-        # decreases from rounding (gradients stay in the data's dtype)
-        if self.loss == "squared_hinge":
-            margin = torch.clamp(1 - self.Y[:, None, :] * Z, min=0)
-            f = (margin * margin).double().sum((0, 2)) / n
-            G = -2 * self.Y[:, None, :] * margin / n
-        elif k == 1:  # binomial
-            z = Z[..., 0]
-            f = (torch.nn.functional.softplus(z) - self.Y * z).double().mean(0)
-            G = (torch.sigmoid(z) - self.Y)[..., None] / n
-        else:  # multinomial: one exp for the log-sum-exp and the softmax
-            top = Z.amax(2, keepdim=True)
-            E = torch.exp(Z - top)
-            total = E.sum(2, keepdim=True)
-            lse = (top + torch.log(total))[..., 0]
-            f = (lse - Z.gather(2, self.y_index.expand(n, A, 1))[..., 0]).double().mean(0)
-            G = (E / total - self.Y[:, None, :]) / n
-        reg = self.reg[members]
+        f, G = loss_terms(self.loss, Z, self.Y[:, None, :], self.y_index.expand(n, A, 1))
         # X^T G as (G^T X)^T: a GEMM on the rows as stored (X.T's strided GEMM took twice as long)
-        gW = (G.reshape(n, A * k).T @ self.X).reshape(A, k, d).permute(0, 2, 1) + reg[:, None, None] * W
-        gb = G.sum(0)
+        gW = (G.reshape(n, A * k).T @ self.X).reshape(A, k, d).permute(0, 2, 1)
+        return self.regularised(f, gW, G.sum(0), W, b, self.reg[members])
+
+    def regularised(self, f, gW, gb, W, b, reg):
+        """(objective, gradient) with the penalty ||W||^2 / (2 C n) (liblinear: b too)."""
+        A, d, k = W.shape
+        gW = gW + reg[:, None, None] * W
         penalty = (W * W).double().sum((1, 2))
         if self.loss == "squared_hinge":  # liblinear penalises the intercept too
             gb = gb + reg[:, None] * b
             penalty = penalty + (b * b).double().sum(1)
         f = f + 0.5 * reg.double() * penalty
         return f, torch.cat([gW.reshape(A, d * k), gb], dim=1)
+
+
+def loss_terms(loss: str, Z, Y, y_index):
+    """The data term of the objective, mean over rows, (A,) in float64, and its gradient with
+    respect to the decision values Z (n, A, k); ``Y`` (targets: one-hot, or +-1 for the
+    squared hinge) broadcasts against Z, ``y_index`` (n, A, 1) holds each row's class."""
+    n, A, k = Z.shape
+    # objectives are summed in float64: in float32 the line search could not tell the last
+    # decreases from rounding (gradients stay in the data's dtype)
+    if loss == "squared_hinge":
+        margin = torch.clamp(1 - Y * Z, min=0)
+        return (margin * margin).double().sum((0, 2)) / n, -2 * Y * margin / n
+    if k == 1:  # binomial
+        z, t = Z[..., 0], Y[..., 0]
+        f = (torch.nn.functional.softplus(z) - t * z).double().mean(0)
+        return f, (torch.sigmoid(z) - t)[..., None] / n
+    top = Z.amax(2, keepdim=True)  # multinomial: one exp for the log-sum-exp and the softmax
+    E = torch.exp(Z - top)
+    total = E.sum(2, keepdim=True)
+    lse = (top + torch.log(total))[..., 0]
+    f = (lse - Z.gather(2, y_index)[..., 0]).double().mean(0)
+    return f, (E / total - Y) / n
+
+
+class _DrawsProblem(_LinearProblem):
+    """Linear classifiers on rows of their own: draw j's rows X[j] (D, m, d), one member per
+    (draw, C); a member's decision values are one batched GEMM with its draw's rows."""
+
+    def __init__(self, X, y_index, n_classes: int, loss: str, Cs, draw_of) -> None:
+        D, self.n, self.d = X.shape
+        self.X, self.loss = X, loss
+        self.k = 1 if n_classes == 2 else n_classes
+        y = torch.as_tensor(y_index, device=X.device)  # (D, m)
+        self.y_index = y[..., None]
+        if loss == "squared_hinge":
+            self.Y = (((y[..., None] == 1) if self.k == 1 else
+                       torch.nn.functional.one_hot(y, self.k)).to(X.dtype) * 2 - 1)
+        else:
+            self.Y = ((y[..., None] == 1) if self.k == 1 else
+                      torch.nn.functional.one_hot(y, self.k)).to(X.dtype)
+        self.draw_of = torch.as_tensor(draw_of, device=X.device)
+        self.reg = 1.0 / (Cs * self.n)
+
+    def __call__(self, theta, members):
+        W, b = self.unpack(theta)
+        draws = self.draw_of[members]
+        X = self.X[draws]  # (A, m, d)
+        Z = (torch.bmm(X, W) + b[:, None, :]).transpose(0, 1)  # (m, A, k)
+        f, G = loss_terms(self.loss, Z, self.Y[draws].transpose(0, 1),
+                          self.y_index[draws].transpose(0, 1))
+        G = G.transpose(0, 1)  # (A, m, k)
+        gW = torch.bmm(X.transpose(1, 2), G)
+        return self.regularised(f, gW, G.sum(1), W, b, self.reg[members])
 
 
 @register("logistic", "torch")
@@ -230,6 +340,8 @@ class TorchNystroemHead(TorchLogisticHead):
         self.dtype = dtype
         self.warm_path = warm_path
         self.memory_budget = memory_budget
+
+    fits_together = False  # a map per draw: solve_draws does not apply
 
     def _grid_point(self) -> dict[str, Any]:
         return {"C": self.C, "gamma": self.gamma}

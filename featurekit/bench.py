@@ -7,6 +7,7 @@ work that reads its own rows from the cache (so units can run on other processes
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +21,27 @@ from featurekit._outputs import (
 from featurekit.errors import HeadError
 from featurekit.options import comma_list
 
-OUTPUT_FILES = ["results.csv", "results.json", "results.md", "results.png"]
+OUTPUT_FILES = ["results.csv", "results.json", "results.md", "results.png", "depth.png"]
 COLUMNS = ["head", "backend", "layer", "status", "params", "accuracy", "balanced_accuracy",
            "macro_f1", "top5_accuracy", "fit_seconds", "predict_seconds", "selection_seconds",
            "n_train", "n_eval", "eval_split", "converged", "accuracy_low", "accuracy_high",
-           "total_seconds"]
+           "total_seconds", "cache"]
+DEPTH = ("layer1", "layer2", "layer3", "layer4", "penultimate")  # --layers all, shallow first
+
+
+@dataclass
+class _Source:
+    """One cache of a bench: its path, its label in every output, what is read from it."""
+
+    path: str
+    label: str
+    req: Any
+    layers: list[str]
+    dims: dict[str, int]
 
 
 def run_bench(
-    cache_path: str | Path,
+    cache_path: str | Path | list[str | Path],
     *,
     heads: str | list[str] | None = None,
     backends: str | list[str] | None = None,
@@ -47,15 +60,18 @@ def run_bench(
     extend: bool = True,
     log=None,
 ) -> dict[str, Any]:
-    """Fit every head x backend x layer; write results.{csv,json,md} and results.png in ``out``
-    (refusing to replace existing ones unless ``overwrite``). Each combination is one unit of
-    work: ``jobs`` processes here, or a Dask cluster (``scheduler``), whose workers read the
-    cache themselves. Selection warnings are given here, one per combination that has any.
-    ``progress``: a bar (the combination and grid point, and the time left for the whole
-    bench); ``log``: a line per finished combination, with the time left (where no bar is
-    shown); ``cv``/``extend``: as for :func:`featurekit.fit.fit_head`."""
-    from featurekit.cache import open_cache
-    from featurekit.fit import check_request, read_request
+    """Fit every cache x head x backend x layer; write results.{csv,json,md}, results.png and
+    depth.png (accuracy against layer, a line per cache x head) in ``out`` (refusing to replace
+    existing ones unless ``overwrite``). ``cache_path``: one cache or several of the same
+    classes and model (pretrained and fine-tuned), each under the same protocol, every row
+    tagged with its cache; ``layers``: a comma list or ``all`` (every cached layer, shallow
+    first). Each combination is one unit of work: ``jobs`` processes here, or a Dask cluster
+    (``scheduler``), whose workers read the cache themselves. Selection warnings are given
+    here, one per combination that has any. ``progress``: a bar (the combination and grid
+    point, and the time left for the whole bench); ``log``: a line per finished combination,
+    with the time left (where no bar is shown); ``cv``/``extend``: as for
+    :func:`featurekit.fit.fit_head`."""
+    from featurekit.fit import check_request
     from featurekit.heads import HEADS
 
     backend_list = comma_list(backends, ["auto"])
@@ -66,18 +82,15 @@ def run_bench(
         for b in bs:
             check_request(h, b, metric, cv=cv)
     out_dir = check_output_folder(out, OUTPUT_FILES, overwrite) if out is not None else None
-    with open_cache(cache_path, allow_incomplete=allow_incomplete) as cache:
-        layer_list = [read_request(cache, layer, train_split, eval_split).layer
-                      for layer in comma_list(layers, [None])]
-        if not layer_list:
-            raise HeadError(f"--layers: no layer given; {cache_path} has {', '.join(cache.layers)}")
-        req = read_request(cache, layer_list[0], train_split, eval_split)
-        dims = {layer: cache.dim(layer) for layer in layer_list}
-    rows, units = _combinations(head_list, layer_list, req, str(Path(cache_path).resolve()),
-                                allow_incomplete, metric, refit, cv, extend)
-    estimates = {u[0]: _fits(u[1], dims[rows[u[0]]["layer"]], req, cv) for u in units}
+    sources = _sources(cache_path, layers, train_split, eval_split, allow_incomplete)
+    rows, units = _combinations(head_list, sources, allow_incomplete, metric, refit, cv, extend)
+    dims = {(s.path, layer): d for s in sources for layer, d in s.dims.items()}
+    estimates = {u[0]: _fits(u[1], dims[(u[3][0], u[3][2])], cv) for u in units}
     _run_all(rows, units, estimates, jobs, scheduler, progress, log)
-    result = {"cache": str(cache_path), "train_split": req.train, "eval_split": req.evaluate,
+    req = sources[0].req
+    given = cache_path if isinstance(cache_path, (list, tuple)) else [cache_path]
+    result = {"cache": ", ".join(str(p) for p in given), "caches": [str(p) for p in given],
+              "train_split": req.train, "eval_split": req.evaluate,
               "selection": _protocol(req, cv, rows), "metric": metric,
               "refit": "train+val" if refit and req.select else "train", "results": rows}
     if out_dir is not None:
@@ -86,7 +99,45 @@ def run_bench(
     return result
 
 
-def _fits(head: str, dim: int, req, cv: int | None) -> int:
+def _sources(cache_paths, layers, train_split: str, eval_split: str | None,
+             allow_incomplete: bool) -> list[_Source]:
+    """Every cache of a bench, read and checked: the layers asked for (``all``: every cached
+    one, shallow first) and splits, and the same classes and model in all of them."""
+    from featurekit.cache import open_cache
+    from featurekit.fit import read_request
+
+    paths = cache_paths if isinstance(cache_paths, (list, tuple)) else [cache_paths]
+    names = [Path(p).name for p in paths]
+    out: list[_Source] = []
+    first: dict[str, Any] = {}
+    for p, name in zip(paths, names):
+        with open_cache(p, allow_incomplete=allow_incomplete) as cache:
+            wanted = comma_list(layers, [None])
+            if wanted == ["all"]:
+                wanted = sorted(cache.layers, key=lambda x: DEPTH.index(x) if x in DEPTH else len(DEPTH))
+            if not wanted:
+                raise HeadError(f"--layers: no layer given; {p} has {', '.join(cache.layers)}")
+            layer_list = [read_request(cache, layer, train_split, eval_split).layer for layer in wanted]
+            req = read_request(cache, layer_list[0], train_split, eval_split)
+            here = {"classes": list(cache.classes), "model": cache.attrs.get("model")}
+            dims = {layer: cache.dim(layer) for layer in layer_list}
+        for key, value in here.items():
+            if first and first[key] != value:
+                raise HeadError(f"{p} holds other {key} than {out[0].path} "
+                                f"({_short(value)} vs {_short(first[key])}); bench compares caches "
+                                "of the same classes and model")
+        first = first or here
+        label = name if names.count(name) == 1 else str(p)
+        out.append(_Source(str(Path(p).resolve()), label, req, layer_list, dims))
+    return out
+
+
+def _short(value) -> str:
+    text = ", ".join(value) if isinstance(value, list) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fits(head: str, dim: int, cv: int | None) -> int:
     """Fits a combination's selection makes before any extension: grid points x folds."""
     from featurekit.heads import grid
 
@@ -173,30 +224,35 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
-def _combinations(head_list, layer_list, req, cache_path: str, allow_incomplete: bool,
-                  metric: str, refit: bool, cv: int | None, extend: bool
+def _combinations(head_list, sources: list[_Source], allow_incomplete: bool, metric: str,
+                  refit: bool, cv: int | None, extend: bool
                   ) -> tuple[list[dict[str, Any]], list[tuple]]:
-    """A row per head x backend x layer (a backend that is not available here, or that lacks
-    the head, is a skipped row), and the units that run: (row index, head, backend, args)."""
+    """A row per cache x layer x head x backend (a backend that is not available here, or that
+    lacks the head, is a skipped row), and the units that run: (row index, head, backend,
+    args)."""
     from featurekit.heads import has, list_backends, resolve_backend
 
     available = list_backends()
     rows: list[dict[str, Any]] = []
     units: list[tuple[int, str, str, tuple]] = []
-    for layer in layer_list:
-        for head, head_backends in head_list:
-            for backend in dict.fromkeys(resolve_backend(b, head) if b == "auto" else b
-                                         for b in head_backends):
-                base = {"head": head, "backend": backend, "layer": layer, "eval_split": req.evaluate}
-                if backend not in available:
-                    rows.append({**base, "status": f"skipped: {backend} is not available here"})
-                elif not has(head, backend):
-                    rows.append({**base, "status": f"skipped: {head} has no {backend} backend"})
-                else:
-                    rows.append(base)
-                    units.append((len(rows) - 1, head, backend, (
-                        cache_path, allow_incomplete, layer, req.train, req.evaluate, req.select,
-                        head, backend, req.n_classes, req.seed, metric, refit, cv, extend)))
+    for src in sources:
+        req = src.req
+        for layer in src.layers:
+            for head, head_backends in head_list:
+                for backend in dict.fromkeys(resolve_backend(b, head) if b == "auto" else b
+                                             for b in head_backends):
+                    base = {"head": head, "backend": backend, "layer": layer,
+                            "eval_split": req.evaluate, "cache": src.label}
+                    if backend not in available:
+                        rows.append({**base, "status": f"skipped: {backend} is not available here"})
+                    elif not has(head, backend):
+                        rows.append({**base, "status": f"skipped: {head} has no {backend} backend"})
+                    else:
+                        rows.append(base)
+                        units.append((len(rows) - 1, head, backend, (
+                            src.path, allow_incomplete, layer, req.train, req.evaluate,
+                            req.select, head, backend, req.n_classes, req.seed, metric, refit,
+                            cv, extend)))
     return rows, units
 
 
@@ -264,33 +320,65 @@ def interval(row: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> dict[str, str]:
-    """results.csv, .json, .md and .png, each whole or not at all."""
+    """results.csv, .json, .md and .png and depth.png, each whole or not at all."""
     rows = result["results"]
     files = {name: out_dir / name for name in OUTPUT_FILES}
     write_csv(files["results.csv"], COLUMNS, ([cell(r, c) for c in COLUMNS] for r in rows))
     write_json(files["results.json"], result)
     write_text(files["results.md"], markdown_table(result) + "\n")
-    plot(rows, files["results.png"], title=Path(result["cache"]).name)
+    title = ", ".join(Path(c).name for c in result["caches"])
+    plot(rows, files["results.png"], title=title)
+    plot_depth(rows, files["depth.png"], title=title)
     return {k: str(v) for k, v in files.items()}
+
+
+def plot_depth(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Accuracy (95% interval) against layer, shallow to deep, one line per cache x head x
+    backend: where in the network the classes become separable, and what fine-tuning moved."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    layers = sorted({r["layer"] for r in ok}, key=lambda x: DEPTH.index(x) if x in DEPTH else len(DEPTH))
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for key in dict.fromkeys((r["cache"], r["head"], r["backend"]) for r in ok):
+        line = sorted((r for r in ok if (r["cache"], r["head"], r["backend"]) == key),
+                      key=lambda r: layers.index(r["layer"]))
+        x = [layers.index(r["layer"]) for r in line]
+        y = [r["accuracy"] for r in line]
+        err = [[a - r["accuracy_ci95"][0] for a, r in zip(y, line)],
+               [r["accuracy_ci95"][1] - a for a, r in zip(y, line)]]
+        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=f"{key[0]}: {key[1]} ({key[2]})")
+    ax.set_xticks(range(len(layers)), layers)
+    ax.set_xlabel("layer (shallow to deep)")
+    ax.set_ylabel(f"accuracy on {ok[0]['eval_split'] if ok else 'eval'} split (95% CI)")
+    ax.set_title(f"featurekit bench by depth {title}".strip())
+    ax.grid(True, alpha=0.3)
+    if ok:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def markdown_table(result: dict[str, Any]) -> str:
     lines = [
         f"Cache `{result['cache']}`: trained on `{result['train_split']}`, reported on "
-        f"`{result['eval_split']}`, C/gamma chosen by {result['selection']}.",
+        f"`{result['eval_split']}`, parameters chosen by {result['selection']}.",
         "",
         "Accuracy with its 95% Wilson interval over the reported images; cost: selection + "
         "refit seconds.",
         "",
-        "| head | backend | layer | params | accuracy [95% CI] | balanced acc. | macro F1 "
+        "| cache | head | backend | layer | params | accuracy [95% CI] | balanced acc. | macro F1 "
         "| select s | fit s | cost s | status |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["results"]:
         num = lambda k: f"{r[k]:.4f}" if isinstance(r.get(k), float) else ""  # noqa: E731
         sec = lambda k: f"{r[k]:.2f}" if isinstance(r.get(k), float) else ""  # noqa: E731
         lines.append(
-            f"| {r['head']} | {r['backend']} | {r['layer']} | {cell(r, 'params')} | {interval(r)} "
+            f"| {r.get('cache', '')} | {r['head']} | {r['backend']} | {r['layer']} | {cell(r, 'params')} | {interval(r)} "
             f"| {num('balanced_accuracy')} | {num('macro_f1')} | {sec('selection_seconds')} "
             f"| {sec('fit_seconds')} | {sec('total_seconds')} | {r['status']} |"
         )

@@ -140,7 +140,7 @@ def extract(
     ),
     weights: str = typer.Option("imagenet", help="imagenet | none (seeded random init) | PATH to a state dict or checkpoint."),
     layers: str = typer.Option("penultimate", help="Comma list of penultimate, layer1..layer4."),
-    pool: str = typer.Option("avg", help="Pooling of spatial maps: avg | max."),
+    pool: str = typer.Option("avg", help="Pooling of spatial maps (layer1..layer4): avg | max (C dims) | avg2 | avg3 (mean over a 2x2 / 3x3 grid: C*4 / C*9 dims)."),
     image_size: Optional[int] = typer.Option(None, parser=opt.IMAGE_SIZE, help="Resize shorter side to N and centre-crop N x N (16-8192) [default: the weights' own preprocessing]."),
     batch_size: Optional[int] = typer.Option(None, parser=opt.BATCH_SIZE, help="Images per forward pass [default: 64 on CPU, 256 on CUDA]."),
     workers: Optional[int] = typer.Option(None, parser=opt.WORKERS, help="DataLoader decoding workers [default: 1 on CPU, one per core (max 16) on CUDA]."),
@@ -413,11 +413,11 @@ def predict(
 @app.command()
 @_handles_errors
 def bench(
-    cache: Path = typer.Argument(..., metavar="CACHE", help="A featurekit HDF5 cache."),
+    caches: List[Path] = typer.Argument(..., metavar="CACHE...", help="One featurekit cache, or several of the same classes and model (e.g. pretrained and fine-tuned), each under the same protocol."),
     heads: str = typer.Option("logistic,linearsvc,svm,nystroem,knn", help="Comma list of heads (NAME or NAME:BACKEND)."),
     backends: str = typer.Option("auto", help="Comma list of backends: auto (per head the measured fastest: torch), sklearn, torch, cuml."),
-    layers: Optional[str] = typer.Option(None, help="Comma list of cached layers [default: penultimate]."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for results.{csv,json,md,png} [default: none, print only]."),
+    layers: Optional[str] = typer.Option(None, help="Comma list of cached layers, or all (every cached layer, shallow first) [default: penultimate]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for results.{csv,json,md,png} and depth.png [default: none, print only]."),
     train_split: str = typer.Option("train", help="Split to train on."),
     eval_split: Optional[str] = typer.Option(None, help="Split to report [default: test, else val]."),
     allow_incomplete: bool = typer.Option(False, help="Use the committed rows of an interrupted cache."),
@@ -437,10 +437,11 @@ def bench(
     Example:
       featurekit bench birds.h5 --heads logistic,svm --layers penultimate,layer3 \\
           --out bench/
+      featurekit bench birds.h5 birds-ft.h5 --heads logistic,knn --layers all --out depth/
     """
     from featurekit.bench import run_bench
 
-    result = run_bench(cache, heads=heads, backends=backends, layers=layers, out=out,
+    result = run_bench(list(caches), heads=heads, backends=backends, layers=layers, out=out,
                        train_split=train_split, eval_split=eval_split,
                        allow_incomplete=allow_incomplete, overwrite=overwrite,
                        metric=select_metric, refit=refit, jobs=jobs, progress=_live(progress),
@@ -506,17 +507,18 @@ def _render_bench(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     t = Table(title=f"{result['cache']}: reported on {result['eval_split']}, "
-                    f"C chosen by {result['selection']}",
+                    f"parameters chosen by {result['selection']}",
               caption="accuracy with its 95% Wilson interval; cost: selection + refit")
     numeric = ("accuracy [95% CI]", "bal. acc.", "macro F1", "select s", "fit s", "cost s")
-    for col in ("head", "backend", "layer", "params", *numeric, "status"):
+    several = len(result.get("caches") or []) > 1
+    for col in ("cache",) * several + ("head", "backend", "layer", "params", *numeric, "status"):
         t.add_column(col, justify="right" if col in numeric else "left")
     from featurekit.bench import cell, interval
 
     for r in result["results"]:
         f = lambda k: f"{r[k]:.4f}" if isinstance(r.get(k), float) else ""  # noqa: E731
         s = lambda k: f"{r[k]:.2f}" if isinstance(r.get(k), float) else ""  # noqa: E731
-        t.add_row(r["head"], r["backend"], r["layer"], cell(r, "params"), interval(r),
+        t.add_row(*(r["cache"],) * several, r["head"], r["backend"], r["layer"], cell(r, "params"), interval(r),
                   f("balanced_accuracy"), f("macro_f1"), s("selection_seconds"), s("fit_seconds"),
                   s("total_seconds"),
                   r["status"] if r.get("converged", True) else "ok (not converged)")

@@ -17,7 +17,11 @@ from typing import Any
 from featurekit.errors import ModelError
 
 LAYERS = ("penultimate", "layer1", "layer2", "layer3", "layer4")
-POOLS = ("avg", "max")
+# how a spatial map (layer1..layer4) becomes a vector: averaged or maxed over H x W (C dims), or
+# averaged over each cell of a g x g grid (avgG: C * g * g dims, channel-major: channel c's cells
+# row by row, torch's adaptive_avg_pool2d then flatten), as the layer-wise probes of the
+# evaluation literature pool early stages to a useful size
+POOLS = ("avg", "max", "avg2", "avg3")
 DEFAULT_MODEL = "resnet50"
 _FAMILY = ("resnet", "resnext", "wide_resnet")
 CHECKPOINT_FORMAT = "featurekit-checkpoint"
@@ -390,6 +394,19 @@ def may_download(name: str | None, spec: WeightsSpec) -> bool:
 # --------------------------------------------------------------------------- feature nodes
 
 
+def pooled(t, pool: str):
+    """A batch of maps (N, C, H, W) as vectors by ``pool`` (:data:`POOLS`); a grid finer than
+    the map repeats its cells (adaptive pooling), so the width never depends on the image."""
+    if pool == "avg":
+        return t.mean(dim=(2, 3))
+    if pool == "max":
+        return t.amax(dim=(2, 3))
+    import torch
+
+    g = int(pool[3:])
+    return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(t, g), 1)
+
+
 class FeatureNet:
     """A ResNet run up to the deepest requested layer; returns one (N, D) tensor per layer.
 
@@ -453,7 +470,7 @@ class FeatureNet:
                 self.zeros[name] = self.zeros[name] + (t == 0).sum()
                 self.total[name] += t.numel()
             if t.ndim == 4:
-                t = t.mean(dim=(2, 3)) if self.pool == "avg" else t.amax(dim=(2, 3))
+                t = pooled(t, self.pool)
             result[name] = t
         return result
 

@@ -406,25 +406,15 @@ def cpu10k_cache() -> Path:
         return path
     from sklearn.datasets import make_classification
 
-    from featurekit.cache import CacheWriter
+    from featurekit.cache import from_arrays
 
     n, m = CPU10K["n_train"], CPU10K["n_test"]
     X, y = make_classification(n_samples=n + m, n_features=CPU10K["dim"], n_informative=64,
                                n_redundant=0, n_classes=CPU10K["classes"], n_clusters_per_class=2,
                                class_sep=2.5, flip_y=0.05, random_state=0)
-    X = X.astype(np.float32)
-    attrs = {"model": "synthetic", "weights": "none", "weights_sha256": "", "layers": ["penultimate"],
-             "pool": "avg", "preprocess": {}, "precision": "fp32", "dtype": "float32",
-             "classes": [str(c) for c in range(CPU10K["classes"])],
-             "source": {"spec": "make_classification"}, "seed": 0}
     WORK.mkdir(parents=True, exist_ok=True)
-    with CacheWriter(path, attrs, {"train": n, "test": m}, {"penultimate": X.shape[1]}) as w:
-        for split, rows in (("train", slice(0, n)), ("test", slice(n, n + m))):
-            k = rows.stop - rows.start
-            w.add(split, y[rows], [f"{split}/{i:05d}" for i in range(k)], {"penultimate": X[rows]})
-            w.advance(split, k)
-        w.finish()
-    return path
+    return from_arrays(path, X.astype(np.float32), y, {"train": n, "test": m},
+                       source="make_classification")
 
 
 def _featurekit(args: list[str], timeout: float) -> tuple[float | None, dict | None, str]:

@@ -277,6 +277,28 @@ class CacheWriter:
         self.close()
 
 
+def from_arrays(path: str | os.PathLike[str], X: np.ndarray, y: np.ndarray,
+                splits: dict[str, int], *, layer: str = "penultimate",
+                classes: list[str] | None = None, model: str = "synthetic",
+                source: str = "arrays") -> Path:
+    """A complete cache of feature rows computed elsewhere (no backbone): the first rows are
+    the first split's, then the next ones', ``splits`` giving each split's size; paths are
+    ``<split>/<row>``. For features made to order (tests, benchmarks) and users' own."""
+    classes = classes or [str(c) for c in range(int(np.max(y)) + 1)]
+    attrs = {"model": model, "weights": "none", "weights_sha256": "", "layers": [layer],
+             "pool": "avg", "preprocess": {}, "precision": "fp32", "dtype": "float32",
+             "classes": classes, "source": {"spec": source}, "seed": 0}
+    with CacheWriter(path, attrs, splits, {layer: X.shape[1]}) as w:
+        start = 0
+        for split, n in splits.items():
+            rows = slice(start, start + n)
+            w.add(split, y[rows], [f"{split}/{i:05d}" for i in range(n)], {layer: X[rows]})
+            w.advance(split, n)
+            start += n
+        w.finish()
+    return Path(path)
+
+
 def _check_finite(arr: np.ndarray, dtype: np.dtype, layer: str, names: list[str],
                   why: str = "the model's output (NaN in the weights?); nothing of this batch "
                              "was committed") -> None:

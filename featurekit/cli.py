@@ -139,7 +139,7 @@ def extract(
         None, help="torchvision ResNet-family model [default: resnet50, or the checkpoint's]."
     ),
     weights: str = typer.Option("imagenet", help="imagenet | none (seeded random init) | PATH to a state dict or checkpoint."),
-    layers: str = typer.Option("penultimate", help="Comma list of penultimate, layer1..layer4."),
+    layers: str = typer.Option("penultimate", help="Comma list of penultimate, layer1..layer4, or all."),
     pool: str = typer.Option("avg", help="Pooling of spatial maps (layer1..layer4): avg | max (C dims) | avg2 | avg3 (mean over a 2x2 / 3x3 grid: C*4 / C*9 dims)."),
     image_size: Optional[int] = typer.Option(None, parser=opt.IMAGE_SIZE, help="Resize shorter side to N and centre-crop N x N (16-8192) [default: the weights' own preprocessing]."),
     batch_size: Optional[int] = typer.Option(None, parser=opt.BATCH_SIZE, help="Images per forward pass [default: 64 on CPU, 256 on CUDA]."),
@@ -437,7 +437,7 @@ def bench(
     Example:
       featurekit bench birds.h5 --heads logistic,svm --layers penultimate,layer3 \\
           --out bench/
-      featurekit bench birds.h5 birds-ft.h5 --heads logistic,knn --layers all --out depth/
+      featurekit bench pre.h5 ft.h5 --heads logistic,knn --layers all --out depth/
     """
     from featurekit.bench import run_bench
 

@@ -10,7 +10,7 @@ from typing import Any
 def run_demo(out: str | Path | None = None, progress: bool = True,
              overwrite: bool = False) -> dict[str, Any]:
     """Extract digits with an untrained resnet18 at 64 px into ``out``, describe the cache, and
-    bench the four heads on it (results.{csv,json,md,png} in ``out/bench``). Files of an
+    bench the five heads on it (results.{csv,json,md,png} in ``out/bench``). Files of an
     earlier demo in ``out`` are replaced only with ``overwrite``."""
     from featurekit._outputs import check_output_folder
     from featurekit.bench import OUTPUT_FILES, run_bench
@@ -28,6 +28,6 @@ def run_demo(out: str | Path | None = None, progress: bool = True,
     with open_cache(cache) as c:
         info = c.summary()
     # featurekit's own torch heads: on the GPU where there is one, and fast on the CPU too
-    bench = run_bench(cache, heads="logistic,linearsvc,svm,nystroem", backends="torch",
+    bench = run_bench(cache, heads="logistic,linearsvc,svm,nystroem,knn", backends="torch",
                       out=folder / "bench", overwrite=overwrite)
     return {"out": str(folder), "cache": str(cache), "info": info, "bench": bench}

@@ -42,9 +42,12 @@ def check_model(name: str) -> str:
 
 
 def parse_layers(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Validate a comma list (or sequence) of layer names; keeps order, drops repeats."""
+    """Validate a comma list (or sequence) of layer names; keeps order, drops repeats; ``all``
+    is every layer, shallow first (layer1..layer4, penultimate)."""
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     names = [n for n in names if n]
+    if names == ["all"]:
+        names = [*LAYERS[1:], LAYERS[0]]
     if not names:
         raise ModelError(f"no layers given; valid layers: {', '.join(LAYERS)}")
     bad = [n for n in names if n not in LAYERS]

@@ -72,21 +72,9 @@ def array_cache(path: Path, X: np.ndarray, y: np.ndarray, splits: dict[str, int]
     """A complete featurekit cache of given feature rows (no backbone): the first rows are
     train, then the others, ``splits`` giving each split's size; for tests of the heads on
     data made to order."""
-    from featurekit.cache import CacheWriter
+    from featurekit.cache import from_arrays
 
-    classes = [str(c) for c in range(int(y.max()) + 1)]
-    attrs = {"model": "synthetic", "weights": "none", "weights_sha256": "", "layers": [layer],
-             "pool": "avg", "preprocess": {}, "precision": "fp32", "dtype": "float32",
-             "classes": classes, "source": {"spec": "synthetic"}, "seed": 0}
-    with CacheWriter(path, attrs, splits, {layer: X.shape[1]}) as w:
-        start = 0
-        for split, n in splits.items():
-            rows = slice(start, start + n)
-            w.add(split, y[rows], [f"{split}/{i:05d}" for i in range(n)], {layer: X[rows]})
-            w.advance(split, n)
-            start += n
-        w.finish()
-    return path
+    return from_arrays(path, X, y, splits, layer=layer)
 
 
 @pytest.fixture(scope="session")

@@ -86,3 +86,10 @@ def test_bench_refuses_caches_of_other_classes_or_models(digits_cache, tmp_path,
     r = invoke(runner, "bench", digits_cache, renamed, "--out", tmp_path / "o")
     assert r.exit_code == 2 and "holds other model" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_layers_all_is_every_layer_shallow_first():
+    from featurekit.models import parse_layers
+
+    assert parse_layers("all") == ["layer1", "layer2", "layer3", "layer4", "penultimate"]
+    assert parse_layers("layer3,penultimate") == ["layer3", "penultimate"]

@@ -97,3 +97,11 @@ def gamma_value(gamma, n_features: int, variance=None) -> float:
         return float(gamma)
     valid = "'scale', 'auto' or a number" if variance is not None else "'auto' or a number"
     raise ValueError(f"gamma must be {valid}, got {gamma!r}")
+
+
+def check_knn(k, T) -> None:
+    """The k-NN heads' parameters, every backend alike: k an integer >= 1, T a number > 0."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if isinstance(T, bool) or not isinstance(T, (int, float, np.number)) or not T > 0:
+        raise ValueError(f"T must be a number > 0, got {T!r}")

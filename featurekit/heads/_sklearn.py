@@ -12,7 +12,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from featurekit.heads import register
-from featurekit.heads._base import Head, PipelineHead
+from featurekit.heads._base import Head, PipelineHead, check_knn
 
 
 class _SklearnHead(PipelineHead):
@@ -124,10 +124,7 @@ class KNNHead(Head):
     def _fit(self, X, y) -> None:
         from sklearn.neighbors import KNeighborsClassifier
 
-        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
-        if isinstance(self.T, bool) or not isinstance(self.T, (int, float, np.number)) or not self.T > 0:
-            raise ValueError(f"T must be a number > 0, got {self.T!r}")
+        check_knn(self.k, self.T)
         self.model_ = KNeighborsClassifier(n_neighbors=int(min(self.k, X.shape[0])), metric="cosine",
                                            algorithm="brute", weights=DinoWeights(float(self.T)))
         self.model_.fit(X, y)

@@ -43,6 +43,18 @@ def free_bytes(device) -> int:
     return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
 
 
+def budget_bytes(memory_budget, device, cpu_mib: int = 0) -> int:
+    """A head's ``memory_budget`` (MiB) in bytes; unset: half the device's free memory on a
+    GPU, ``cpu_mib`` on the CPU. Not a positive number is a ValueError, as scikit-learn
+    reports a bad parameter."""
+    if memory_budget is not None:
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) \
+                or not float(memory_budget) > 0:
+            raise ValueError(f"memory_budget must be a positive number of MiB, got {memory_budget!r}")
+        return int(float(memory_budget) * (1 << 20))
+    return free_bytes(device) // 2 if torch.device(device).type == "cuda" else cpu_mib << 20
+
+
 def release(device) -> None:
     """Hand torch's cached blocks back between independent solves (gammas, folds), so that
     the next one's budget, read from :func:`free_bytes`, sees them and the driver can too."""

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from featurekit.heads import register
-from featurekit.heads._torch._common import TorchHead, free_bytes, release, tensor
+from featurekit.heads._base import check_knn
+from featurekit.heads._torch._common import TorchHead, budget_bytes, release, tensor
 
 CPU_BUDGET_MIB = 256  # default similarity blocks on a CPU (a GPU: half of its free memory)
 
@@ -100,18 +101,10 @@ class TorchKNNHead(TorchHead):
         return {"k": self.k, "T": self.T}
 
     def _check(self, point: dict[str, Any]) -> None:
-        k, T = point["k"], point["T"]
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        if isinstance(T, bool) or not isinstance(T, (int, float, np.number)) or not T > 0:
-            raise ValueError(f"T must be a number > 0, got {T!r}")
+        check_knn(point["k"], point["T"])
 
     def _budget(self, device) -> int:
-        if self.memory_budget is not None:
-            if not float(self.memory_budget) > 0:
-                raise ValueError(f"memory_budget must be a positive number of MiB, got {self.memory_budget!r}")
-            return int(float(self.memory_budget) * (1 << 20))
-        return free_bytes(device) // 2 if torch.device(device).type == "cuda" else CPU_BUDGET_MIB << 20
+        return budget_bytes(self.memory_budget, device, CPU_BUDGET_MIB)
 
     def _solve(self, X, y, classes, grid, on_stop):
         """The state of every grid point: the normalised training rows and their labels."""

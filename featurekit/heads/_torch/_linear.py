@@ -28,7 +28,7 @@ import torch
 from featurekit.heads import register
 from featurekit.heads._base import gamma_value
 from featurekit.heads._torch import _lbfgs
-from featurekit.heads._torch._common import TorchHead, batch_on, free_bytes, release, standardised
+from featurekit.heads._torch._common import TorchHead, batch_on, budget_bytes, release, standardised
 from featurekit.heads._torch._kernels import nystroem_map, rbf
 
 
@@ -58,11 +58,7 @@ class TorchLinearHead(TorchHead):
     def _budget(self, device) -> int:
         """Bytes the members of one L-BFGS batch may use: ``memory_budget`` MiB, or on a GPU
         half of the memory free now (torch's cached blocks counted as free)."""
-        if getattr(self, "memory_budget", None) is not None:
-            if not float(self.memory_budget) > 0:
-                raise ValueError(f"memory_budget must be a positive number of MiB, got {self.memory_budget!r}")
-            return int(float(self.memory_budget) * (1 << 20))
-        return free_bytes(device) // 2
+        return budget_bytes(getattr(self, "memory_budget", None), device)
 
     def _solve(self, X, y, classes, grid, on_stop):
         Xs, state = standardised(X)
@@ -133,8 +129,7 @@ class TorchLinearHead(TorchHead):
         index = np.stack([np.searchsorted(c, y[r]) for c, r in zip(classes, draws)])
         members = [(j, c) for j in range(len(draws)) for c in range(len(Cs))]
         k = 1 if classes[0].size == 2 else classes[0].size
-        budget = (self._budget(device) if device != "cpu" or self.memory_budget is not None
-                  else self.DRAWS_CPU_BUDGET_MIB << 20)
+        budget = budget_bytes(self.memory_budget, device, self.DRAWS_CPU_BUDGET_MIB)
         m, d = Xs.shape[1:]  # a member: its rows gathered, members_per_batch's temporaries
         per = max(1, budget // (Xs.element_size() * (m * d + 8 * m * k + 28 * (d + 1) * k)))
         out: list[list[Any]] = [[None] * len(Cs) for _ in draws]

@@ -247,7 +247,8 @@ def _beyond(grid: list[dict[str, Any]], best: int, keys: tuple[str, ...], scores
         value = grid[best][key]
         step = 10.0 if value == values[-1] else 0.1
         others = {tuple((k, v) for k, v in p.items() if k != key) for p in grid}
-        new += [{**dict(o), key: value * step} for o in others]
+        beyond = max(1, int(round(value * step))) if isinstance(value, (int, np.integer)) else value * step
+        new += [{**dict(o), key: beyond} for o in others]
     unique = {tuple(sorted(p.items())): p for p in new}
     return sorted(unique.values(), key=_order)
 

@@ -170,3 +170,22 @@ def test_fit_predict_and_bench_take_the_knn_head(digits_cache, tmp_path, runner)
     rows = json.loads(r.stdout)["results"]
     assert [row["backend"] for row in rows] == ["torch", "sklearn"]
     assert rows[0]["params"] == rows[1]["params"] and abs(rows[0]["accuracy"] - rows[1]["accuracy"]) <= 0.005
+
+
+def test_a_best_k_beyond_the_grid_gets_chosen():
+    """Labels of the training rows 46% flipped (the val rows clean): the more neighbours vote,
+    the better; the grid's largest k (200) is on its edge, so selection scores k = 2,000 too
+    and takes it (or more)."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(12000, 2))
+    y = (X[:, 1] > 0).astype(int)
+    noisy = np.where(rng.random(12000) < 0.46, 1 - y, y)
+    args = ("knn", "torch", heads.grid("knn", 2, T=1.0), X[:10000], noisy[:10000], X[10000:], y[10000:])
+    sel = select.select(*args)
+    assert {"T": 1.0, "k": 2000} in sel.extended and sel.params["k"] >= 2000, sel
+    no = select.select(*args, extend=False)
+    assert no.params["k"] == 200 and no.edge == ["k"]
+    # a tiny T neither overflows nor underflows the vote, on either backend
+    for backend in ("torch", "sklearn"):
+        p = featurekit.create_head("knn", backend, k=50, T=1e-4).fit(X[:3000], y[:3000]).predict_proba(X[10000:])
+        assert np.isfinite(p).all() and np.allclose(p.sum(1), 1)

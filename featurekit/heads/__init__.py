@@ -45,9 +45,10 @@ BOUNDS: dict[str, float] = {"k": 1}
 # The parameters a selection may extend past the grid's edge (featurekit.select). Nystroem's
 # gamma is not: below the grid the kernel is so wide that K_mm is near rank one and its map
 # is rounding (nystroem_map drops those directions; which ones depends on the BLAS threads),
-# so scores there changed with where the fit ran.
+# so scores there changed with where the fit ran. k-NN's k extends upward only (k = 1 is a
+# bound, BOUNDS), in whole numbers.
 EXTENDS: dict[str, tuple[str, ...]] = {"logistic": ("C",), "linearsvc": ("C",),
-                                       "nystroem": ("C",), "svm": ("C", "gamma"), "knn": ()}
+                                       "nystroem": ("C",), "svm": ("C", "gamma"), "knn": ("k", "T")}
 
 
 def grid(head: str, n_features: int, C: float | None = None, gamma: float | None = None,

@@ -108,7 +108,10 @@ class DinoWeights:
         self.T = T
 
     def __call__(self, distances):
-        return np.exp(-np.asarray(distances, dtype=np.float64) / self.T)
+        """Each query's weights, scaled by exp(d_min / T) (the same for all of its neighbours):
+        no T underflows them all to zero."""
+        d = np.asarray(distances, dtype=np.float64)
+        return np.exp(-(d - d.min(axis=-1, keepdims=True)) / self.T)
 
 
 @register("knn", "sklearn")

@@ -58,8 +58,11 @@ def top_neighbours(Q, X, k: int, budget: int):
 
 def vote(sims, index, labels, n_classes: int, k: int, T: float):
     """Each class's vote (m, n_classes), float64: the sum of exp(s / T) over the first ``k``
-    neighbours of that class (DINO's weighting)."""
-    w = torch.exp(sims[:, :k].double() / T)
+    neighbours of that class (DINO's weighting), each row's scaled by exp(-s_max / T) (the
+    same for all of its neighbours: the shares and the winner are DINO's, and no T makes it
+    overflow)."""
+    s = sims[:, :k].double()
+    w = torch.exp((s - s[:, :1]) / T)  # the first neighbour is the most similar
     out = torch.zeros(sims.shape[0], n_classes, dtype=torch.float64, device=sims.device)
     return out.scatter_add_(1, labels[index[:, :k]], w)
 

@@ -14,7 +14,11 @@ is timed. Each check prints ``PASS``/``FAIL`` with its figure and goes into the 
   the budgeted L-BFGS equal to one batch;
 * ``finetune_fp16`` -- two epochs in fp16 (GradScaler): finite losses, a val accuracy;
 * ``torch_vs_sklearn`` -- logistic regression by both backends on the same cache: within 0.5
-  points of accuracy.
+  points of accuracy;
+* ``probes`` (issue 23) -- the k-NN head on the device against scikit-learn's (>= 99.5% same
+  predictions; similarities in blocks under a budget that forces several) and the few-shot
+  batch (every draw in one batched L-BFGS on the device) against each draw fitted alone
+  (>= 99% same predictions per draw).
 
 ``--cpu-smoke`` runs the same code on the CPU with tiny sizes (its figures mean nothing).
 """
@@ -35,7 +39,7 @@ def run(work: Path, device: str, smoke: bool) -> dict:
     checks = {}
     for name, fn in (("photos", photos), ("stream_race", stream_race), ("svm_budget", svm_budget),
                      ("lbfgs_budget", lbfgs_budget), ("finetune_fp16", finetune_fp16),
-                     ("torch_vs_sklearn", torch_vs_sklearn)):
+                     ("torch_vs_sklearn", torch_vs_sklearn), ("probes", probes)):
         t = time.perf_counter()
         try:
             checks[name] = fn(work, device, smoke)
@@ -273,3 +277,29 @@ def torch_vs_sklearn(work: Path, device: str, smoke: bool) -> dict:
             "figure": f"logistic C=1: torch {acc['torch']:.4f}, scikit-learn {acc['sklearn']:.4f} "
                       f"({gap:.2f} points apart; goal <= 0.5)"}
 
+
+
+def probes(work: Path, device: str, smoke: bool) -> dict:
+    import featurekit
+    from featurekit.fewshot import draw_order, shot_rows
+
+    n, m, d, k = (600, 200, 32, 5) if smoke else (50_000, 5_000, 512, 100)
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(k, d)).astype(np.float32)
+    y = rng.integers(0, k, n + m)
+    X = np.maximum(centres[y] + 2.5 * rng.standard_normal((n + m, d), dtype=np.float32), 0)
+    budget = 4 * m * 4096 / (1 << 20)  # MiB: blocks of 4,096 training rows at most
+    gpu = featurekit.create_head("knn", "torch", k=20, device=device, memory_budget=budget)
+    same_knn = float(np.mean(gpu.fit(X[:n], y[:n]).predict(X[n:]) ==
+                             featurekit.create_head("knn", "sklearn", k=20).fit(X[:n], y[:n]).predict(X[n:])))
+    orders = draw_order(y[:n], 10, 0)
+    trains = [shot_rows(o, 5, range(k)) for o in orders]
+    head = featurekit.create_head("logistic", "torch", C=0.1, device=device)
+    together = head.fit_predict_draws(X[:n], y[:n], trains, [X[n:]] * len(trains))
+    alone = [featurekit.create_head("logistic", "torch", C=0.1, device=device)
+             .fit(X[r], y[r]).predict(X[n:]) for r in trains]
+    same_draws = min(float(np.mean(a == b)) for a, b in zip(together, alone))
+    passed = same_knn >= 0.995 and same_draws >= 0.99
+    return {"passed": passed, "knn_same_predictions": same_knn, "draws_min_same_predictions": same_draws,
+            "figure": f"knn on {device} vs scikit-learn: {same_knn:.2%} same predictions; "
+                      f"10 draws in one batch vs alone: >= {same_draws:.2%} same"}

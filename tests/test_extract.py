@@ -364,7 +364,7 @@ def test_gpu_suite_code_runs_in_cpu_smoke_mode(tmp_path):
     assert not any("failed" in v or "skipped" in v for v in stages.values())
     checks = stages["correctness"]["checks"]
     assert set(checks) == {"photos", "stream_race", "svm_budget", "lbfgs_budget", "finetune_fp16",
-                           "torch_vs_sklearn"}
+                           "torch_vs_sklearn", "probes"}
     assert stages["correctness"]["passed"] and all(c["passed"] for c in checks.values()), checks
     assert checks["photos"]["paths"]["gpu"]["min_cosine"] >= 0.999
     assert all(f"PASS {name}:" in r.stdout for name in checks)

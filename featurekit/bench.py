@@ -119,13 +119,14 @@ def _sources(cache_paths, layers, train_split: str, eval_split: str | None,
                 raise HeadError(f"--layers: no layer given; {p} has {', '.join(cache.layers)}")
             layer_list = [read_request(cache, layer, train_split, eval_split).layer for layer in wanted]
             req = read_request(cache, layer_list[0], train_split, eval_split)
-            here = {"classes": list(cache.classes), "model": cache.attrs.get("model")}
+            here = {"classes": list(cache.classes), "model": cache.attrs.get("model"),
+                    "splits (train, reported, selection)": [req.train, req.evaluate, req.select]}
             dims = {layer: cache.dim(layer) for layer in layer_list}
         for key, value in here.items():
             if first and first[key] != value:
                 raise HeadError(f"{p} holds other {key} than {out[0].path} "
                                 f"({_short(value)} vs {_short(first[key])}); bench compares caches "
-                                "of the same classes and model")
+                                "of the same classes and model under one protocol")
         first = first or here
         label = name if names.count(name) == 1 else str(p)
         out.append(_Source(str(Path(p).resolve()), label, req, layer_list, dims))
@@ -133,7 +134,7 @@ def _sources(cache_paths, layers, train_split: str, eval_split: str | None,
 
 
 def _short(value) -> str:
-    text = ", ".join(value) if isinstance(value, list) else str(value)
+    text = ", ".join(str(v) for v in value) if isinstance(value, list) else str(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

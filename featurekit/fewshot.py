@@ -189,6 +189,11 @@ def choose_params(head: str, backend: str, data: Data, orders, kept, shots: int,
     if len(grid) == 1:
         return select.Selection(params=grid[0], method="given", metric=metric, grid=grid).to_dict()
     X, y, splits = selection_splits(data, orders[:SELECTION_DRAWS], kept, shots)
+    if data.X_val is None:
+        unseen = [c for c in kept if not any(np.any(y[held] == c) for _, held in splits)]
+        if unseen and len(unseen) < len(kept):
+            warn(f"{shots} shots: {len(unseen)} class(es) have no training image outside the draws "
+                 "(and the cache no val split): parameters are chosen without them")
     if any(len(held) == 0 for _, held in splits):
         raise HeadError(f"{shots} shots use every training image of some class and the cache "
                         "has no val split to choose parameters on: fix them (--C, --k, --T) or "
@@ -197,6 +202,17 @@ def choose_params(head: str, backend: str, data: Data, orders, kept, shots: int,
               f"training rows outside {len(splits)} draws of {shots} shots")
     return select.choose(head, backend, grid, X, y, splits, metric=metric, jobs=jobs,
                          tracker=tracker, method=method, together=True).to_dict()
+
+
+def check_episodes(data: Data, kept: dict[int, np.ndarray], episodes: Episodes) -> None:
+    """Before any fit: at every shot count, ``ways`` classes with enough training images and
+    ``queries`` reported images each."""
+    for shots, classes in kept.items():
+        able = [c for c in classes if np.sum(data.y_eval == c) >= episodes.queries]
+        if len(able) < episodes.ways:
+            raise HeadError(f"--ways {episodes.ways}: at {shots} shots only {len(able)} classes have "
+                            f"{shots} training and {episodes.queries} reported images; lower "
+                            "--ways, --queries or --shots")
 
 
 def episode_rows(data: Data, kept, episodes: Episodes | None, seed: int, draw: int):
@@ -263,10 +279,8 @@ def run_fewshot(
     data, info = read_data(cache_path, layer, train_split, eval_split, allow_incomplete)
     seed = info["seed"] if seed is None else seed
     kept = kept_classes(data.y, counts, info["classes"])
-    fewest = min(v.size for v in kept.values())
-    if episodes is not None and episodes.ways > fewest:
-        raise HeadError(f"--ways {episodes.ways}: at {max(counts)} shots only {fewest} classes "
-                        "have enough training images; lower --ways or --shots")
+    if episodes is not None:
+        check_episodes(data, kept, episodes)
     orders = draw_order(data.y, draws, seed)
     rows = _curves(head_list, backend, data, orders, kept, counts, fixed, metric, jobs,
                    episodes, seed, progress)
@@ -283,28 +297,37 @@ def _curves(head_list, backend, data, orders, kept, counts, fixed, metric, jobs,
             seed, progress) -> list[dict[str, Any]]:
     """One row per head and shot count: its parameters' selection, the per-draw accuracies and
     their summary."""
-    from featurekit._console import progress_bar
+    from featurekit._console import SelectionWarning, progress_bar
     from featurekit.heads import resolve_backend
-    from featurekit.select import BarTracker
+    from featurekit.select import BarTracker, warnings_of
 
     rows = []
     with progress_bar(enabled=progress, unit="fit") as bar:
         for head in head_list:
             b = resolve_backend(backend, head)
             for s in counts:
-                task = bar.add_task(f"{head} ({b}), {s} shot{'s' if s > 1 else ''}", total=len(orders))
-                sel = choose_params(head, b, data, orders, kept[s], s, fixed, metric, jobs,
-                                    BarTracker(bar, task))
+                task = bar.add_task(f"{head} ({b}), {s} shot(s)", total=0)
+                tracker = BarTracker(bar, task)
+                sel = choose_params(head, b, data, orders, kept[s], s, fixed, metric, jobs, tracker)
+                for message in warnings_of(head, b, sel):
+                    warn(f"{s} shots: {message}", SelectionWarning)
+                tracker.grow(len(orders))
                 scored = score_draws(head, b, sel["params"], data, orders, kept[s], s, episodes,
-                                     seed, lambda n: bar.advance(task, n))
+                                     seed, tracker.advance)
                 bar.update(task, visible=False)
                 mean, std, low, high = t_interval([r["accuracy"] for r in scored])
                 rows.append({"head": head, "backend": b, "shots": s, "draws": len(orders),
-                             "mean": mean, "std": std, "ci_low": low, "ci_high": high,
-                             "params": sel["params"], "classes": int(kept[s].size),
+                             "mean": mean, "std": _finite(std), "ci_low": _finite(low),
+                             "ci_high": _finite(high), "params": sel["params"],
+                             "classes": episodes.ways if episodes else int(kept[s].size),
                              "n_eval": float(np.mean([r["n_eval"] for r in scored])),
                              "accuracies": [r["accuracy"] for r in scored], "selection": sel})
     return rows
+
+
+def _finite(value: float) -> float | None:
+    """nan (one draw: no spread, no interval) as None: JSON's null."""
+    return None if np.isnan(value) else value
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> dict[str, str]:
@@ -331,17 +354,19 @@ def markdown(result: dict[str, Any]) -> str:
             f"all classes, every `{result['eval_split']}` image")
     lines = [f"Few-shot accuracy on `{result['cache']}` ({result['layer']}; {task}): mean over "
              f"{result['draws']} seeded, nested draws (seed {result['seed']}) with the 95% "
-             "confidence interval of the mean (Student's t). Parameters chosen per shot count "
-             f"on {result['results'][0]['selection']['method'] if result['results'] else '-'}.",
-             "", "| head | backend | shots | mean | std | 95% CI | params | classes |",
+             "confidence interval of the mean (Student's t). Parameters: chosen per shot count "
+             f"without the reported split ({SELECTION_DRAWS} draws scored on val, else on the "
+             "training rows outside the draw), or given.",
+             "", "| head | backend | shots | mean | std | 95% CI | params (how chosen) | classes |",
              "|---|---|---:|---:|---:|---|---|---:|"]
     from featurekit.select import params_text
 
     for r in result["results"]:
-        ci = "" if np.isnan(r["ci_low"]) else f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
-        std = "" if np.isnan(r["std"]) else f"{r['std']:.4f}"
+        ci = "" if r["ci_low"] is None else f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
+        std = "" if r["std"] is None else f"{r['std']:.4f}"
+        how = r["selection"]["method"].split(",")[0]
         lines.append(f"| {r['head']} | {r['backend']} | {r['shots']} | {r['mean']:.4f} | {std} "
-                     f"| {ci} | {params_text(r['params'])} | {r['classes']} |")
+                     f"| {ci} | {params_text(r['params'])} ({how}) | {r['classes']} |")
     return "\n".join(lines)
 
 
@@ -358,7 +383,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         rs = [r for r in result["results"] if (r["head"], r["backend"]) == head]
         x = [r["shots"] for r in rs]
         y = np.array([r["mean"] for r in rs])
-        err = np.array([[m - r["ci_low"], r["ci_high"] - m] for m, r in zip(y, rs)]).T
+        err = np.array([[m - r["ci_low"], r["ci_high"] - m] if r["ci_low"] is not None else [0, 0]
+                        for m, r in zip(y, rs)]).T
         ax.errorbar(x, y, yerr=np.nan_to_num(err), fmt="o-", capsize=3, label=f"{head[0]} ({head[1]})")
     ax.set_xscale("log")
     ax.set_xticks(result["shots"], [str(s) for s in result["shots"]])

@@ -85,6 +85,10 @@ def test_bench_refuses_caches_of_other_classes_or_models(digits_cache, tmp_path,
         f.attrs["model"] = "resnet50"
     r = invoke(runner, "bench", digits_cache, renamed, "--out", tmp_path / "o")
     assert r.exit_code == 2 and "holds other model" in r.stderr, r.stderr
+    X, y = rng.normal(size=(90, 8)).astype(np.float32), np.arange(90) % 3
+    with_val = array_cache(tmp_path / "v.h5", X, y, {"train": 50, "val": 20, "test": 20})
+    r = invoke(runner, "bench", other, with_val, "--out", tmp_path / "o")  # val chooses in one only
+    assert r.exit_code == 2 and "holds other splits" in r.stderr and "one protocol" in r.stderr
     assert not (tmp_path / "o").exists()
 
 

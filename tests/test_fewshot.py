@@ -133,3 +133,19 @@ def test_draws_in_one_batch_fit_what_single_fits_do(head):
         for rows, pred in zip(trains, together):
             alone = featurekit.create_head(head, "torch", C=C, device="cpu").fit(X[rows], y[rows])
             assert np.mean(alone.predict(X) == pred) >= 0.99
+
+
+def test_what_selection_found_is_said(tmp_path):
+    """No val and a class with exactly s training images: a warning that parameters are chosen
+    without it; one draw: no interval (null in the JSON, not NaN); --ways checked up front."""
+    X, y = _rows((3, 20, 20), d=16)
+    path = array_cache(tmp_path / "uneven.h5", X, y, {"train": 30, "test": 13})
+    with h5py.File(path) as f:
+        train = f["train"]["labels"][:]
+    s = int(np.bincount(train).min())
+    with pytest.warns(UserWarning, match="chosen without them"):
+        res = run_fewshot(path, shots=str(s), draws=1, heads="knn", out=tmp_path / "o")
+    assert res["results"][0]["ci_low"] is None
+    assert "NaN" not in (tmp_path / "o" / "fewshot.json").read_text()
+    with pytest.raises(Exception, match="--ways 3"):
+        run_fewshot(path, shots="1", draws=2, heads="knn", k=1, T=0.1, ways=3, queries=50)

@@ -137,7 +137,8 @@ class KNNHead(Head):
         """(cosine similarities, training-row indices) of each row's k nearest training rows,
         most similar first."""
         X = self._checked(X)
-        d, index = self.model_.kneighbors(X, n_neighbors=k)
+        d, index = self.model_.kneighbors(X, n_neighbors=min(k or self.model_.n_neighbors,
+                                                             self.model_.n_samples_fit_))
         return 1.0 - d, index
 
     def predict(self, X):

@@ -8,6 +8,7 @@ without one.
 from __future__ import annotations
 
 from abc import abstractmethod
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import numpy as np
@@ -83,15 +84,23 @@ class TorchHead(Head):
 
     def _solve_in_memory(self, X, y, classes, grid, on_stop):
         """:meth:`_solve`, a device out of memory as one line naming the parameter to lower."""
+        with self.in_memory(X):
+            return self._solve(X, y, classes, grid, on_stop)
+
+    @contextmanager
+    def in_memory(self, X):
+        """A device out of memory inside the block as one line naming the parameter to lower
+        (``X``: the rows the work is on, for the message)."""
         from featurekit.errors import ResourceError
 
         try:
-            return self._solve(X, y, classes, grid, on_stop)
+            yield
         except torch.OutOfMemoryError:
-            release(X.device)
+            release(getattr(X, "device", "cpu"))
             raise ResourceError(
-                f"{type(self).__name__} ran out of memory on {X.device} ({X.shape[0]} rows x "
-                f"{X.shape[1]}); lower its {self._memory_param}, or fit fewer rows") from None
+                f"{type(self).__name__} ran out of memory on {getattr(X, 'device', 'cpu')} "
+                f"({X.shape[0]} rows x {X.shape[-1]}); lower its {self._memory_param}, or fit "
+                "fewer rows") from None
 
     @abstractmethod
     def _solve(self, X, y, classes, grid, on_stop) -> list[tuple[dict[str, Any], Any, bool]]:

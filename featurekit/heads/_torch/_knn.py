@@ -132,8 +132,9 @@ class TorchKNNHead(TorchHead):
         device = X.device
         rows = tensor(state["fit_rows_"], device, X.dtype)
         labels = torch.as_tensor(state["fit_labels_"], device=device)
-        sims, index = top_neighbours(normalised(X), rows, state["k_"], self._budget(device))
-        return vote(sims, index, labels, len(state["classes_"]), state["k_"], state["T_"])
+        with self.in_memory(rows):
+            sims, index = top_neighbours(normalised(X), rows, state["k_"], self._budget(device))
+            return vote(sims, index, labels, len(state["classes_"]), state["k_"], state["T_"])
 
     def _decide(self, state: dict[str, Any], X):
         return log_shares(self._votes(state, X))
@@ -163,7 +164,9 @@ class TorchKNNHead(TorchHead):
             classes = np.unique(y[train])
             labels = torch.as_tensor(np.searchsorted(classes, y[train]), device=device)
             tr, ho = (torch.as_tensor(np.asarray(i), device=device) for i in (train, held))
-            sims, index = top_neighbours(Xn[ho], Xn[tr], max(p["k"] for p in grid), self._budget(device))
+            with self.in_memory(Xn):
+                sims, index = top_neighbours(Xn[ho], Xn[tr], max(p["k"] for p in grid),
+                                             self._budget(device))
             for g, p in enumerate(grid):
                 votes = vote(sims, index, labels, classes.size, min(p["k"], len(train)), p["T"])
                 scores[g, f] = metric(y[held], classes[votes.argmax(1).cpu().numpy()])

@@ -138,8 +138,9 @@ class TorchLinearHead(TorchHead):
             problem = _DrawsProblem(Xs, index, classes[0].size, self._loss,
                                     torch.as_tensor([Cs[c] for _, c in batch], device=device,
                                                     dtype=dtype), [j for j, _ in batch])
-            res = _lbfgs.minimize(problem, problem.start(len(batch)), max_iter=self.max_iter,
-                                  tol=self.tol, on_stop=on_stop)
+            with self.in_memory(Xs):
+                res = _lbfgs.minimize(problem, problem.start(len(batch)), max_iter=self.max_iter,
+                                      tol=self.tol, on_stop=on_stop)
             W, b = problem.unpack(res.theta)
             for i, (j, c) in enumerate(batch):
                 mean, scale = scaling[j]

@@ -733,9 +733,11 @@ def _record(run: _Run, backbone, net, opt, sched, state: _Progress, row: dict[st
         "scaler": state.scaler.state_dict() if state.scaler is not None else {},
         "source": {"fingerprint": run.src.fingerprint, "spec": run.src.spec},
     }
-    _atomic_save(ckpt, run.run_dir / "last.pt")
+    # best.pt before last.pt: a kill between the two must not leave a last.pt whose record says
+    # this epoch is the best while best.pt does not hold it (a resume would never write it)
     if improved:  # the weights and what extract needs, not the optimizer's state
         _atomic_save({k: ckpt[k] for k in BEST_KEYS}, run.run_dir / "best.pt")
+    _atomic_save(ckpt, run.run_dir / "last.pt")
     _write_metrics(run.run_dir / "metrics.csv", state.rows)
     plot_curves(state.rows, run.run_dir / "curves.png")
     va = "-" if row["val_acc"] is None else f"{row['val_acc']:.4f}"

@@ -694,6 +694,67 @@ def similarity(
         _err(f"wrote {path}")
 
 
+# --------------------------------------------------------------------------- study
+
+
+@app.command()
+@_handles_errors
+def study(
+    source: str = typer.Argument(..., metavar="SOURCE", help=_SOURCE_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Study folder: a folder per stage, summary.json, report.md, report.html, figures/."),
+    model: Optional[str] = typer.Option(None, help="torchvision ResNet [default: the weights' model, else resnet50]."),
+    weights: str = typer.Option("imagenet", help="Pretrained weights of the frozen features and of probe/partial/full: imagenet | none | a .pt file."),
+    variants: str = typer.Option("scratch,probe,partial,full", help="Fine-tuning variants to run: scratch, probe, partial, full."),
+    epochs: int = typer.Option(10, parser=opt.EPOCHS, help="Epochs of every fine-tuning variant (>= 1)."),
+    image_size: Optional[int] = typer.Option(None, parser=opt.IMAGE_SIZE, help="Input size in pixels [default: the weights' preprocessing]."),
+    heads: str = typer.Option("logistic,linearsvc,svm,knn", help="Heads on the frozen penultimate features."),
+    probe_heads: str = typer.Option("logistic,knn", help="Heads of the layer-wise probe (every layer) and the few-shot curve."),
+    shots: str = typer.Option("1,2,5,10,20", help="Few-shot curve: images per class."),
+    draws: int = typer.Option(20, parser=opt.DRAWS, help="Few-shot curve: draws per shot count."),
+    batch_size: int = typer.Option(64, parser=opt.BATCH_SIZE, help="Fine-tuning batch size."),
+    seed: int = typer.Option(0, parser=opt.SEED, help="One seed for splits, draws and training."),
+    val_fraction: float = typer.Option(0.15, parser=opt.FRACTION, help="Share of images held out for val."),
+    test_fraction: float = typer.Option(0.15, parser=opt.FRACTION, help="Share of images held out for test."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    workers: Optional[int] = typer.Option(None, parser=opt.WORKERS, help="Decoding processes [default: by cores]."),
+    resume: bool = typer.Option(False, help="Continue a stopped study: finished stages are kept, the stopped one continues."),
+    overwrite: bool = typer.Option(False, help="Redo the study in --out (its stage folders are removed)."),
+    plan: bool = typer.Option(False, help="List the stages with a cost estimate; run nothing."),
+    progress: bool = typer.Option(True, help="Progress of the stages inside (on a terminal)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary (or the plan) as one JSON object on stdout [default: off]."),
+) -> None:
+    """The whole comparison in one resumable command and one report.
+
+    Scratch, linear probe, frozen features + heads, partial and full fine-tuning, on one
+    split, seed and preprocessing; dead activations, CKA, accuracy by depth, few-shot curve.
+
+    \b
+    Example: featurekit study birds/ --out study/ --model resnet50 --epochs 10
+    """
+    from featurekit.study import run_study
+
+    result = run_study(source, out, model=model, weights=weights, variants=variants, epochs=epochs,
+                       image_size=image_size, heads=heads, probe_heads=probe_heads, shots=shots, draws=draws,
+                       batch_size=batch_size, seed=seed, val_fraction=val_fraction,
+                       test_fraction=test_fraction, device=device, workers=workers, resume=resume,
+                       overwrite=overwrite, plan=plan, progress=_live(progress), log=_err)
+    if json_out:
+        _print_json(result)
+        return
+    if plan:
+        for row in result["plan"]:
+            print(f"{row['stage']:<20} about {row['estimate_seconds']:.0f} s")
+        print(f"total about {sum(r['estimate_seconds'] for r in result['plan']):.0f} s on {result['device']}")
+        return
+    for r in result["approaches"]:
+        low, high = r["accuracy_ci95"]
+        print(f"{r['approach']:<40} {r['accuracy']:.4f} [{low:.3f}, {high:.3f}]"
+              + ("  best" if r["best"] else "" if r["within_noise"] else "  worse than the best"))
+    for c in result["checks"]:
+        print(f"check: {c['approach']} is not above chance level: {'; '.join(c['causes'])}")
+    _err(f"report: {Path(out) / 'report.html'}")
+
+
 # --------------------------------------------------------------------------- demo
 
 

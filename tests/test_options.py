@@ -32,6 +32,7 @@ BASE_ARGS: dict[str, list[str]] = {
     "pack": ["{tmp}/x.h5", "--out", "{tmp}/one.h5"],
     "similarity": ["{tmp}/x.h5", "{tmp}/x.h5", "--out", "{tmp}/cka"],
     "fewshot": ["{tmp}/x.h5", "--out", "{tmp}/fs"],
+    "study": ["digits", "--out", "{tmp}/study", "--weights", "none", "--plan"],
 }
 
 

@@ -551,7 +551,7 @@ def finetune(
     image_size: Optional[int] = typer.Option(None, parser=opt.IMAGE_SIZE, help="Resize shorter side to N and centre-crop N x N (16-8192) [default: the weights' own]."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    workers: Optional[int] = typer.Option(None, parser=opt.WORKERS, help="DataLoader workers [default: 1 on CPU, one per core (max 16) on CUDA]."),
+    workers: Optional[int] = typer.Option(None, parser=opt.WORKERS, help="DataLoader workers [default: 0 on CPU (the steps use every core), one per core (max 16) on CUDA]."),
     seed: int = typer.Option(0, parser=opt.SEED, help="Seed of the split, the init and the data order."),
     val_fraction: float = typer.Option(0.15, parser=opt.FRACTION, help="As for extract; with split folders but no val/, the share of train held out for val (0: no val; best.pt by train accuracy)."),
     test_fraction: float = typer.Option(0.15, parser=opt.FRACTION, help="As for extract (test is never used here)."),

@@ -416,6 +416,11 @@ def _plan(source, out, *, model, weights, train_layers, head, hidden, dropout, e
     size = models.preprocess_for(name, spec, image_size).crop_size
     # under torchrun the host's cores are shared by its ranks, as extract shares them
     n_workers = share_cores(dev, _dist.local_world(dist_info)) if workers is None else workers
+    if workers is None and not dev.startswith("cuda"):
+        # training on the CPU: the steps use every core, and a decoding worker takes them from
+        # the steps (benchmarks/RESULTS.md: 2 cores, resnet18, 400x300 JPEGs at 64 px 192 vs
+        # 97 images/s, at 128 px 75 vs 55; digits at 32 px 520 vs 384)
+        n_workers = 0
     _check_memory(name, layers, size, batch_size, dev, prec, n_workers)
     src = data.open_source(source, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
     if "train" not in src.splits:

@@ -248,7 +248,7 @@ def _beyond(grid: list[dict[str, Any]], best: int, keys: tuple[str, ...], scores
         step = 10.0 if value == values[-1] else 0.1
         others = {tuple((k, v) for k, v in p.items() if k != key) for p in grid}
         beyond = max(1, int(round(value * step))) if isinstance(value, (int, np.integer)) else value * step
-        new += [{**dict(o), key: beyond} for o in others]
+        new += [{k: beyond if k == key else dict(o)[k] for k in grid[best]} for o in others]
     unique = {tuple(sorted(p.items())): p for p in new}
     return sorted(unique.values(), key=_order)
 

@@ -181,13 +181,33 @@ def run_study(source, out, *, model: str | None = None, weights: str = "imagenet
     out = Path(out)
     prepare(out, opts, resume, overwrite)
     ctx = Context(opts, out, dev, workers, progress, {})
-    log = log or (lambda message: None)
-    started = time.perf_counter()
-    all_stages = stages(opts)
-    for i, stage in enumerate(all_stages, 1):
-        log(f"study [{i}/{len(all_stages)}] {stage.name} ...")
+    clock = _Clock([row["estimate_seconds"] for row in plan_of(opts, dev)], log)
+    for i, stage in enumerate(stages(opts)):
+        clock.start(i, stage.name)
         ctx.results[stage.name], ran = run_stage(stage, ctx)
-        took = ctx.results[stage.name].get("seconds", 0.0)
-        log(f"study [{i}/{len(all_stages)}] {stage.name} {'done' if ran else 'already done'} "
-            f"({took:.1f} s; {time.perf_counter() - started:.1f} s so far)")
+        clock.done(i, stage.name, ran, ctx.results[stage.name].get("seconds", 0.0))
     return ctx.results["report"]
+
+
+class _Clock:
+    """The study's one progress display, a line per stage on stderr: the stage list's position,
+    "done" or "already done", the stage's and the total seconds, and the time left (the plan's
+    estimates of the stages to come, scaled by how the finished ones compared with theirs)."""
+
+    def __init__(self, estimates: list[float], log) -> None:
+        self.estimates, self.log = estimates, log or (lambda message: None)
+        self.started, self.spent, self.estimated = time.perf_counter(), 0.0, 0.0
+
+    def start(self, i: int, name: str) -> None:
+        self.log(f"study [{i + 1}/{len(self.estimates)}] {name} ...")
+
+    def done(self, i: int, name: str, ran: bool, seconds: float) -> None:
+        if ran:  # stages done earlier tell nothing about this machine's speed now
+            self.spent += seconds
+            self.estimated += self.estimates[i]
+        scale = self.spent / self.estimated if self.estimated else 1.0
+        left = scale * sum(self.estimates[i + 1:])
+        self.log(f"study [{i + 1}/{len(self.estimates)}] {name} "
+                 f"{'done' if ran else 'already done'} ({seconds:.1f} s; "
+                 f"{time.perf_counter() - self.started:.1f} s so far"
+                 + (f"; about {left:.0f} s left)" if i + 1 < len(self.estimates) else ")"))

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from featurekit import _dist
+from featurekit import _dist, _memset
 from featurekit._version import __version__
 from featurekit._console import log as _log
 from featurekit._device import autocast
@@ -543,8 +543,15 @@ def _datasets(run: _Run, backbone, progress: bool):
         run.log(f"skipping {len(bad)} undecodable file(s), e.g. {bad[0][0]}: {bad[0][1]}")
     if len(train_items) < 2:
         raise FeaturekitError(f"finetune needs at least 2 decodable training images, got {len(train_items)}")
-    return (_Labelled(src, train_items, train_transform(backbone.preprocess, run.opts.augment)),
-            _Labelled(src, val_items, backbone.preprocess.transform()))
+    pre = backbone.preprocess
+    if pre.crop_size < 96 and _memset.fits(len(train_items) + len(val_items), pre.crop_size, run.device):
+        # small images that fit: decoded once, shifted by the batch on the device (_memset)
+        pad = max(1, pre.crop_size // 8) if run.opts.augment == "standard" else 0
+        return tuple(_memset.Decoded.build(_Labelled(src, items, pre.transform(as_uint8=True)),
+                                           run.device, run.workers, pre.mean, pre.std, pad)
+                     for items in (train_items, val_items))
+    return (_Labelled(src, train_items, train_transform(pre, run.opts.augment)),
+            _Labelled(src, val_items, pre.transform()))
 
 
 def _optimizer(run: _Run, net):
@@ -601,6 +608,19 @@ def _loader(run: _Run, ds, sampler, drop_last: bool = False):
         pin_memory=run.device.startswith("cuda"), drop_last=drop_last,
         prefetch_factor=4 if run.workers else None,
     )
+
+
+def _batches(run: _Run, ds, indices, drop_last: bool, train: bool):
+    """(x, y) on the device, channels_last: from a set decoded in memory (shifted by the batch
+    when training), else through the DataLoader (augmented per image in its workers)."""
+    import torch
+
+    if isinstance(ds, _memset.Decoded):
+        yield from ds.batches(list(indices), run.opts.batch_size, train, drop_last)
+        return
+    for x, y in _loader(run, ds, indices, drop_last=drop_last):
+        yield (x.to(run.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+               y.to(run.device, non_blocking=True))
 
 
 def _train(run: _Run, backbone, net, opt, sched, state: _Progress, train_ds, val_ds,
@@ -669,10 +689,8 @@ def _train_epoch(run: _Run, net, step_model, opt, train_ds, sampler, epoch: int,
     correct, n = torch.zeros((), dtype=torch.long, device=dev), 0
     with progress_bar(enabled=progress and run.dist.main, unit="img") as bar:
         task = bar.add_task(f"epoch {epoch}/{o.epochs}", total=len(sampler) - drop_single)
-        for x, y in _loader(run, train_ds, sampler, drop_last=drop_single):
+        for x, y in _batches(run, train_ds, sampler, drop_single, train=True):
             _dist.check_peers(run.dist)  # before the step's collectives: stop if a rank failed
-            x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(dev, non_blocking=True)
             with _autocast(run):
                 logits = step_model(x)
                 loss = loss_fn(logits.float(), y)
@@ -698,10 +716,8 @@ def _evaluate(run: _Run, net, val_ds, shard) -> tuple[float, float]:
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)  # summed on the device
     correct, n = torch.zeros((), dtype=torch.long, device=dev), 0
     with torch.inference_mode():
-        for x, y in _loader(run, val_ds, shard):
+        for x, y in _batches(run, val_ds, shard, False, train=False):
             _dist.check_peers(run.dist)
-            x = x.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(dev, non_blocking=True)
             with _autocast(run):
                 logits = net(x).float()
             loss_sum += loss_fn(logits, y).double() * len(y)

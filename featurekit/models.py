@@ -168,8 +168,9 @@ class Preprocess:
         IMAGE_SIZE.check("--image-size", size)
         return Preprocess(size, size, self.mean, self.std, self.interpolation, self.antialias)
 
-    def transform(self):
-        """A callable PIL image -> float32 CHW tensor."""
+    def transform(self, as_uint8: bool = False):
+        """A callable PIL image -> float32 CHW tensor, normalised (``as_uint8``: the resized
+        and cropped uint8 tensor, before scaling and normalisation)."""
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2 import functional as F
 
@@ -183,6 +184,8 @@ class Preprocess:
             img = F.resize(img, resize, interpolation=interpolation, antialias=antialias)
             img = F.center_crop(img, crop)
             x = F.pil_to_tensor(img)
+            if as_uint8:
+                return x
             x = F.to_dtype(x, torch.float32, scale=True)
             return F.normalize(x, mean, std)
 

@@ -4,8 +4,9 @@ memory format), in the same process, interleaved, median of ``--repeats``.
 
 * ``featurekit``: ``finetune`` on the digits (1,259 training images at ``--image-size``), its
   ``_train_epoch`` timed (decoding, augmentation, the DataLoader, the steps; not validation);
-* ``bare``: the same number of images as random tensors already in memory, the same steps
-  (resnet18, AdamW, channels_last, cross-entropy, fp32 on the CPU).
+* ``bare``: the same number of images as random tensors already in memory, in the same batches
+  (full ones, then the remainder), the same steps (resnet18, AdamW, channels_last,
+  cross-entropy, fp32 on the CPU).
 
 Goal (CPU): featurekit >= 0.9x the bare step's images/s. On a GPU (``--device cuda``, the GPU
 suite's setting: 32 and 224 px) the goal is >= 0.8x; not measured until a GPU is lent.
@@ -70,7 +71,8 @@ def bare_rate(image_size: int, batch: int, device: str, images: int = 1259) -> f
     x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
     net.train()
-    steps = max(2, images // batch)
+    # the epoch's batches as finetune runs them: full ones, then the remainder
+    sizes = [batch] * (images // batch) + ([images % batch] if images % batch > 1 else [])
     for _ in range(2):  # warm-up
         opt.zero_grad(set_to_none=True)
         loss_fn(net(x), y).backward()
@@ -78,13 +80,13 @@ def bare_rate(image_size: int, batch: int, device: str, images: int = 1259) -> f
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for n in sizes:
         opt.zero_grad(set_to_none=True)
-        loss_fn(net(x).float(), y).backward()
+        loss_fn(net(x[:n]).float(), y[:n]).backward()
         opt.step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - t0)
+    return sum(sizes) / (time.perf_counter() - t0)
 
 
 def main() -> None:

@@ -30,7 +30,17 @@ skipped):
    images / steady rate). Naive baseline (PIL DataLoader, fp32) on 2,048 images (trimmed).
 4. ``heads`` -- ``bench_heads.py --setting gpu`` (50,000 x 2,048 x 100 classes) in the time
    left: torch rows in full, scikit-learn extrapolated from sampled grid points with a
-   shortened per-fit budget (marked in its JSON); cut at the suite's budget.
+   shortened per-fit budget (marked in its JSON); cut at the suite's budget. (Stage 4 runs
+   after ``finetune``.)
+5. ``finetune`` (issue 24) -- ``finetune``'s training throughput against a bare step on tensors
+   in memory (``bench_finetune.py``), resnet18 batch 64 at 32 px (the set decoded into GPU
+   memory, shifted by the batch) and 224 px (the DataLoader path); goal >= 0.8x.
+6. ``study`` (issue 24, in the time left, about 3 minutes) -- ``featurekit study`` on 8,600
+   generated JPEGs (about 6,000 training images, 8 classes) at 224 px, resnet50, variants probe
+   and full, 1 epoch: seconds per stage.
+
+The k-NN and few-shot settings of ``bench_probes.py --setting gpu`` are not in the suite (run
+them alone when time is left); ``correctness`` checks their GPU code (``probes``).
 
 Without a CUDA GPU the suite says so in one line and exits with status 2. Record the figures in
 benchmarks/RESULTS.md with the machine block of the JSON.
@@ -254,6 +264,45 @@ def heads(out: Path, seconds: float) -> dict:
                 "tail": tail.decode(errors="replace") if isinstance(tail, bytes) else tail}
 
 
+def finetune_throughput(device: str, smoke: bool) -> dict:
+    """finetune's training throughput against a bare step on tensors in memory
+    (benchmarks/bench_finetune.py): 32 px (the set decoded into GPU memory) and 224 px (the
+    DataLoader path); goal >= 0.8x on a GPU."""
+    from benchmarks.bench_finetune import bare_rate, featurekit_train_rate
+
+    out: dict = {"goal": 0.8 if device.startswith("cuda") else 0.9}
+    for size in ([32] if smoke else [32, 224]):
+        fk = featurekit_train_rate(size, 64, device, None)
+        bare = bare_rate(size, 64, device)
+        out[f"{size}px"] = {"featurekit_images_per_second": fk, "bare_images_per_second": bare,
+                            "ratio": fk / bare}
+    out["goal_met"] = all(v["ratio"] >= out["goal"] for k, v in out.items() if k.endswith("px"))
+    return out
+
+
+def study_stage(work: Path, device: str) -> dict:
+    """featurekit study at a seed-like scale: 8,600 JPEGs (about 6,000 training images) in 8
+    classes at 224 px, resnet50, variants probe and full, 1 epoch each; seconds per stage."""
+    import json as _json
+    import subprocess
+
+    from benchmarks.bench_extract import make_varied_jpegs
+
+    folder = make_varied_jpegs(work.parent / "varied-jpegs-8600", 8600)
+    out = work / "study"
+    args = [sys.executable, "-m", "featurekit", "study", str(folder), "--out", str(out), "--overwrite",
+            "--model", "resnet50", "--weights", "none", "--image-size", "224", "--epochs", "1",
+            "--variants", "probe,full", "--heads", "logistic,knn", "--draws", "5",
+            "--device", device, "--no-progress"]
+    t0 = time.perf_counter()
+    r = subprocess.run(args, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(r.stderr[-1500:])
+    stages = {_json.loads(p.read_text())["stage"]: _json.loads(p.read_text())["result"]["seconds"]
+              for p in out.rglob("stage.json")}
+    return {"process_seconds": time.perf_counter() - t0, "stages": stages}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="folder for gpu-suite.json (and the heads' JSON)")
@@ -296,8 +345,10 @@ def main() -> None:
     suite.stage("agreement", 20, agreement, work, dev)
     suite.stage("ceilings", 40, ceilings, folder, args.workers, dev, args.cpu_smoke)
     suite.stage("extract", 90, extract_runs, folder, work, args.images, dev, args.cpu_smoke)
+    suite.stage("finetune", 30, finetune_throughput, dev, args.cpu_smoke)
     if not args.cpu_smoke:
         suite.stage("heads", 30, heads, args.out, suite.left() - 5)
+        suite.stage("study", 180, study_stage, work, dev)
     failed = [k for k, v in suite.results["stages"].items()
               if "failed" in v or v.get("passed") is False]
     print(f"results in {suite.path}")

@@ -360,7 +360,8 @@ def test_gpu_suite_code_runs_in_cpu_smoke_mode(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads((tmp_path / "out" / "gpu-suite.json").read_text())
     stages = res["stages"]
-    assert set(stages) == {"correctness", "agreement", "ceilings", "extract"}
+    assert set(stages) == {"correctness", "agreement", "ceilings", "extract", "finetune"}
+    assert stages["finetune"]["32px"]["ratio"] > 0
     assert not any("failed" in v or "skipped" in v for v in stages.values())
     checks = stages["correctness"]["checks"]
     assert set(checks) == {"photos", "stream_race", "svm_budget", "lbfgs_budget", "finetune_fp16",

@@ -32,6 +32,7 @@ class Context:
     workers: int | None
     progress: bool
     results: dict[str, Any]
+    source: str = ""  # what every stage reads: the study's source, or its subset's CSV
 
     def folder(self, stage: str) -> Path:
         return self.out / stage
@@ -45,7 +46,7 @@ def _extract(ctx: Context, out: Path, weights: str) -> dict[str, Any]:
     from featurekit.extraction import extract
 
     o = ctx.opts
-    s = extract(o.source, out, model=o.model, weights=weights, layers="all", image_size=o.image_size,
+    s = extract(ctx.source, out, model=o.model, weights=weights, layers="all", image_size=o.image_size,
                 device=ctx.device, workers=ctx.workers, seed=o.seed, val_fraction=o.val_fraction,
                 test_fraction=o.test_fraction, resume=True, progress=ctx.progress, log=_quiet)
     return {"cache": str(out), "extract": s.to_dict()}
@@ -120,7 +121,7 @@ def finetune_variant(variant: str):
         o = ctx.opts
         weights, layers = VARIANTS[variant]
         folder = ctx.folder(f"finetune/{variant}") / "run"
-        s = finetune(o.source, folder, model=o.model, weights=weights or o.weights,
+        s = finetune(ctx.source, folder, model=o.model, weights=weights or o.weights,
                      train_layers=layers, epochs=o.epochs, batch_size=o.batch_size,
                      image_size=o.image_size, device=ctx.device, workers=ctx.workers, seed=o.seed,
                      val_fraction=o.val_fraction, test_fraction=o.test_fraction, resume=True,
@@ -187,7 +188,7 @@ def inside(ctx: Context) -> dict[str, Any]:
 
     o, folder = ctx.opts, ctx.folder("inside")
     bests = [ctx.results[f"finetune/{v}"]["best"] for v in o.variants]
-    sp = sparsity(o.source, model=o.model, weights=o.weights, compare=bests, image_size=o.image_size,
+    sp = sparsity(ctx.source, model=o.model, weights=o.weights, compare=bests, image_size=o.image_size,
                   device=ctx.device, workers=ctx.workers, seed=o.seed, val_fraction=o.val_fraction,
                   test_fraction=o.test_fraction, out=folder / "sparsity", overwrite=True,
                   progress=False)
@@ -207,7 +208,7 @@ def inside(ctx: Context) -> dict[str, Any]:
 def report(ctx: Context) -> dict[str, Any]:
     from featurekit.report import write_report
 
-    return write_report(ctx.out, ctx.opts.stamp(), ctx.results, ctx.device)
+    return write_report(ctx.out, {**ctx.opts.stamp(), "source": ctx.source}, ctx.results, ctx.device)
 
 
 # --------------------------------------------------------------------------- cost estimates

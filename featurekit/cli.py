@@ -712,6 +712,7 @@ def study(
     shots: str = typer.Option("1,2,5,10,20", help="Few-shot curve: images per class."),
     draws: int = typer.Option(20, parser=opt.DRAWS, help="Few-shot curve: draws per shot count."),
     batch_size: int = typer.Option(64, parser=opt.BATCH_SIZE, help="Fine-tuning batch size."),
+    max_train_images: Optional[int] = typer.Option(None, parser=opt.MAX_IMAGES, help="A seeded, stratified subset of this many training images for every stage (folder or CSV sources) [default: all]."),
     seed: int = typer.Option(0, parser=opt.SEED, help="One seed for splits, draws and training."),
     val_fraction: float = typer.Option(0.15, parser=opt.FRACTION, help="Share of images held out for val."),
     test_fraction: float = typer.Option(0.15, parser=opt.FRACTION, help="Share of images held out for test."),
@@ -735,7 +736,8 @@ def study(
 
     result = run_study(source, out, model=model, weights=weights, variants=variants, epochs=epochs,
                        image_size=image_size, heads=heads, probe_heads=probe_heads, shots=shots, draws=draws,
-                       batch_size=batch_size, seed=seed, val_fraction=val_fraction,
+                       batch_size=batch_size, max_train_images=max_train_images, seed=seed,
+                       val_fraction=val_fraction,
                        test_fraction=test_fraction, device=device, workers=workers, resume=resume,
                        overwrite=overwrite, plan=plan, progress=_live(progress), log=_err)
     if json_out:

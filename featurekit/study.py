@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from featurekit import _study_stages as steps
-from featurekit._outputs import write_json
+from featurekit._outputs import write_json, write_text
 from featurekit._study_stages import PROBE_HEADS, VARIANTS, Context
 from featurekit.errors import FeaturekitError, OutputError
 
@@ -51,6 +51,7 @@ class StudyOptions:
     test_fraction: float
     shots: str
     draws: int
+    max_train_images: int | None = None
 
     def stamp(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -64,7 +65,8 @@ class Stage:
 
 
 def check_options(source, *, model, weights, variants, epochs, image_size, heads, probe_heads,
-                  seed, batch_size, val_fraction, test_fraction, shots, draws) -> StudyOptions:
+                  seed, batch_size, val_fraction, test_fraction, shots, draws,
+                  max_train_images=None) -> StudyOptions:
     """Every option a study can check before any stage runs: one line each."""
     from featurekit import models
     from featurekit import options as opt
@@ -84,15 +86,19 @@ def check_options(source, *, model, weights, variants, epochs, image_size, heads
     for name, rng, value in (("--epochs", opt.EPOCHS, epochs), ("--image-size", opt.IMAGE_SIZE, image_size),
                              ("--seed", opt.SEED, seed), ("--batch-size", opt.BATCH_SIZE, batch_size),
                              ("--val-fraction", opt.FRACTION, val_fraction),
-                             ("--test-fraction", opt.FRACTION, test_fraction), ("--draws", opt.DRAWS, draws)):
+                             ("--test-fraction", opt.FRACTION, test_fraction), ("--draws", opt.DRAWS, draws),
+                             ("--max-train-images", opt.MAX_IMAGES, max_train_images)):
         rng.check(name, value)
+    if max_train_images is not None and str(source) == "digits":
+        raise FeaturekitError("--max-train-images needs a folder or CSV source (digits has no files to list)")
     parse_shots(shots)
     if model is not None:
         models.check_model(model)
     spec = models.resolve_weights(weights)  # a weights file that cannot load: refused now
     model = model or spec.model_name or models.DEFAULT_MODEL  # scratch trains the same model
     return StudyOptions(str(source), model, weights, tuple(dict.fromkeys(names)), epochs, image_size,
-                        tuple(head_list), tuple(probes), seed, batch_size, val_fraction, test_fraction, shots, draws)
+                        tuple(head_list), tuple(probes), seed, batch_size, val_fraction, test_fraction, shots, draws,
+                        max_train_images)
 
 
 def stages(opts: StudyOptions) -> list[Stage]:
@@ -149,6 +155,42 @@ def run_stage(stage: Stage, ctx: Context) -> tuple[dict[str, Any], bool]:
     return result, True
 
 
+def study_source(opts: StudyOptions, out: Path | None) -> str:
+    """What every stage reads: the source itself, or with ``max_train_images`` a CSV in the
+    study folder (``source.csv``) listing a seeded, stratified subset of its training images
+    and all of its val and test images, with their splits (so every stage sees the same
+    subset). ``out`` None: nothing is written (the plan), the source is returned."""
+    import csv
+
+    from featurekit import data
+
+    if opts.max_train_images is None or out is None:
+        return opts.source
+    src = data.open_source(opts.source, seed=opts.seed, val_fraction=opts.val_fraction,
+                           test_fraction=opts.test_fraction)
+    train = src.splits["train"]
+    if opts.max_train_images < len(train):
+        from sklearn.model_selection import train_test_split
+
+        labels = [it.label for it in train]
+        strat = labels if min(labels.count(c) for c in set(labels)) >= 2 else None
+        train, _ = train_test_split(train, train_size=opts.max_train_images,
+                                    random_state=opts.seed, stratify=strat)
+        train = sorted(train, key=lambda it: it.path)
+    import io
+
+    rows = [(split, it) for split, items in (("train", train), *((k, v) for k, v in src.splits.items()
+                                                                  if k != "train")) for it in items]
+    text = io.StringIO()
+    w = csv.writer(text, lineterminator="\n")
+    w.writerow(["path", "label", "split"])
+    w.writerows((str(src.root / it.path), src.classes[it.label], split) for split, it in rows)
+    path = out / "source.csv"
+    if not path.exists() or path.read_text(encoding="utf-8") != text.getvalue():  # resume: as it was
+        write_text(path, text.getvalue())
+    return str(path)
+
+
 def plan_of(opts: StudyOptions, device: str) -> list[dict[str, Any]]:
     """The stages with an estimate of their cost from the image count and device."""
     from featurekit import data
@@ -156,6 +198,8 @@ def plan_of(opts: StudyOptions, device: str) -> list[dict[str, Any]]:
     src = data.open_source(opts.source, seed=opts.seed, val_fraction=opts.val_fraction,
                            test_fraction=opts.test_fraction)
     n = sum(len(items) for items in src.splits.values())
+    if opts.max_train_images is not None:
+        n -= max(0, len(src.splits.get("train", [])) - opts.max_train_images)
     return [{"stage": st.name, "estimate_seconds": st.cost(opts, n, device)} for st in stages(opts)]
 
 
@@ -164,7 +208,8 @@ def run_study(source, out, *, model: str | None = None, weights: str = "imagenet
               image_size: int | None = None, heads: str = DEFAULT_HEADS,
               probe_heads: str = PROBE_HEADS, seed: int = 0,
               batch_size: int = 64, val_fraction: float = 0.15, test_fraction: float = 0.15,
-              shots: str = "1,2,5,10,20", draws: int = 20, device: str = "auto",
+              shots: str = "1,2,5,10,20", draws: int = 20, max_train_images: int | None = None,
+              device: str = "auto",
               workers: int | None = None, resume: bool = False, overwrite: bool = False,
               plan: bool = False, progress: bool = True, log=None) -> dict[str, Any]:
     """Run (or with ``plan`` only list) every stage; the report's summary, or the plan."""
@@ -174,13 +219,13 @@ def run_study(source, out, *, model: str | None = None, weights: str = "imagenet
                          image_size=image_size, heads=heads, probe_heads=probe_heads, seed=seed,
                          batch_size=batch_size,
                          val_fraction=val_fraction, test_fraction=test_fraction, shots=shots,
-                         draws=draws)
+                         draws=draws, max_train_images=max_train_images)
     dev = resolve_device(device)
     if plan:
         return {"plan": plan_of(opts, dev), "device": dev, "options": opts.stamp()}
     out = Path(out)
     prepare(out, opts, resume, overwrite)
-    ctx = Context(opts, out, dev, workers, progress, {})
+    ctx = Context(opts, out, dev, workers, progress, {}, study_source(opts, out))
     clock = _Clock([row["estimate_seconds"] for row in plan_of(opts, dev)], log)
     for i, stage in enumerate(stages(opts)):
         clock.start(i, stage.name)

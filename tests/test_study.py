@@ -165,3 +165,30 @@ def test_plan_and_refusals(colours, tmp_path, runner):
     (tmp_path / "s2" / "mine.txt").write_text("keep")
     r = invoke(runner, "study", colours, "--out", tmp_path / "s2", *SMALL)
     assert r.exit_code == 2 and "not empty" in r.stderr and (tmp_path / "s2" / "mine.txt").exists()
+
+
+def test_max_train_images_is_one_stratified_subset_for_every_stage(colours, tmp_path, runner):
+    import csv
+
+    from featurekit import data
+    from featurekit.study import check_options, study_source
+
+    kw = dict(model="resnet18", weights="none", variants="probe", epochs=1, image_size=32,
+              heads="knn", probe_heads="knn", seed=3, batch_size=8, val_fraction=0.15,
+              test_fraction=0.15, shots="1", draws=2)
+    opts = check_options(colours, max_train_images=30, **kw)
+    (tmp_path / "s").mkdir()
+    path = study_source(opts, tmp_path / "s")
+    rows = list(csv.DictReader(open(path)))
+    full = data.open_source(colours, seed=3)
+    train = [r for r in rows if r["split"] == "train"]
+    assert len(train) == 30 and sorted({r["label"] for r in train}) == ["c0", "c1", "c2"]
+    assert {r["label"]: sum(x["label"] == r["label"] for x in train) for r in train} == {"c0": 10, "c1": 10, "c2": 10}
+    for split in ("val", "test"):
+        assert sum(r["split"] == split for r in rows) == len(full.splits[split])
+    sub = data.open_source(path)
+    assert len(sub.splits["train"]) == 30 and study_source(opts, tmp_path / "s") == path
+    assert check_options(colours, **kw).max_train_images is None
+    r = invoke(runner, "study", "digits", "--out", tmp_path / "d", "--weights", "none",
+               "--max-train-images", "40")
+    assert r.exit_code == 2 and "folder or CSV source" in r.stderr

@@ -47,7 +47,7 @@ def mcnemar_p(a: list[int], b: list[int]) -> float:
     return float(binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue)
 
 
-def approaches(options: dict[str, Any], results: dict[str, Any]) -> list[dict[str, Any]]:
+def approaches(options: dict[str, Any], results: dict[str, Any], device: str = "cpu") -> list[dict[str, Any]]:
     """The table's rows in the study's order: scratch, probe, the heads, partial, full."""
     net = {v: results[f"after/{v}"]["network"] for v in options["variants"]}
     rows = [net[v] for v in ("scratch", "probe") if v in net]
@@ -55,6 +55,7 @@ def approaches(options: dict[str, Any], results: dict[str, Any]) -> list[dict[st
     rows += [net[v] for v in ("partial", "full") if v in net]
     for r in rows:
         r.setdefault("seconds", r.get("total_seconds", r.get("seconds_training")))
+        r["device"] = device
     best = max(rows, key=lambda r: r["accuracy"])
     for r in rows:
         r["best"] = r is best
@@ -242,7 +243,7 @@ def _cell(r: dict[str, Any], key: str) -> str:
 
 COLUMNS = [("approach", "approach"), ("accuracy", "test accuracy [95% CI]"),
            ("balanced_accuracy", "balanced acc."), ("noise", "vs the best (McNemar)"),
-           ("trainable", "trainable parameters"), ("seconds", "seconds")]
+           ("trainable", "trainable parameters"), ("seconds", "seconds"), ("device", "device")]
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -314,7 +315,7 @@ def write_report(out: Path, options: dict[str, Any], results: dict[str, Any], de
     """summary.json, report.md, report.html and figures/ in the study folder ``out``; the summary."""
     from featurekit.cache import open_cache
 
-    rows = approaches(options, results)
+    rows = approaches(options, results, device)
     with open_cache(results["features"]["cache"]) as c:
         split = rows[0]["eval_split"]
         y = c.labels(split)

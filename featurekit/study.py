@@ -191,12 +191,28 @@ def study_source(opts: StudyOptions, out: Path | None) -> str:
     return str(path)
 
 
+def check_source(src) -> None:
+    """Before any stage: two classes or more, and training and reported images of each."""
+    if len(src.classes) < 2:
+        raise FeaturekitError(f"{src.spec} holds {len(src.classes)} class(es); a study compares "
+                              "classifiers of two or more")
+    reported = "test" if src.splits.get("test") else "val"
+    for split in ("train", reported):
+        present = {it.label for it in src.splits.get(split, [])}
+        missing = [src.classes[c] for c in range(len(src.classes)) if c not in present]
+        if missing:
+            raise FeaturekitError(f"{src.spec}: the {split} split has no image of class(es) "
+                                  f"{', '.join(missing[:5])}; add images or change --val-fraction/"
+                                  "--test-fraction")
+
+
 def plan_of(opts: StudyOptions, device: str) -> list[dict[str, Any]]:
     """The stages with an estimate of their cost from the image count and device."""
     from featurekit import data
 
     src = data.open_source(opts.source, seed=opts.seed, val_fraction=opts.val_fraction,
                            test_fraction=opts.test_fraction)
+    check_source(src)
     n = sum(len(items) for items in src.splits.values())
     if opts.max_train_images is not None:
         n -= max(0, len(src.splits.get("train", [])) - opts.max_train_images)
@@ -223,10 +239,11 @@ def run_study(source, out, *, model: str | None = None, weights: str = "imagenet
     dev = resolve_device(device)
     if plan:
         return {"plan": plan_of(opts, dev), "device": dev, "options": opts.stamp()}
+    estimates = [row["estimate_seconds"] for row in plan_of(opts, dev)]  # the source checked
     out = Path(out)
     prepare(out, opts, resume, overwrite)
     ctx = Context(opts, out, dev, workers, progress, {}, study_source(opts, out))
-    clock = _Clock([row["estimate_seconds"] for row in plan_of(opts, dev)], log)
+    clock = _Clock(estimates, log)
     for i, stage in enumerate(stages(opts)):
         clock.start(i, stage.name)
         ctx.results[stage.name], ran = run_stage(stage, ctx)

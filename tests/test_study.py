@@ -154,6 +154,13 @@ def test_plan_and_refusals(colours, tmp_path, runner):
         r = invoke(runner, "study", colours, "--out", tmp_path / "o", *SMALL, *args)
         assert r.exit_code == 2 and why in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
         assert not (tmp_path / "o").exists()
+    from tests.conftest import make_image
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        make_image(tmp_path / "one" / "only" / f"{i}.png", rng, size=(36, 36))
+    r = invoke(runner, "study", tmp_path / "one", "--out", tmp_path / "o", *SMALL)
+    assert r.exit_code == 2 and "1 class(es)" in r.stderr and not (tmp_path / "o").exists()
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "study.json").write_text(json.dumps(
         {"format": "featurekit-study", "options": {"source": "elsewhere"}}))

@@ -50,9 +50,15 @@ class Decoded:
         import torch
 
         loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers)
-        xs, ys = zip(*loader) if len(dataset) else ((), ())
-        images = torch.cat(xs).to(device) if xs else torch.zeros(0, 3, 1, 1, dtype=torch.uint8, device=device)
-        labels = torch.cat(ys).to(device) if ys else torch.zeros(0, dtype=torch.long, device=device)
+        images = torch.zeros(0, 3, 1, 1, dtype=torch.uint8, device=device)
+        labels = torch.zeros(len(dataset), dtype=torch.long, device=device)
+        start = 0
+        for x, y in loader:  # filled in place: the set is held once, never twice
+            if start == 0:
+                images = torch.empty(len(dataset), *x.shape[1:], dtype=torch.uint8, device=device)
+            images[start:start + len(x)] = x.to(device)
+            labels[start:start + len(x)] = y.to(device)
+            start += len(x)
         return cls(images, labels, mean, std, pad)
 
     def batches(self, indices: list[int], batch_size: int, train: bool,

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from featurekit.errors import CacheError
 
 # variant -> (weights: None = the study's, train_layers): the finetune issue's four set-ups
 VARIANTS = {"scratch": ("none", "all"), "probe": (None, "fc"), "partial": (None, "layer4,fc"),
@@ -70,21 +69,23 @@ def _head_row(cache: str, head: str) -> dict[str, Any]:
     pred = result.head.predict(X)
     r.pop("confusion_matrix", None)
     return {**r, "status": "ok", "approach": f"frozen features + {head}", "cache": "pretrained",
-            "trainable": _head_parameters(result.head), "correct": (pred == y).astype(int).tolist(),
+            "trainable": _head_parameters(result.head, head), "correct": (pred == y).astype(int).tolist(),
             "predicted_share": float(np.bincount(pred).max() / len(pred)),
             "train_accuracy": float(np.mean(result.head.predict(X_train) == y_train)),
             "train_classes": int(len(np.unique(y_train)))}
 
 
-def _head_parameters(est) -> int | None:
+def _head_parameters(est, head: str) -> int | None:
     """Learned numbers of a fitted head (weights and intercepts, or support-vector
     coefficients); a k-NN head has none (it keeps its training rows)."""
+    if head == "knn":
+        return 0
     inner = getattr(est, "pipeline_", None)
     inner = inner[-1] if inner is not None else est
     inner = inner[-1] if hasattr(inner, "steps") else inner
     names = ("coef_", "intercept_", "dual_coef_")
     sizes = [np.size(getattr(inner, n)) for n in names if hasattr(inner, n)]
-    return int(sum(sizes)) if sizes else (0 if est.__class__.__name__.endswith("KNNHead") else None)
+    return int(sum(sizes)) if sizes else None
 
 
 def heads(ctx: Context) -> dict[str, Any]:
@@ -183,7 +184,7 @@ def after_variant(variant: str):
 def inside(ctx: Context) -> dict[str, Any]:
     """Dead activations per layer (the study's weights and every fine-tuned checkpoint) and
     linear CKA per layer (pretrained features against each fine-tuned checkpoint's)."""
-    from featurekit.similarity import similarity
+    from featurekit.similarity import TooFewShared, similarity
     from featurekit.sparsity import sparsity
 
     o, folder = ctx.opts, ctx.folder("inside")
@@ -197,7 +198,7 @@ def inside(ctx: Context) -> dict[str, Any]:
         try:
             cka[v] = similarity(base, ctx.results[f"after/{v}"]["cache"], out=folder / f"cka-{v}",
                                 overwrite=True, device=ctx.device)["same_layer"]
-        except CacheError as exc:  # too few shared images for CKA: the report says so
+        except TooFewShared as exc:  # too few shared images for CKA: the report says so
             why = str(exc)
             break
     names = {w: v for w, v in zip(bests, o.variants)}

@@ -29,6 +29,10 @@ from featurekit._outputs import check_output_folder, save_figure, write_csv, wri
 from featurekit.errors import CacheError, FeaturekitError
 
 MIN_SHARED = 100
+
+
+class TooFewShared(CacheError):
+    """Two caches hold fewer than ``MIN_SHARED`` images in common (a study skips CKA then)."""
 OUTPUT_FILES = ("similarity.csv", "similarity.json", "similarity.png")
 
 
@@ -135,7 +139,7 @@ def _shared_rows(a, b, split: str | None) -> dict[str, tuple[np.ndarray, np.ndar
             out[s] = (np.asarray(ia), np.asarray(ib))
             total += len(ia)
     if total < MIN_SHARED:
-        raise CacheError(f"{a.path} and {b.path} share {total} image(s) (matched by split and "
+        raise TooFewShared(f"{a.path} and {b.path} share {total} image(s) (matched by split and "
                          f"path); CKA needs at least {MIN_SHARED}: compare caches of one source")
     return out
 

@@ -102,12 +102,13 @@ def check_options(source, *, model, weights, variants, epochs, image_size, heads
 
 
 def stages(opts: StudyOptions) -> list[Stage]:
-    s = steps
-    out = [Stage("features", s.features, s.extract_cost), Stage("heads", s.heads, s.heads_cost)]
+    out = [Stage("features", steps.features, steps.extract_cost),
+           Stage("heads", steps.heads, steps.heads_cost)]
     for v in opts.variants:
-        out.append(Stage(f"finetune/{v}", s.finetune_variant(v), s.finetune_cost(v)))
-        out.append(Stage(f"after/{v}", s.after_variant(v), s.after_cost))
-    return out + [Stage("inside", s.inside, s.inside_cost), Stage("report", s.report, s.report_cost)]
+        out.append(Stage(f"finetune/{v}", steps.finetune_variant(v), steps.finetune_cost(v)))
+        out.append(Stage(f"after/{v}", steps.after_variant(v), steps.after_cost))
+    return out + [Stage("inside", steps.inside, steps.inside_cost),
+                  Stage("report", steps.report, steps.report_cost)]
 
 
 def prepare(out: Path, opts: StudyOptions, resume: bool, overwrite: bool) -> None:
@@ -155,19 +156,27 @@ def run_stage(stage: Stage, ctx: Context) -> tuple[dict[str, Any], bool]:
     return result, True
 
 
-def study_source(opts: StudyOptions, out: Path | None) -> str:
+def listed(opts: StudyOptions):
+    """The study's source, listed once (and checked: :func:`check_source`)."""
+    from featurekit import data
+
+    src = data.open_source(opts.source, seed=opts.seed, val_fraction=opts.val_fraction,
+                           test_fraction=opts.test_fraction)
+    check_source(src)
+    return src
+
+
+def study_source(opts: StudyOptions, out: Path | None, src=None) -> str:
     """What every stage reads: the source itself, or with ``max_train_images`` a CSV in the
     study folder (``source.csv``) listing a seeded, stratified subset of its training images
     and all of its val and test images, with their splits (so every stage sees the same
-    subset). ``out`` None: nothing is written (the plan), the source is returned."""
+    subset). ``out`` None: nothing is written (the plan), the source is returned. ``src``:
+    the source as :func:`listed` gave it (default: listed here)."""
     import csv
-
-    from featurekit import data
 
     if opts.max_train_images is None or out is None:
         return opts.source
-    src = data.open_source(opts.source, seed=opts.seed, val_fraction=opts.val_fraction,
-                           test_fraction=opts.test_fraction)
+    src = src or listed(opts)
     train = src.splits["train"]
     if opts.max_train_images < len(train):
         from sklearn.model_selection import train_test_split
@@ -206,13 +215,9 @@ def check_source(src) -> None:
                                   "--test-fraction")
 
 
-def plan_of(opts: StudyOptions, device: str) -> list[dict[str, Any]]:
+def plan_of(opts: StudyOptions, device: str, src=None) -> list[dict[str, Any]]:
     """The stages with an estimate of their cost from the image count and device."""
-    from featurekit import data
-
-    src = data.open_source(opts.source, seed=opts.seed, val_fraction=opts.val_fraction,
-                           test_fraction=opts.test_fraction)
-    check_source(src)
+    src = src or listed(opts)
     n = sum(len(items) for items in src.splits.values())
     if opts.max_train_images is not None:
         n -= max(0, len(src.splits.get("train", [])) - opts.max_train_images)
@@ -237,12 +242,13 @@ def run_study(source, out, *, model: str | None = None, weights: str = "imagenet
                          val_fraction=val_fraction, test_fraction=test_fraction, shots=shots,
                          draws=draws, max_train_images=max_train_images)
     dev = resolve_device(device)
+    src = listed(opts)  # checked before anything is written
     if plan:
-        return {"plan": plan_of(opts, dev), "device": dev, "options": opts.stamp()}
-    estimates = [row["estimate_seconds"] for row in plan_of(opts, dev)]  # the source checked
+        return {"plan": plan_of(opts, dev, src), "device": dev, "options": opts.stamp()}
+    estimates = [row["estimate_seconds"] for row in plan_of(opts, dev, src)]
     out = Path(out)
     prepare(out, opts, resume, overwrite)
-    ctx = Context(opts, out, dev, workers, progress, {}, study_source(opts, out))
+    ctx = Context(opts, out, dev, workers, progress, {}, study_source(opts, out, src))
     clock = _Clock(estimates, log)
     for i, stage in enumerate(stages(opts)):
         clock.start(i, stage.name)

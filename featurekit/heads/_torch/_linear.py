@@ -130,8 +130,7 @@ class TorchLinearHead(TorchHead):
         members = [(j, c) for j in range(len(draws)) for c in range(len(Cs))]
         k = 1 if classes[0].size == 2 else classes[0].size
         budget = budget_bytes(self.memory_budget, device, self.DRAWS_CPU_BUDGET_MIB)
-        m, d = Xs.shape[1:]  # a member: its rows gathered, members_per_batch's temporaries
-        per = max(1, budget // (Xs.element_size() * (m * d + 8 * m * k + 28 * (d + 1) * k)))
+        per = members_per_batch(*Xs.shape[1:], k, Xs.element_size(), budget, own_rows=True)
         out: list[list[Any]] = [[None] * len(Cs) for _ in draws]
         for start in range(0, len(members), per):
             batch = members[start:start + per]
@@ -174,20 +173,21 @@ class TorchLinearHead(TorchHead):
         from featurekit.heads._torch._common import tensor
 
         device, dtype = self._torch_setup()
-        solved = self.solve_draws(X, y, draws, [self.C])
+        states = [per_c[0][0] for per_c in self.solve_draws(X, y, draws, [self.C])]
         return [state["classes_"][self._predict_index(state, tensor(q, device, dtype))]
-                for (state, _, _), q in ((s[0], q) for s, q in zip(solved, queries))]
+                for state, q in zip(states, queries)]
 
 
 def members_per_batch(n: int, d: int, k: int, itemsize: int, budget: int,
-                      history: int = 10) -> int:
+                      history: int = 10, own_rows: bool = False) -> int:
     """How many members (C values) of a linear problem on n x d rows with k columns fit in
     ``budget`` bytes at once (at least one): each holds up to eight n x k temporaries in the
     objective at its peak (logits, shifted logits, exponentials or margins, softmax, the
     gradient's factor and their intermediates; measured on the CPU, peak memory follows the
     budget within about 10%) and about 8 + 2 history vectors of its (d + 1) k parameters in
-    L-BFGS (iterate, gradient, direction, trial, the (s, y) history)."""
-    per_member = itemsize * (8 * n * k + (8 + 2 * history) * (d + 1) * k)
+    L-BFGS (iterate, gradient, direction, trial, the (s, y) history); ``own_rows``: each also
+    gathers its own n x d rows (few-shot draws, :class:`_DrawsProblem`)."""
+    per_member = itemsize * (8 * n * k + (8 + 2 * history) * (d + 1) * k + (n * d if own_rows else 0))
     return max(1, int(budget // max(1, per_member)))
 
 
@@ -202,15 +202,7 @@ class _LinearProblem:
         self.k = 1 if n_classes == 2 else n_classes  # two classes: one column, as scikit-learn
         y = torch.as_tensor(y_index, device=X.device)
         self.y_index = y[:, None, None]
-        if loss == "squared_hinge":  # +1 for the column's class, -1 for the rest
-            if self.k == 1:
-                self.Y = (y[:, None] == 1).to(X.dtype) * 2 - 1
-            else:
-                self.Y = torch.nn.functional.one_hot(y, self.k).to(X.dtype) * 2 - 1
-        elif self.k == 1:
-            self.Y = (y == 1).to(X.dtype)[:, None]
-        else:
-            self.Y = torch.nn.functional.one_hot(y, self.k).to(X.dtype)
+        self.Y = targets(y, self.k, loss, X.dtype)
         self.reg = 1.0 / (Cs * self.n)  # (S,)
 
     def start(self, S: int):
@@ -240,6 +232,14 @@ class _LinearProblem:
             penalty = penalty + (b * b).double().sum(1)
         f = f + 0.5 * reg.double() * penalty
         return f, torch.cat([gW.reshape(A, d * k), gb], dim=1)
+
+
+def targets(y, k: int, loss: str, dtype):
+    """The targets of class positions ``y`` (any shape) as (..., k) columns: one-hot (one
+    column, the second class, for two classes), as +1 / -1 for the squared hinge (+1 for the
+    column's class)."""
+    Y = ((y[..., None] == 1) if k == 1 else torch.nn.functional.one_hot(y, k)).to(dtype)
+    return Y * 2 - 1 if loss == "squared_hinge" else Y
 
 
 def loss_terms(loss: str, Z, Y, y_index):
@@ -274,12 +274,7 @@ class _DrawsProblem(_LinearProblem):
         self.k = 1 if n_classes == 2 else n_classes
         y = torch.as_tensor(y_index, device=X.device)  # (D, m)
         self.y_index = y[..., None]
-        if loss == "squared_hinge":
-            self.Y = (((y[..., None] == 1) if self.k == 1 else
-                       torch.nn.functional.one_hot(y, self.k)).to(X.dtype) * 2 - 1)
-        else:
-            self.Y = ((y[..., None] == 1) if self.k == 1 else
-                      torch.nn.functional.one_hot(y, self.k)).to(X.dtype)
+        self.Y = targets(y, self.k, loss, X.dtype)
         self.draw_of = torch.as_tensor(draw_of, device=X.device)
         self.reg = 1.0 / (Cs * self.n)
 

@@ -354,13 +354,27 @@ def test_folder_outputs_are_never_replaced_unasked(tmp_path, image_folder, runne
     ("extract", "--decode", "xyz", "unknown --decode"),
     ("extract", "--decode", "", "unknown --decode"),
     ("extract", "--decode", "hw", "needs a CUDA --device"),
+    ("bench", "--layers", "", "no layer given"),
+    ("bench", "--heads", "forest", "unknown head"),
+    ("fit", "--head", "forest", "unknown head"),
+    ("fewshot", "--shots", "a", "--shots"),
+    ("fewshot", "--shots", "0,2", "--shots"),
+    ("fewshot", "--heads", "forest", "unknown head"),
+    ("fewshot", "--heads", " ", "no head given"),
+    ("study", "--variants", "bogus", "unknown variant"),
+    ("study", "--heads", "forest", "unknown head"),
+    ("study", "--probe-heads", ",", "at least one head"),
+    ("study", "--shots", "x", "--shots"),
 ], ids=lambda c: f"{c[0]}{c[1]}={c[2]!r}")
 def test_bad_values_of_the_new_string_options(case, digits_cache, tmp_path, runner):
-    """--dask-scheduler (fit, bench) and --decode: one line, exit 2, nothing written."""
+    """--dask-scheduler (fit, bench), --decode, and the heads, layers, shots and variants of
+    bench, fit, fewshot and study: one line, exit 2, nothing written."""
     command, flag, value, needle = case
     args = {"fit": [digits_cache, "--head", "logistic", "--out", tmp_path / "h.skops"],
             "bench": [digits_cache, "--heads", "logistic", "--out", tmp_path / "b"],
-            "extract": ["digits", "--out", tmp_path / "x.h5", *TINY]}[command]
+            "extract": ["digits", "--out", tmp_path / "x.h5", *TINY],
+            "fewshot": [digits_cache, "--out", tmp_path / "f"],
+            "study": ["digits", "--out", tmp_path / "s", "--weights", "none", *TINY[:2]]}[command]
     r = invoke(runner, command, *args, flag, value)
     assert_user_error(r, needle)
     assert not list(tmp_path.iterdir())

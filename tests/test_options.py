@@ -141,3 +141,39 @@ def test_parser_errors_are_one_line(runner, tmp_path):
 def test_help_states_ranges(runner):
     r = runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "200"})
     assert r.exit_code == 0 and "[0, 1)" in r.stdout
+
+
+def _file_arguments():
+    """(command, argument index, metavar) for every argument of every command that names a
+    file or folder the command reads (all of them: caches, head files, sources)."""
+    for name, callback in _commands():
+        index = 0
+        for param in inspect.signature(callback).parameters.values():
+            if isinstance(param.default, typer.models.ArgumentInfo):
+                yield name, index, param.default.metavar or param.name.upper()
+                index += 1
+
+
+FILE_ARGS = list(_file_arguments())
+BAD_FILES = ("missing", "junk", "empty-folder")
+
+
+@pytest.mark.parametrize("command,index,metavar,bad",
+                         [(*a, b) for a in FILE_ARGS for b in BAD_FILES],
+                         ids=[f"{c}-{m}-{b}" for c, _, m in FILE_ARGS for b in BAD_FILES])
+def test_a_bad_file_argument_is_one_line_and_exit_2(command, index, metavar, bad, tmp_path, runner):
+    """Every file argument of every command (generated from the CLI): a missing path, a file
+    of junk bytes, an empty folder: one line, exit 2, nothing written."""
+    given = {"missing": tmp_path / "nope.h5", "junk": tmp_path / "junk.bin",
+             "empty-folder": tmp_path / "empty"}
+    given["junk"].write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 4)
+    given["empty-folder"].mkdir()
+    before = {p for p in tmp_path.rglob("*")}
+    args = [a.format(tmp=tmp_path) for a in BASE_ARGS[command]]
+    args[index] = str(given[bad])
+    r = runner.invoke(app, [command, *args])
+    assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    assert {p for p in tmp_path.rglob("*")} == before

@@ -20,6 +20,10 @@ Settings:
   (scikit-learn, 5-fold, cold, no extension: ``bench --backends sklearn --cv 5
   --no-extend-grid``, cut at ``--budget-total`` seconds) for the speed-up; and, per head, the
   point a warm-started C path chooses against the cold one.
+* ``warm`` (this 2-core machine): per linear head, the point the warm-started C path (checked
+  by cold solves) chooses against the cold grid's, and both times, on the digits caches
+  (resnet18 untrained, 32, 48 and 64 px, val split) and on ``cpu-10k`` (hold-out; also with
+  make_classification's seed 1).
 * ``gpu-svm``: the same at 20,000 train / 4,000 test (the exact SVM's second setting);
   ``gpu-100k``: one torch SVM fit on 100,000 x 2,048 (100 classes), kernel blocks held to
   16 GiB: time and peak device memory (the memory-budget check).
@@ -64,6 +68,7 @@ SETTINGS = {
     "gpu-svm": {"synthetic": (20000, 0, 4000, 2048, 100)},
     "gpu-100k": {"synthetic": (100000, 0, 2000, 2048, 100)},  # one SVM fit: memory budget
     "cpu-10k": {},  # the whole default bench (run_cpu10k)
+    "warm": {},  # warm-started against cold C paths (run_warm)
 }
 CPU10K = dict(n_train=10000, n_test=2000, dim=512, classes=10)
 SVM_100K_CACHE_MIB = 16384
@@ -338,8 +343,8 @@ def main() -> None:
             out["device"] = resolve_device(args.device)
         print(json.dumps(out))
         return
-    if args.setting == "cpu-10k":
-        run_cpu10k(args)
+    if args.setting in ("cpu-10k", "warm"):
+        (run_cpu10k if args.setting == "cpu-10k" else run_warm)(args)
         return
 
     plan = rows_for(args.setting, args.heads.split(","), args.backends.split(","))
@@ -399,9 +404,10 @@ def table(result: dict) -> str:
 # ------------------------------------------------------------------ cpu-10k: the whole bench
 
 
-def cpu10k_cache() -> Path:
-    """The setting as a featurekit cache (train and test only), made once under _work/."""
-    path = WORK / "cpu10k.h5"
+def cpu10k_cache(seed: int = 0) -> Path:
+    """The setting as a featurekit cache (train and test only), made once under _work/;
+    ``seed``: make_classification's (0: the recorded setting)."""
+    path = WORK / ("cpu10k.h5" if seed == 0 else f"cpu10k-seed{seed}.h5")
     if path.exists():
         return path
     from sklearn.datasets import make_classification
@@ -411,7 +417,7 @@ def cpu10k_cache() -> Path:
     n, m = CPU10K["n_train"], CPU10K["n_test"]
     X, y = make_classification(n_samples=n + m, n_features=CPU10K["dim"], n_informative=64,
                                n_redundant=0, n_classes=CPU10K["classes"], n_clusters_per_class=2,
-                               class_sep=2.5, flip_y=0.05, random_state=0)
+                               class_sep=2.5, flip_y=0.05, random_state=seed)
     WORK.mkdir(parents=True, exist_ok=True)
     return from_arrays(path, X.astype(np.float32), y, {"train": n, "test": m},
                        source="make_classification")
@@ -432,25 +438,63 @@ def _featurekit(args: list[str], timeout: float) -> tuple[float | None, dict | N
 
 
 def _warm_against_cold(cache: Path) -> list[dict]:
-    """Per linear head: the point a warm-started C path chooses on the hold-out, and the cold
-    path's, with their seconds."""
+    """Per linear head: the point the warm-started C path (checked by cold solves,
+    ``warm_path=True``) chooses against the cold grid's, on the cache's val split or else the
+    protocol's hold-out, with their seconds (after a warm-up fit, so neither pays torch's
+    start)."""
     from featurekit import heads, select
     from featurekit.cache import open_cache
 
     with open_cache(cache) as c:
         X, y = c.features("train", "penultimate"), c.labels("train")
+        val = (c.features("val", "penultimate"), c.labels("val")) if "val" in c.splits else (None, None)
+    select.select("logistic", "torch", heads.grid("logistic", X.shape[1])[:3], X[:500], y[:500],
+                  extend=False)
     out = []
     for head in ("logistic", "linearsvc", "nystroem"):
         row = {"head": head}
         for warm in (False, True):
             t0 = time.perf_counter()
-            sel = select.select(head, "torch", heads.grid(head, X.shape[1]), X, y, extend=False,
-                                head_params={"warm_path": warm})
+            sel = select.select(head, "torch", heads.grid(head, X.shape[1]), X, y, *val,
+                                extend=False, head_params={"warm_path": warm})
             row["warm" if warm else "cold"] = {"params": sel.params, "seconds": time.perf_counter() - t0,
-                                               "score": max(sel.scores)}
+                                               "score": max(sel.scores), "method": sel.method}
         row["same_point"] = row["warm"]["params"] == row["cold"]["params"]
         out.append(row)
     return out
+
+
+def run_warm(args) -> None:
+    """The ``warm`` setting: :func:`_warm_against_cold` on the digits caches (resnet18,
+    untrained, 32, 48 and 64 px: the tests' and the demo's sizes; val split) and on
+    ``cpu-10k`` (hold-out; seeds 0 and 1)."""
+    from benchmarks.bench_extract import machine
+    from featurekit import extract
+
+    caches = {}
+    for px in (32, 48, 64):
+        caches[f"digits-{px}px"] = WORK / f"digits-resnet18-{px}.h5"
+        if not caches[f"digits-{px}px"].exists():
+            WORK.mkdir(parents=True, exist_ok=True)
+            extract("digits", caches[f"digits-{px}px"], model="resnet18", weights="none",
+                    image_size=px, device="cpu", progress=False)
+    caches["cpu-10k"], caches["cpu-10k seed 1"] = cpu10k_cache(), cpu10k_cache(seed=1)
+    result = {"benchmark": "bench_heads", "setting": "warm", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "machine": machine(), "rows": {}}
+    for name, cache in caches.items():
+        result["rows"][name] = _warm_against_cold(cache)
+        print(name, file=sys.stderr, flush=True)
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / "heads-warm.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["| data | head | warm-started path (checked) chose | cold chose | same | warm s | cold s |",
+             "|---|---|---|---|---|---:|---:|"]
+    for name, rows in result["rows"].items():
+        lines += [f"| {name} | {w['head']} | {w['warm']['params']} | {w['cold']['params']} "
+                  f"| {w['same_point']} | {w['warm']['seconds']:.1f} | {w['cold']['seconds']:.1f} |"
+                  for w in rows]
+    print("\n".join(lines))
+    print(f"recorded in {path}")
 
 
 def run_cpu10k(args) -> None:

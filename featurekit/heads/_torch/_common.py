@@ -136,6 +136,12 @@ class TorchHead(Head):
         """Scores (len(grid), len(folds)) of every grid point on every fold's held-out rows,
         and the grid indices that did not converge on some fold. ``folds`` is [(train rows,
         held-out rows)]; ``metric(y_true, y_pred)``; ``on_stop(k)``: k more fits finished."""
+        scores, failed, _ = self._score_folds(X, y, grid, folds, metric, on_stop)
+        return scores, failed
+
+    def _score_folds(self, X, y, grid, folds, metric, on_stop):
+        """:meth:`fit_grid`'s work: (scores, failed, the grid indices whose solve started from
+        a neighbour's solution on some fold -- a state marked ``warm_start_``)."""
         from sklearn.utils import check_array
 
         X = check_array(X, dtype=[np.float64, np.float32])
@@ -144,6 +150,7 @@ class TorchHead(Head):
         Xt = tensor(X, device, dtype)
         scores = np.empty((len(grid), len(folds)))
         failed: set[int] = set()
+        warmed: set[int] = set()
         for f, (train, held) in enumerate(folds):
             classes = np.unique(y[train])
             tr, ho = (torch.as_tensor(np.asarray(i), device=device) for i in (train, held))
@@ -153,9 +160,11 @@ class TorchHead(Head):
                 scores[g, f] = metric(y[held], classes[self._predict_index(state, held_rows)])
                 if not converged:
                     failed.add(g)
+                if state.get("warm_start_"):
+                    warmed.add(g)
             del solved, held_rows
             release(device)  # the next fold's budgets see this one's memory
-        return scores, sorted(failed)
+        return scores, sorted(failed), sorted(warmed)
 
     # -- prediction
     def decision_function(self, X):

@@ -182,11 +182,11 @@ class TorchLinearHead(TorchHead):
         """The warm-started path as a screen, checked by the cold one: every point whose
         warm score comes within reach of the best (``REACH`` of the score or ``REACH_ROWS``
         held-out rows, whichever is more, plus the largest gap between a warm and a cold score
-        seen so far) is solved again from zero
-        and scored as the cold grid scores it, until no unchecked point is within reach. The
-        choice is then the cold grid's wherever no unchecked point's warm score lies below its
-        cold score by more than that reach; points solved from zero on the path (the weakly
-        regularised end, see :meth:`_warm`) are cold already."""
+        seen so far) is solved again from zero and scored as the cold grid scores it, until no
+        unchecked point is within reach. The choice is then the cold grid's wherever no
+        unchecked point's warm score lies below its cold score by more than that reach; points
+        solved from zero on the path (the weakly regularised end, see :meth:`_warm`) are cold
+        already. The checks are not counted by ``on_stop`` (the bar counts the grid once)."""
         table, failed, warmed = self._score_folds(X, y, grid, folds, metric, on_stop)
         cold = self.__class__(**{**self.get_params(), "warm_path": False})
         failed, unchecked = set(failed), set(warmed)

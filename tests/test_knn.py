@@ -125,6 +125,39 @@ def test_similarities_in_blocks_within_the_budget_change_nothing(sets):
     assert np.mean(big.predict(Xt) == small.predict(Xt)) >= 0.999
 
 
+def test_queries_in_chunks_keep_their_neighbour_lists_within_the_budget(sets, monkeypatch):
+    """A large k over many queries: predict and a selection search the queries in chunks whose
+    neighbour lists (k similarities and indices a row) and votes fit memory_budget, with the
+    answers of one search for all of them."""
+    from sklearn.metrics import accuracy_score
+
+    from featurekit.heads._torch import _knn
+
+    X, y, Xt, yt = sets["synthetic"]
+    budget = 0.05  # MiB: k = 200 lists of about 2.4 KB a row -> chunks of ~20 queries
+    small = featurekit.create_head("knn", "torch", k=200, device="cpu", memory_budget=budget)
+    big = featurekit.create_head("knn", "torch", k=200, device="cpu")
+    seen, real = [], _knn.top_neighbours
+
+    def search(Q, R, k, b):  # the bytes of the lists it returns
+        sims, index = real(Q, R, k, b)
+        seen.append(sims.numel() * sims.element_size() + index.numel() * index.element_size())
+        return sims, index
+
+    monkeypatch.setattr(_knn, "top_neighbours", search)
+    p_small = small.fit(X, y).predict_proba(Xt)
+    limit = int(budget * (1 << 20))
+    assert len(seen) > 1 and max(seen) <= limit
+    np.testing.assert_allclose(p_small, big.fit(X, y).predict_proba(Xt), atol=1e-5)
+    grid = [{"k": k, "T": T} for k in (5, 200) for T in (0.07, 0.2)]
+    folds = [(np.arange(len(y)), np.arange(len(y), len(y) + len(yt)))]
+    Xa, ya = np.concatenate([X, Xt]), np.concatenate([y, yt])
+    seen.clear()
+    chunked = small.fit_grid(Xa, ya, grid, folds, accuracy_score)[0]
+    assert len(seen) > 1 and max(seen) <= limit
+    assert np.abs(chunked - big.fit_grid(Xa, ya, grid, folds, accuracy_score)[0]).max() <= 1 / len(yt)
+
+
 def test_dead_rows_and_more_neighbours_than_rows():
     """A row of zeros (every activation dead) stays zero on both backends (similarity 0 to
     everything), and k larger than the training rows uses every row."""

@@ -5,7 +5,8 @@ wins (ties: the first class). ``predict_proba`` is each class's share of the vot
 
 Similarities are computed in blocks (query rows x training rows) within a memory budget and
 merged into a running top-k, so no n x n matrix is ever held: a 1,000,000 x 2,048 training set
-costs its rows plus the budget. A selection (``fit_grid``) searches once per fold for the
+costs its rows plus the budget; queries are searched in chunks whose neighbour lists and votes
+fit the budget too. A selection (``fit_grid``) searches once per fold for the
 largest k of the grid and scores every (k, T) from that one search: the top-k of a smaller k is
 the first k of the larger one's. A fitted head's state is its training rows (normalised).
 """
@@ -54,6 +55,15 @@ def top_neighbours(Q, X, k: int, budget: int):
         sims_out.append(best_s)
         index_out.append(best_i)
     return torch.cat(sims_out), torch.cat(index_out)
+
+
+def query_chunks(m: int, k: int, n_classes: int, itemsize: int, budget: int) -> list[slice]:
+    """Slices of ``m`` query rows whose neighbour lists (k similarities and int64 indices a
+    row) and float64 votes take at most ``budget`` bytes: the results of a search are bounded
+    as its similarity blocks are (k extended to thousands over many queries would not be)."""
+    per_row = k * (itemsize + 8) + 2 * n_classes * 8
+    rows = int(max(1, min(m, budget // per_row)))
+    return [slice(s, min(m, s + rows)) for s in range(0, m, rows)]
 
 
 def vote(sims, index, labels, n_classes: int, k: int, T: float):
@@ -129,12 +139,18 @@ class TorchKNNHead(TorchHead):
         return sims.double().cpu().numpy(), index.cpu().numpy()
 
     def _votes(self, state: dict[str, Any], X):
-        device = X.device
+        device, k, n_classes = X.device, state["k_"], len(state["classes_"])
         rows = tensor(state["fit_rows_"], device, X.dtype)
         labels = torch.as_tensor(state["fit_labels_"], device=device)
+        budget = self._budget(device)
+        out = []
         with self.in_memory(rows):
-            sims, index = top_neighbours(normalised(X), rows, state["k_"], self._budget(device))
-            return vote(sims, index, labels, len(state["classes_"]), state["k_"], state["T_"])
+            for part in query_chunks(X.shape[0], min(k, rows.shape[0]), n_classes,
+                                     X.element_size(), budget):
+                sims, index = top_neighbours(normalised(X[part]), rows, k, budget)
+                out.append(vote(sims, index, labels, n_classes, k, state["T_"]))
+                del sims, index
+        return torch.cat(out)
 
     def _decide(self, state: dict[str, Any], X):
         return log_shares(self._votes(state, X))
@@ -161,17 +177,30 @@ class TorchKNNHead(TorchHead):
         Xn = normalised(tensor(X, device, dtype))
         scores = np.empty((len(grid), len(folds)))
         for f, (train, held) in enumerate(folds):
-            classes = np.unique(y[train])
-            labels = torch.as_tensor(np.searchsorted(classes, y[train]), device=device)
-            tr, ho = (torch.as_tensor(np.asarray(i), device=device) for i in (train, held))
-            with self.in_memory(Xn):
-                sims, index = top_neighbours(Xn[ho], Xn[tr], max(p["k"] for p in grid),
-                                             self._budget(device))
-            for g, p in enumerate(grid):
-                votes = vote(sims, index, labels, classes.size, min(p["k"], len(train)), p["T"])
-                scores[g, f] = metric(y[held], classes[votes.argmax(1).cpu().numpy()])
+            pred = self._fold_predictions(Xn, y, train, held, grid)
+            for g in range(len(grid)):
+                scores[g, f] = metric(y[held], pred[g])
             if on_stop is not None:
                 on_stop(len(grid))
-            del sims, index
             release(device)
         return scores, []
+
+    def _fold_predictions(self, Xn, y, train, held, grid) -> np.ndarray:
+        """(len(grid), len(held)) predicted classes of the held-out rows by every grid point,
+        from one search for the grid's largest k per chunk of held-out rows (the chunk's
+        neighbour lists within the memory budget)."""
+        device = Xn.device
+        classes = np.unique(y[train])
+        labels = torch.as_tensor(np.searchsorted(classes, y[train]), device=device)
+        tr, ho = (torch.as_tensor(np.asarray(i), device=device) for i in (train, held))
+        k = int(min(max(p["k"] for p in grid), len(train)))
+        budget = self._budget(device)
+        pred = np.empty((len(grid), len(held)), dtype=classes.dtype)
+        with self.in_memory(Xn):
+            for part in query_chunks(len(held), k, classes.size, Xn.element_size(), budget):
+                sims, index = top_neighbours(Xn[ho[part]], Xn[tr], k, budget)
+                for g, p in enumerate(grid):
+                    votes = vote(sims, index, labels, classes.size, min(p["k"], len(train)), p["T"])
+                    pred[g, part] = classes[votes.argmax(1).cpu().numpy()]
+                del sims, index
+        return pred

@@ -366,9 +366,12 @@ def test_folder_outputs_are_never_replaced_unasked(tmp_path, image_folder, runne
     ("study", "--probe-heads", ",", "at least one head"),
     ("study", "--shots", "x", "--shots"),
 ], ids=lambda c: f"{c[0]}{c[1]}={c[2]!r}")
-def test_bad_values_of_the_new_string_options(case, digits_cache, tmp_path, runner):
+def test_bad_values_of_the_new_string_options(case, digits_cache, tmp_path, runner, monkeypatch):
     """--dask-scheduler (fit, bench), --decode, and the heads, layers, shots and variants of
     bench, fit, fewshot and study: one line, exit 2, nothing written."""
+    from featurekit import _parallel
+
+    monkeypatch.setattr(_parallel, "CONNECT_TIMEOUT", "2s")  # a refused port is retried until then
     command, flag, value, needle = case
     args = {"fit": [digits_cache, "--head", "logistic", "--out", tmp_path / "h.skops"],
             "bench": [digits_cache, "--heads", "logistic", "--out", tmp_path / "b"],

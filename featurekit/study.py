@@ -163,6 +163,10 @@ def listed(opts: StudyOptions):
     src = data.open_source(opts.source, seed=opts.seed, val_fraction=opts.val_fraction,
                            test_fraction=opts.test_fraction)
     check_source(src)
+    classes = len({it.label for it in src.splits["train"]})
+    if opts.max_train_images is not None and opts.max_train_images < classes:
+        raise FeaturekitError(f"--max-train-images {opts.max_train_images} is fewer than the {classes} "
+                              "classes of the training images; every class needs one")
     return src
 
 
@@ -182,7 +186,9 @@ def study_source(opts: StudyOptions, out: Path | None, src=None) -> str:
         from sklearn.model_selection import train_test_split
 
         labels = [it.label for it in train]
-        strat = labels if min(labels.count(c) for c in set(labels)) >= 2 else None
+        kinds = set(labels)  # stratified where both parts can hold every class
+        strat = labels if (min(labels.count(c) for c in kinds) >= 2
+                           and len(train) - opts.max_train_images >= len(kinds)) else None
         train, _ = train_test_split(train, train_size=opts.max_train_images,
                                     random_state=opts.seed, stratify=strat)
         train = sorted(train, key=lambda it: it.path)

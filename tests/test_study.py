@@ -199,3 +199,12 @@ def test_max_train_images_is_one_stratified_subset_for_every_stage(colours, tmp_
     r = invoke(runner, "study", "digits", "--out", tmp_path / "d", "--weights", "none",
                "--max-train-images", "40")
     assert r.exit_code == 2 and "folder or CSV source" in r.stderr
+    r = invoke(runner, "study", colours, "--out", tmp_path / "few", *SMALL, "--max-train-images", "2")
+    assert r.exit_code == 2 and "fewer than the 3 classes" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "few").exists()
+    from dataclasses import replace
+
+    n = len(full.splits["train"])  # one image left out: too few to hold every class, unstratified
+    (tmp_path / "s2").mkdir()
+    path = study_source(replace(opts, max_train_images=n - 1), tmp_path / "s2")
+    assert sum(r["split"] == "train" for r in csv.DictReader(open(path))) == n - 1

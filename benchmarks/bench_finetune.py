@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--results", type=Path, default=HERE / "results")
     args = ap.parse_args()
-    from benchmarks.bench_extract import machine
+    from benchmarks.bench_extract import machine, record
 
     rows = []
     for r in range(args.repeats):  # interleaved: the machine's drift hits both alike
@@ -113,10 +113,8 @@ def main() -> None:
                        "workers": args.workers},
            "machine": machine(), "runs": rows,
            "median_ratio": statistics.median(r["ratio"] for r in rows), "goal": 0.9 if args.device == "cpu" else 0.8}
-    args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"finetune-throughput-{args.device.split(':')[0]}-{args.image_size}.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"median ratio {out['median_ratio']:.3f} (goal >= {out['goal']}) -> {path}")
+    record(args, f"finetune-throughput-{args.device.split(':')[0]}-{args.image_size}.json", out)
+    print(f"median ratio {out['median_ratio']:.3f} (goal >= {out['goal']})")
 
 
 if __name__ == "__main__":

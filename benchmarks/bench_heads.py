@@ -96,16 +96,23 @@ def dataset(name: str, setting: str):
     return X[:a], y[:a], *val, X[b:], y[b:]
 
 
-def _digits():
-    from featurekit.cache import open_cache
+def _digits_cache(px: int = 64) -> Path:
+    """The digits cache (resnet18, untrained, ``px`` pixels: 64 is the demo's), made once
+    under _work/."""
     from featurekit import extract
 
-    cache = WORK / "digits-resnet18-64.h5"
+    cache = WORK / f"digits-resnet18-{px}.h5"
     if not cache.exists():
         WORK.mkdir(parents=True, exist_ok=True)
-        extract("digits", cache, model="resnet18", weights="none", image_size=64, device="cpu",
+        extract("digits", cache, model="resnet18", weights="none", image_size=px, device="cpu",
                 progress=False)
-    with open_cache(cache) as c:
+    return cache
+
+
+def _digits():
+    from featurekit.cache import open_cache
+
+    with open_cache(_digits_cache()) as c:
         return tuple(f(s) for s in ("train", "val", "test")
                      for f in (lambda s: c.features(s, "penultimate"), c.labels))
 
@@ -468,25 +475,16 @@ def run_warm(args) -> None:
     """The ``warm`` setting: :func:`_warm_against_cold` on the digits caches (resnet18,
     untrained, 32, 48 and 64 px: the tests' and the demo's sizes; val split) and on
     ``cpu-10k`` (hold-out; seeds 0 and 1)."""
-    from benchmarks.bench_extract import machine
-    from featurekit import extract
+    from benchmarks.bench_extract import machine, record
 
-    caches = {}
-    for px in (32, 48, 64):
-        caches[f"digits-{px}px"] = WORK / f"digits-resnet18-{px}.h5"
-        if not caches[f"digits-{px}px"].exists():
-            WORK.mkdir(parents=True, exist_ok=True)
-            extract("digits", caches[f"digits-{px}px"], model="resnet18", weights="none",
-                    image_size=px, device="cpu", progress=False)
+    caches = {f"digits-{px}px": _digits_cache(px) for px in (32, 48, 64)}
     caches["cpu-10k"], caches["cpu-10k seed 1"] = cpu10k_cache(), cpu10k_cache(seed=1)
     result = {"benchmark": "bench_heads", "setting": "warm", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "machine": machine(), "rows": {}}
     for name, cache in caches.items():
         result["rows"][name] = _warm_against_cold(cache)
         print(name, file=sys.stderr, flush=True)
-    args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / "heads-warm.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    record(args, "heads-warm.json", result)
     lines = ["| data | head | warm-started path (checked) chose | cold chose | same | warm s | cold s |",
              "|---|---|---|---|---|---:|---:|"]
     for name, rows in result["rows"].items():
@@ -494,7 +492,6 @@ def run_warm(args) -> None:
                   f"| {w['same_point']} | {w['warm']['seconds']:.1f} | {w['cold']['seconds']:.1f} |"
                   for w in rows]
     print("\n".join(lines))
-    print(f"recorded in {path}")
 
 
 def run_cpu10k(args) -> None:

@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--part", choices=["knn", "fewshot", "all"], default="all")
     ap.add_argument("--results", type=Path, default=HERE / "results")
     args = ap.parse_args()
-    from benchmarks.bench_extract import machine
+    from benchmarks.bench_extract import machine, record
 
     device = "cuda" if args.setting == "gpu" else "cpu"
     cfg = SETTINGS[args.setting]
@@ -121,10 +121,7 @@ def main() -> None:
     if args.part in ("fewshot", "all"):
         out["fewshot"] = bench_fewshot(cfg["fewshot"], HERE / "_work")
         print(json.dumps({k: v for k, v in out["fewshot"].items() if not k.endswith("curves")}, indent=1))
-    args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"probes-{args.setting}{'' if args.part == 'all' else '-' + args.part}.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    record(args, f"probes-{args.setting}{'' if args.part == 'all' else '-' + args.part}.json", out)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--epochs", default="1")
     ap.add_argument("--results", type=Path, default=HERE / "results")
     args = ap.parse_args()
-    from benchmarks.bench_extract import machine
+    from benchmarks.bench_extract import machine, record
 
     common = ["--model", args.model, "--image-size", args.image_size, "--device", args.device,
               "--no-progress"]
@@ -64,11 +64,8 @@ def main() -> None:
            "table": [{k: r[k] for k in ("approach", "accuracy", "accuracy_ci95", "within_noise", "best")}
                      for r in summary["approaches"]],
            "checks": summary["checks"]}
-    args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"study-digits-{args.device.split(':')[0]}.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: out[k] for k in ("study_process_seconds", "stages")}, indent=1))
-    print(f"-> {path}")
+    record(args, f"study-digits-{args.device.split(':')[0]}.json", out)
 
 
 if __name__ == "__main__":

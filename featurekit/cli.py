@@ -766,7 +766,7 @@ def demo(
     out: Optional[Path] = typer.Option(None, help="Folder for the demo's files [default: a new temporary folder]."),
     overwrite: bool = typer.Option(False, help="Replace the files of an earlier demo in --out."),
 ) -> None:
-    """Offline end-to-end run: extract scikit-learn's digits with an untrained resnet18, bench four heads.
+    """Offline end-to-end run: extract scikit-learn's digits with an untrained resnet18, bench five heads.
 
     \b
     Example: featurekit demo --out demo/

@@ -134,6 +134,14 @@ def set_train_mode(model, train_layers: list[str]) -> None:
 # --------------------------------------------------------------------------- data
 
 
+SMALL_CROP = 96  # crops below this: glyph-like small images (shifts, no resized crops or flips)
+
+
+def shift_pad(size: int) -> int:
+    """The reflect padding of a small image's random shift (RandomCrop's ``padding``)."""
+    return max(1, size // 8)
+
+
 def train_transform(preprocess, augment: str):
     """``standard``: for crops of 96 px and more, RandomResizedCrop(scale 0.5-1) + horizontal
     flip; below that (digits, CIFAR-sized images) only a random shift by up to 1/8 of the side
@@ -145,13 +153,13 @@ def train_transform(preprocess, augment: str):
 
     interp = InterpolationMode(preprocess.interpolation)
     size = preprocess.crop_size
-    if size >= 96:
+    if size >= SMALL_CROP:
         geo = [v2.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interp, antialias=True),
                v2.RandomHorizontalFlip()]
     else:
         geo = [v2.Resize(preprocess.resize_size, interpolation=interp, antialias=True),
                v2.CenterCrop(size),
-               v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect")]
+               v2.RandomCrop(size, padding=shift_pad(size), padding_mode="reflect")]
     return v2.Compose([
         *geo, v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(list(preprocess.mean), list(preprocess.std)),
@@ -544,9 +552,9 @@ def _datasets(run: _Run, backbone, progress: bool):
     if len(train_items) < 2:
         raise FeaturekitError(f"finetune needs at least 2 decodable training images, got {len(train_items)}")
     pre = backbone.preprocess
-    if pre.crop_size < 96 and _memset.fits(len(train_items) + len(val_items), pre.crop_size, run.device):
+    if pre.crop_size < SMALL_CROP and _memset.fits(len(train_items) + len(val_items), pre.crop_size, run.device):
         # small images that fit: decoded once, shifted by the batch on the device (_memset)
-        pad = max(1, pre.crop_size // 8) if run.opts.augment == "standard" else 0
+        pad = shift_pad(pre.crop_size) if run.opts.augment == "standard" else 0
         return tuple(_memset.Decoded.build(_Labelled(src, items, pre.transform(as_uint8=True)),
                                            run.device, run.workers, pre.mean, pre.std, pad)
                      for items in (train_items, val_items))

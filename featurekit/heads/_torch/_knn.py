@@ -197,8 +197,9 @@ class TorchKNNHead(TorchHead):
         budget = self._budget(device)
         pred = np.empty((len(grid), len(held)), dtype=classes.dtype)
         with self.in_memory(Xn):
+            rows = Xn[tr]
             for part in query_chunks(len(held), k, classes.size, Xn.element_size(), budget):
-                sims, index = top_neighbours(Xn[ho[part]], Xn[tr], k, budget)
+                sims, index = top_neighbours(Xn[ho[part]], rows, k, budget)
                 for g, p in enumerate(grid):
                     votes = vote(sims, index, labels, classes.size, min(p["k"], len(train)), p["T"])
                     pred[g, part] = classes[votes.argmax(1).cpu().numpy()]

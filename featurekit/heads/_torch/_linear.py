@@ -188,7 +188,9 @@ class TorchLinearHead(TorchHead):
         solved from zero on the path (the weakly regularised end, see :meth:`_warm`) are cold
         already. The checks are not counted by ``on_stop`` (the bar counts the grid once)."""
         table, failed, warmed = self._score_folds(X, y, grid, folds, metric, on_stop)
-        cold = self.__class__(**{**self.get_params(), "warm_path": False})
+        from sklearn.base import clone
+
+        cold = clone(self).set_params(warm_path=False)
         failed, unchecked = set(failed), set(warmed)
         row = 1.0 / min(len(held) for _, held in folds)  # one held-out row's worth of score
         gap = 0.0

@@ -6,7 +6,8 @@ wins (ties: the first class). ``predict_proba`` is each class's share of the vot
 Similarities are computed in blocks (query rows x training rows) within a memory budget and
 merged into a running top-k, so no n x n matrix is ever held: a 1,000,000 x 2,048 training set
 costs its rows plus the budget; queries are searched in chunks whose neighbour lists and votes
-fit the budget too. A selection (``fit_grid``) searches once per fold for the
+take at most the budget again (a peak of about three budgets with the blocks and topk's
+temporaries). A selection (``fit_grid``) searches once per fold for the
 largest k of the grid and scores every (k, T) from that one search: the top-k of a smaller k is
 the first k of the larger one's. A fitted head's state is its training rows (normalised).
 """
